@@ -1,0 +1,53 @@
+# messenger-streams: every target sets up what it needs on a fresh machine (Python 3.11, Java 17, Maven).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+KAFKA := $(BIN)/python deploy/kafka/localkafka.py
+CONFIG ?= deploy/connector.example.toml
+RATE ?= 20
+
+.PHONY: install run test lint typecheck unit kafka-up kafka-down kafka-fetch bench schemas clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+kafka-fetch: install
+	$(KAFKA) fetch
+
+kafka-up: install
+	$(KAFKA) up
+
+kafka-down: install
+	$(KAFKA) down
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy streams schemas
+
+schemas: install
+	$(BIN)/python -m schemas.export
+
+unit: install
+	$(BIN)/pytest -q -m "not kafka"
+
+# Everything CI checks: lint, types, unit and integration tests on a real broker.
+test: install kafka-fetch lint typecheck
+	$(BIN)/pytest -q
+
+# The main job: local Kafka, topics, a worker, demo traffic and a live summary until Ctrl-C.
+run: install kafka-up
+	MESSENGER_STREAMS_CONFIG=$(CONFIG) RATE=$(RATE) ./deploy/run-demo.sh
+
+bench: install kafka-up
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf .messenger-streams-data bench/results/*.tmp

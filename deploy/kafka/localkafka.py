@@ -1,0 +1,250 @@
+"""The project's own single-node Apache Kafka (KRaft), from Maven Central jars: no Docker.
+
+    python deploy/kafka/localkafka.py up     # fetch jars (cached), format, start, wait for metadata
+    python deploy/kafka/localkafka.py down   # stop and remove its data
+    python deploy/kafka/localkafka.py status
+
+Both `up` and `down` are idempotent. The broker listens on 127.0.0.1:$KAFKA_PORT (default 9092);
+its controller on the next port. State lives in .kafka/ at the project root. Tests import
+`LocalKafka` to start a broker of their own when none is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+LIBS = HERE / "target" / "kafka-libs"
+
+LOG4J2 = """\
+appender.c.type=Console
+appender.c.name=C
+appender.c.layout.type=PatternLayout
+appender.c.layout.pattern=[%d] %p %m (%c)%n
+rootLogger.level=WARN
+rootLogger.appenderRef.c.ref=C
+logger.started.name=kafka.server.KafkaRaftServer
+logger.started.level=INFO
+"""
+
+SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={data_dir}
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+log.cleaner.dedupe.buffer.size=2097152
+log.segment.bytes=16777216
+"""
+
+
+class KafkaError(RuntimeError):
+    """The local broker could not be fetched, started or stopped."""
+
+
+def fetch_jars() -> Path:
+    """Resolve the broker classpath with Maven (cached in ~/.m2 and deploy/kafka/target)."""
+    if LIBS.is_dir() and any(LIBS.glob("kafka_2.13-*.jar")):
+        return LIBS
+    if not shutil.which("mvn"):
+        raise KafkaError("mvn not found: install Maven (and Java 17) to fetch Kafka's jars")
+    print("fetching Apache Kafka jars from Maven Central (first run only)...", file=sys.stderr)
+    res = subprocess.run(
+        ["mvn", "-B", "-q", "-f", str(HERE / "pom.xml"), "package"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise KafkaError("maven could not fetch Kafka's jars:\n" + res.stdout[-2000:] + res.stderr[-2000:])
+    return LIBS
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on host:port."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    """A port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_metadata(bootstrap: str, timeout: float = 90.0) -> None:
+    """Poll the broker until it answers a metadata request with at least one broker."""
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        try:
+            await admin.start()
+            meta = await admin.describe_cluster()
+            return bool(meta.get("brokers"))
+        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+            return False
+        finally:
+            try:
+                await admin.close()
+            except Exception:  # noqa: BLE001,S110 - closing a half-started client
+                pass
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if asyncio.run(probe()):
+            return
+        time.sleep(0.5)
+    raise KafkaError(f"Kafka at {bootstrap} did not serve metadata within {timeout:.0f}s")
+
+
+class LocalKafka:
+    """One single-node KRaft broker in a subprocess, with its data under `home`."""
+
+    def __init__(self, home: Path, port: int = 9092, controller_port: int | None = None) -> None:
+        self.home = home
+        self.port = port
+        self.controller_port = controller_port or port + 1
+        self.pidfile = home / "kafka.pid"
+        self.logfile = home / "kafka.log"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def pid(self) -> int | None:
+        """The broker's pid if it is running."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        return pid
+
+    def _java(self, *args: str, log: Path | None = None, background: bool = False) -> subprocess.Popen[bytes]:
+        java = shutil.which("java")
+        if java is None:
+            raise KafkaError("java not found: install a Java 17 runtime")
+        cmd = [
+            java,
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dkafka.logs.dir={self.home / 'logs'}",
+            f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+            "-cp",
+            str(LIBS / "*"),
+            *args,
+        ]
+        out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=background)
+
+    def up(self, timeout: float = 90.0) -> None:
+        """Fetch, format and start the broker unless it already runs; wait until it serves metadata."""
+        if self.pid() is not None:
+            wait_for_metadata(self.bootstrap, timeout)
+            return
+        if port_open(self.port):
+            raise KafkaError(f"port {self.port} is taken by another process; set KAFKA_PORT")
+        fetch_jars()
+        self.home.mkdir(parents=True, exist_ok=True)
+        data = self.home / "data"
+        (self.home / "log4j2.properties").write_text(LOG4J2)
+        props = self.home / "server.properties"
+        props.write_text(
+            SERVER_PROPERTIES.format(port=self.port, controller_port=self.controller_port, data_dir=data)
+        )
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            if cluster_id.startswith("-"):
+                cluster_id = "A" + cluster_id[1:]
+            fmt = self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props), log=self.logfile)
+            if fmt.wait(120) != 0:
+                raise KafkaError(f"formatting KRaft storage failed; see {self.logfile}")
+        proc = self._java("kafka.Kafka", str(props), log=self.logfile, background=True)
+        self.pidfile.write_text(str(proc.pid))
+        try:
+            wait_for_metadata(self.bootstrap, timeout)
+        except KafkaError:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after 30 s) and remove its data."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.pid() is not None:
+                time.sleep(0.2)
+            if self.pid() is not None:
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def default_broker() -> LocalKafka:
+    """The broker `make kafka-up` manages: .kafka/ at the project root, port $KAFKA_PORT or 9092."""
+    port = int(os.environ.get("KAFKA_PORT", "9092"))
+    return LocalKafka(ROOT / ".kafka", port=port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the project's local single-node Kafka (KRaft).")
+    parser.add_argument("command", choices=["up", "down", "status", "fetch"])
+    args = parser.parse_args(argv)
+    broker = default_broker()
+    try:
+        if args.command == "fetch":
+            print(fetch_jars())
+        elif args.command == "up":
+            broker.up()
+            print(f"kafka up on {broker.bootstrap} (pid {broker.pid()}, log {broker.logfile})")
+        elif args.command == "down":
+            broker.down()
+            print("kafka down")
+        else:
+            pid = broker.pid()
+            print(f"kafka running on {broker.bootstrap} (pid {pid})" if pid else "kafka not running")
+            return 0 if pid else 1
+    except KafkaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Dead letters (`messenger.dlq`): what could not be processed, why, and the original bytes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas.events import Source
+
+DeadLetterReason = Literal[
+    "body_too_large",
+    "invalid_json",
+    "not_page_object",
+    "invalid_envelope",
+    "invalid_item",
+    "invalid_action",
+    "processing_error",
+]
+
+
+class DeadLetter(BaseModel):
+    """One dead letter. `payload` is the original record value: UTF-8 text, or base64 when
+    `payload_encoding` is "base64". For a bad item inside a good body, `item_index` names it
+    (e.g. "entry[0].messaging[2]") and `payload` is still the whole original body."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reason: DeadLetterReason
+    error: str
+    source: Source
+    payload: str
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    item_index: str | None = None
+    dead_lettered_at: int

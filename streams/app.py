@@ -1,0 +1,120 @@
+"""The Faust app: settings → one `Pipeline` holding the app, its topics, and every stage's agents.
+
+Stages register themselves through `register(pipeline)` (see streams/ingest.py and friends), so
+tests and the CLI can build a pipeline with fresh topic names from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from streams.config import ConnectorConfig
+from streams.settings import Settings
+
+log = logging.getLogger("messenger_streams")
+
+# topic attribute → (compacted?, internal to the processor?)
+TOPIC_SPECS: dict[str, tuple[bool, bool]] = {
+    "raw": (False, False),
+    "dlq": (False, False),
+    "split": (False, True),
+    "events": (False, True),
+    "actions": (False, False),
+    "ticks": (False, True),
+    "outbound": (False, False),
+    "send_results": (False, True),
+    "csat_responses": (False, False),
+    "csat_facts": (False, True),
+    "history": (True, False),
+}
+
+
+@dataclass
+class Pipeline:
+    """A configured app: the Faust app, every topic by name, and shared state of the stages."""
+
+    settings: Settings
+    config: ConnectorConfig
+    app: faust.App
+    topics: dict[str, Any] = field(default_factory=dict)
+    skill_topics: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def topic(self, attr: str) -> Any:
+        """The faust topic for one of TOPIC_SPECS."""
+        return self.topics[attr]
+
+    def skill_topic(self, skill: str) -> Any:
+        """The console topic of a declared skill (KeyError for an undeclared one)."""
+        return self.skill_topics[skill]
+
+    def topic_names(self) -> dict[str, bool]:
+        """Every topic the processor uses → compacted?, skills included."""
+        names = {self.settings.topics.name(a): spec[0] for a, spec in TOPIC_SPECS.items()}
+        names.update({self.settings.topics.skill(s): False for s in self.config.all_skills()})
+        return names
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A Faust app tuned for this processor: ordering and at-least-once first."""
+    return faust.App(
+        settings.app_id,
+        broker=[f"kafka://{hp.strip()}" for hp in settings.bootstrap_servers.split(",") if hp.strip()],
+        store=settings.store,
+        datadir=settings.datadir,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_disable_leader=True,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_enabled=True,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=settings.commit_interval_seconds,
+        producer_linger=settings.producer_linger_ms / 1000.0,
+        producer_max_batch_size=262_144,
+        producer_acks=-1,
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        table_cleanup_interval=60.0,
+        processing_guarantee="at_least_once",
+    )
+
+
+def create_pipeline(
+    settings: Settings,
+    config: ConnectorConfig,
+    stages: Iterable[str] | None = None,
+) -> Pipeline:
+    """Build the app, declare every topic, and register the stages (all by default)."""
+    from streams import STAGES
+
+    app = create_app(settings)
+    pipe = Pipeline(settings=settings, config=config, app=app)
+    for attr in TOPIC_SPECS:
+        pipe.topics[attr] = app.topic(
+            settings.topics.name(attr),
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+    for skill in config.all_skills():
+        pipe.skill_topics[skill] = app.topic(
+            settings.topics.skill(skill),
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+    wanted = list(stages) if stages is not None else list(STAGES)
+    for name in wanted:
+        STAGES[name](pipe)
+    return pipe

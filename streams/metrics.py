@@ -1,0 +1,90 @@
+"""The metric catalogue: every Prometheus metric the processor exports, its type and meaning.
+
+docs/metrics.md lists the same names; tests check the Grafana dashboard only uses names from here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RAW_BODIES = Counter(
+    "messenger_raw_bodies", "Raw webhook bodies consumed from messenger.webhook.raw"
+)
+EVENTS_IN = Counter(
+    "messenger_events_in", "Normalized Messenger events split out of raw bodies, by kind", ["kind"]
+)
+DUPLICATES = Counter(
+    "messenger_duplicates_dropped", "Events dropped as duplicates within the dedupe horizon, by kind", ["kind"]
+)
+DEAD_LETTERS = Counter(
+    "messenger_dead_letters", "Records written to the dead-letter topic, by reason", ["reason"]
+)
+CONSOLE_EVENTS = Counter(
+    "messenger_console_events", "Console events written to skill topics, by skill and type", ["skill", "type"]
+)
+OUTBOUND_REQUESTS = Counter(
+    "messenger_outbound_requests", "Send API requests written to messenger.outbound, by origin", ["origin"]
+)
+ACTIONS_REJECTED = Counter(
+    "messenger_actions_rejected", "Agent actions rejected, by reason", ["reason"]
+)
+UNKNOWN_PAGES = Counter(
+    "messenger_unknown_page_events", "Events from pages not in the config, routed to the default skill"
+)
+OPEN_CONVERSATIONS = Gauge(
+    "messenger_open_conversations", "Open conversations on this worker's partitions, by skill", ["skill"]
+)
+PROCESSING_LATENCY = Histogram(
+    "messenger_processing_latency_seconds",
+    "Time from a record's Kafka timestamp to the end of its processing, by stage",
+    ["stage"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+CSAT_ANSWERS = Counter(
+    "messenger_csat_answers", "CSAT answers counted (once each), by skill and score", ["skill", "score"]
+)
+CSAT_SURVEYS = Counter("messenger_csat_surveys_sent", "CSAT surveys sent, by skill", ["skill"])
+CSAT_PERCENT = Gauge(
+    "messenger_csat_percent", "Live CSAT % per skill: answers scoring 4 or 5 over all answers", ["skill"]
+)
+WEBHOOK_REQUESTS = Counter(
+    "messenger_webhook_requests", "POST /webhook requests, by result", ["result"]
+)
+SEND_RESULTS = Counter(
+    "messenger_send_results", "Send API calls by the dispatcher, by result", ["result"]
+)
+PAGES_NEED_REAUTH = Gauge(
+    "messenger_pages_need_reauth", "Pages whose access token Meta rejected (error 190)", ["page_id"]
+)
+
+CATALOGUE = (
+    RAW_BODIES,
+    EVENTS_IN,
+    DUPLICATES,
+    DEAD_LETTERS,
+    CONSOLE_EVENTS,
+    OUTBOUND_REQUESTS,
+    ACTIONS_REJECTED,
+    UNKNOWN_PAGES,
+    OPEN_CONVERSATIONS,
+    PROCESSING_LATENCY,
+    CSAT_ANSWERS,
+    CSAT_SURVEYS,
+    CSAT_PERCENT,
+    WEBHOOK_REQUESTS,
+    SEND_RESULTS,
+    PAGES_NEED_REAUTH,
+)
+
+
+def exported_names() -> set[str]:
+    """Every sample name Prometheus will see (counters get _total, histograms _bucket/_sum/_count)."""
+    names: set[str] = set()
+    for metric in CATALOGUE:
+        for family in metric.describe():
+            names.add(family.name)
+            if family.type == "counter":
+                names.update({family.name + "_total", family.name + "_created"})
+            elif family.type == "histogram":
+                names.update({family.name + s for s in ("_bucket", "_sum", "_count", "_created")})
+    return names

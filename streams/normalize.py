@@ -1,0 +1,276 @@
+"""Split, validate and normalize one raw webhook body: pure functions, no I/O.
+
+`split_body(raw)` returns every good item as a `NormalizedEvent` and every bad part as a
+`Rejected` (reason, error, where). One bad item never loses the good items beside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from schemas.events import AttachmentRef, EventKind, NormalizedEvent, Source
+from schemas.webhook import Entry, MessagingItem, WebhookBody
+
+HANDOVER_KEYS = ("pass_thread_control", "take_thread_control", "request_thread_control")
+# Which key makes an item which kind; the first present wins (echo is decided on `message`).
+KIND_KEYS: tuple[tuple[str, EventKind], ...] = (
+    ("message", "message"),
+    ("delivery", "delivery"),
+    ("read", "read"),
+    ("postback", "postback"),
+    ("optin", "optin"),
+    ("reaction", "reaction"),
+    ("message_edit", "message_edit"),
+    ("pass_thread_control", "handover"),
+    ("take_thread_control", "handover"),
+    ("request_thread_control", "handover"),
+    ("app_roles", "app_roles"),
+    ("account_linking", "account_linking"),
+    ("policy_enforcement", "policy_enforcement"),
+    ("policy-enforcement", "policy_enforcement"),
+    ("game_play", "game_play"),
+    ("referral", "referral"),
+)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A part of a body that cannot be processed: goes to the dead-letter topic."""
+
+    reason: str
+    error: str
+    item_index: str | None = None
+
+
+@dataclass
+class SplitResult:
+    """What one body gave: normalized events, rejected parts, and the item count seen."""
+
+    events: list[NormalizedEvent] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    items: int = 0
+
+
+class BodyError(ValueError):
+    """The whole body is unusable (not JSON, not a page object, bad envelope)."""
+
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+
+
+def short_error(exc: ValidationError) -> str:
+    """A pydantic error as one line: `loc: message; loc: message`."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - 3
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def parse_body(raw: bytes, max_bytes: int) -> WebhookBody:
+    """Parse and check the envelope; raises `BodyError` with a dead-letter reason."""
+    if len(raw) > max_bytes:
+        raise BodyError("body_too_large", f"body is {len(raw)} bytes, over the limit of {max_bytes}")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BodyError("invalid_json", f"not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BodyError("invalid_envelope", f"body must be a JSON object, not {type(doc).__name__}")
+    if doc.get("object") != "page":
+        obj = doc.get("object")
+        raise BodyError("not_page_object", f"object is {obj!r}, expected 'page'")
+    try:
+        return WebhookBody.model_validate(doc)
+    except ValidationError as exc:
+        raise BodyError("invalid_envelope", short_error(exc)) from None
+
+
+def _kind_of(item: MessagingItem, doc: dict[str, Any]) -> EventKind:
+    for key, kind in KIND_KEYS:
+        if doc.get(key) is not None:
+            if kind == "message" and item.message is not None and item.message.is_echo:
+                return "echo"
+            return kind
+    return "unknown"
+
+
+def _digest(doc: Any) -> str:
+    return hashlib.sha1(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS), usedforsecurity=False).hexdigest()[:16]
+
+
+def normalize_item(
+    entry: Entry,
+    doc: dict[str, Any],
+    *,
+    standby: bool,
+    index: str,
+    source: Source,
+    received_at: int | None,
+) -> NormalizedEvent:
+    """One validated item as a NormalizedEvent; raises ValidationError/ValueError when invalid."""
+    item = MessagingItem.model_validate(doc)
+    kind = _kind_of(item, doc)
+    page_id = entry.id
+    sender_id = item.sender.id if item.sender else None
+    recipient_id = item.recipient.id if item.recipient else None
+    timestamp = item.timestamp or entry.time or received_at or 0
+
+    psid: str | None
+    if kind == "echo":
+        psid = recipient_id
+    elif kind in ("app_roles", "policy_enforcement"):
+        psid = None
+    else:
+        psid = sender_id
+    if kind == "echo" and psid is None:
+        raise ValueError("echo without recipient.id")
+    if kind in ("message", "postback", "reaction", "message_edit", "delivery", "read") and psid is None:
+        raise ValueError(f"{kind} without sender.id")
+
+    key = f"{page_id}:{psid}" if psid else page_id
+    mid: str | None = None
+    text: str | None = None
+    attachments: list[AttachmentRef] = []
+    quick_reply_payload: str | None = None
+    app_id: str | None = None
+    metadata: str | None = None
+    watermark: int | None = None
+    mids: list[str] | None = None
+    data: dict[str, Any] = {}
+
+    if kind in ("message", "echo"):
+        msg = item.message
+        assert msg is not None  # noqa: S101 - guaranteed by _kind_of
+        if not msg.mid:
+            raise ValueError("message without mid")
+        mid, text, app_id, metadata = msg.mid, msg.text, msg.app_id, msg.metadata
+        quick_reply_payload = msg.quick_reply.payload if msg.quick_reply else None
+        for att in msg.attachments or []:
+            url = att.url or (att.payload or {}).get("url")
+            attachments.append(AttachmentRef(type=att.type, url=url if isinstance(url, str) else None, title=att.title))
+        if msg.reply_to and msg.reply_to.mid:
+            data["reply_to_mid"] = msg.reply_to.mid
+        idem = f"msg:{page_id}:{mid}"
+    elif kind == "delivery":
+        assert item.delivery is not None  # noqa: S101
+        watermark, mids = item.delivery.watermark, item.delivery.mids
+        idem = f"delivery:{key}:{watermark}"
+    elif kind == "read":
+        assert item.read is not None  # noqa: S101
+        watermark = item.read.watermark
+        idem = f"read:{key}:{watermark}"
+    elif kind == "postback":
+        pb = item.postback
+        assert pb is not None  # noqa: S101
+        mid = pb.mid
+        data = pb.model_dump(exclude_none=True)
+        text = pb.title
+        quick_reply_payload = pb.payload
+        idem = f"postback:{page_id}:{mid}" if mid else f"postback:{key}:{timestamp}:{_digest(data)}"
+    elif kind == "reaction":
+        rc = item.reaction
+        assert rc is not None  # noqa: S101
+        data = rc.model_dump(exclude_none=True)
+        idem = f"reaction:{page_id}:{rc.mid}:{sender_id}:{rc.action}:{timestamp}"
+    elif kind == "message_edit":
+        ed = item.message_edit
+        assert ed is not None  # noqa: S101
+        mid, text = ed.mid, ed.text
+        data = {"num_edit": ed.num_edit}
+        idem = f"edit:{page_id}:{ed.mid}:{ed.num_edit}"
+    elif kind == "handover":
+        for hk in HANDOVER_KEYS:
+            part = getattr(item, hk)
+            if part is not None:
+                data = {"type": hk, **part.model_dump(exclude_none=True)}
+                break
+        idem = f"handover:{key}:{timestamp}:{_digest(data)}"
+    elif kind == "optin":
+        assert item.optin is not None  # noqa: S101
+        data = item.optin.model_dump(exclude_none=True)
+        if psid is None and item.optin.user_ref:
+            data["user_ref"] = item.optin.user_ref
+        idem = f"optin:{key}:{timestamp}:{_digest(data)}"
+    elif kind == "policy_enforcement":
+        pe = item.policy_enforcement or item.policy_enforcement_legacy
+        assert pe is not None  # noqa: S101
+        data = pe.model_dump(exclude_none=True)
+        idem = f"policy:{key}:{timestamp}:{_digest(data)}"
+    else:
+        # referral, app_roles, account_linking, game_play, unknown: keep the item's own fields
+        data = {k: v for k, v in doc.items() if k not in ("sender", "recipient", "timestamp")}
+        idem = f"{kind}:{key}:{timestamp}:{_digest(data)}"
+
+    return NormalizedEvent(
+        kind=kind,
+        page_id=page_id,
+        psid=psid,
+        mid=mid,
+        timestamp=timestamp,
+        standby=standby,
+        conversation_key=key,
+        idempotency_key=idem,
+        sender_id=sender_id,
+        recipient_id=recipient_id,
+        received_at=received_at,
+        text=text,
+        attachments=attachments,
+        quick_reply_payload=quick_reply_payload,
+        app_id=app_id,
+        metadata=metadata,
+        watermark=watermark,
+        mids=mids,
+        data=data,
+        source=Source(topic=source.topic, partition=source.partition, offset=source.offset, index=index),
+    )
+
+
+def split_body(
+    raw: bytes,
+    *,
+    max_bytes: int = 1_048_576,
+    source: Source | None = None,
+    received_at: int | None = None,
+) -> SplitResult:
+    """Every entry and every `messaging`/`standby` item of one body, normalized or rejected."""
+    source = source or Source()
+    result = SplitResult()
+    try:
+        body = parse_body(raw, max_bytes)
+    except BodyError as exc:
+        result.rejected.append(Rejected(exc.reason, str(exc)))
+        return result
+    for e_idx, entry_doc in enumerate(body.entry):
+        where = f"entry[{e_idx}]"
+        try:
+            entry = Entry.model_validate(entry_doc)
+        except ValidationError as exc:
+            result.items += 1
+            result.rejected.append(Rejected("invalid_item", short_error(exc), where))
+            continue
+        for channel, standby in (("messaging", False), ("standby", True)):
+            for i_idx, doc in enumerate(getattr(entry, channel)):
+                result.items += 1
+                index = f"{where}.{channel}[{i_idx}]"
+                if not isinstance(doc, dict):
+                    result.rejected.append(Rejected("invalid_item", "item must be a JSON object", index))
+                    continue
+                try:
+                    result.events.append(
+                        normalize_item(
+                            entry, doc, standby=standby, index=index, source=source, received_at=received_at
+                        )
+                    )
+                except ValidationError as exc:
+                    result.rejected.append(Rejected("invalid_item", short_error(exc), index))
+                except ValueError as exc:
+                    result.rejected.append(Rejected("invalid_item", str(exc), index))
+    return result
