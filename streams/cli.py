@@ -127,6 +127,28 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _add_module_arguments(module: str, parser: argparse.ArgumentParser) -> None:
+    """Let a command's module define its own options (`add_arguments(parser)`), if it exists yet."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    mod.add_arguments(parser)
+
+
+def cmd_module(module: str, args: argparse.Namespace) -> int:
+    """Run a command implemented by a module's `run(args) -> int`."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise CliError(f"{args.command} is not available in this build") from None
+    return int(mod.run(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="messenger-streams",
@@ -157,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-agents", action="store_true", help="webhook traffic only, no agent actions")
     p.add_argument("--seed", type=int, default=7)
 
+    # --- webhook / dispatch: argument definitions live in their modules (streams/webhook.py, dispatch.py)
+    p = sub.add_parser("webhook", help="serve Meta's webhook (verify, check signatures) and write to Kafka")
+    _add_module_arguments("streams.webhook", p)
+    p = sub.add_parser("dispatch", help="send messenger.outbound requests to the Graph API Send endpoint")
+    _add_module_arguments("streams.dispatch", p)
+
     p = sub.add_parser("summary", help="print a live summary from a worker's /metrics")
     p.add_argument("--url", default=os.environ.get("MESSENGER_STREAMS_SUMMARY_URL", "http://127.0.0.1:6066/metrics"))
     p.add_argument("--interval", type=float, default=2.0)
@@ -186,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_simulate(args)
         if args.command == "summary":
             return cmd_summary(args)
+        if args.command in ("webhook", "dispatch"):
+            return cmd_module(f"streams.{args.command}", args)
         return cmd_worker(args, extra)
     except (ConfigError, CliError) as exc:
         return _fail(str(exc))
