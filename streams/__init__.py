@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -10,21 +12,24 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-
-def _ingest(pipe: Pipeline) -> None:
-    from streams import ingest
-
-    ingest.register(pipe)
-
-
-def _web(pipe: Pipeline) -> None:
-    from streams import web
-
-    web.register(pipe)
+# Stage name → module with `register(pipeline)`, in start-up order.
+STAGE_MODULES: dict[str, str] = {
+    "ingest": "streams.ingest",
+    "conversations": "streams.conversations",
+    "csat": "streams.csat_stage",
+    "web": "streams.web",
+}
 
 
-# Stage name → registration, in start-up order. Later issues add their stages here.
+def _registrar(module: str) -> Callable[[Pipeline], None]:
+    def register(pipe: Pipeline) -> None:
+        importlib.import_module(module).register(pipe)
+
+    return register
+
+
 STAGES: dict[str, Callable[[Pipeline], None]] = {
-    "ingest": _ingest,
-    "web": _web,
+    name: _registrar(module)
+    for name, module in STAGE_MODULES.items()
+    if importlib.util.find_spec(module) is not None
 }

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from streams.automessages import AutoMessage, check_templates
+
 
 class ConfigError(ValueError):
     """The configuration is unusable; the message names the key and the problem."""
@@ -96,9 +98,11 @@ class ConnectorConfig(_Section):
     skills: dict[str, Skill] = Field(default_factory=dict)
     csat: Csat = Csat()
     messaging: Messaging = Messaging()
+    auto_messages: dict[str, AutoMessage] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_pages(self) -> ConnectorConfig:
+        check_templates(self.auto_messages)
         seen: set[str] = set()
         for i, page in enumerate(self.pages):
             if page.page_id in seen:
@@ -137,7 +141,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     """First problem of a pydantic error as `key.path: problem`."""
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "missing":
