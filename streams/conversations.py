@@ -35,7 +35,7 @@ log = logging.getLogger("messenger_streams.conversations")
 
 RECENT_KEYS = 64  # idempotency keys / action ids remembered per conversation (defence in depth)
 OUTBOX_KEEP = 50  # our recent sends remembered per conversation, to recognise their echoes
-BUCKET_MS = 5_000  # timer wheel resolution
+BUCKET_MS = 1_000  # timer wheel resolution: one bucket of conversation keys per second
 TIMER_PREFIX = "\x00timers:"
 CURSOR_PREFIX = "\x00cursor:"
 
@@ -860,7 +860,7 @@ def register(pipe: Pipeline) -> None:
         cursor = table.get(cursor_key)
         if cursor is None:
             return
-        upto = now // BUCKET_MS
+        upto = now // BUCKET_MS - 1  # only buckets wholly in the past: a bucket spans BUCKET_MS
         if upto <= cursor:
             return
         for bucket in range(cursor + 1, upto + 1):

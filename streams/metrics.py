@@ -56,6 +56,26 @@ SEND_RESULTS = Counter(
 PAGES_NEED_REAUTH = Gauge(
     "messenger_pages_need_reauth", "Pages whose access token Meta rejected (error 190)", ["page_id"]
 )
+CSAT_RESPONSE_RATE = Gauge(
+    "messenger_csat_response_rate",
+    "CSAT answers over surveys sent (0-1) on this worker's csat.facts partitions, by skill",
+    ["skill"],
+)
+CSAT_AGGREGATE_ANSWERS = Gauge(
+    "messenger_csat_aggregate_answers",
+    "All-time CSAT answers in the aggregates of this worker's csat.facts partitions, by skill and score",
+    ["skill", "score"],
+)
+CSAT_AGGREGATE_SURVEYS = Gauge(
+    "messenger_csat_aggregate_surveys",
+    "All-time CSAT surveys sent in the aggregates of this worker's csat.facts partitions, by skill",
+    ["skill"],
+)
+CSAT_FACTS_SKIPPED = Counter(
+    "messenger_csat_facts_skipped",
+    "CSAT facts not counted: redelivered, duplicate (fact id already counted), expired or invalid",
+    ["reason"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -74,6 +94,10 @@ CATALOGUE = (
     WEBHOOK_REQUESTS,
     SEND_RESULTS,
     PAGES_NEED_REAUTH,
+    CSAT_RESPONSE_RATE,
+    CSAT_AGGREGATE_ANSWERS,
+    CSAT_AGGREGATE_SURVEYS,
+    CSAT_FACTS_SKIPPED,
 )
 
 
