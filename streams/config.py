@@ -87,6 +87,10 @@ class Messaging(_Section):
 
     response_window_seconds: int = Field(default=86400, gt=0)
     human_agent_window_seconds: int = Field(default=7 * 86400, gt=0)
+    close_payloads: list[str] = Field(
+        default_factory=lambda: ["CLOSE_CONVERSATION"],
+        description="postback / quick-reply payloads by which the consumer ends the conversation",
+    )
 
 
 class ConnectorConfig(_Section):

@@ -317,6 +317,11 @@ class Decider:
         conv["counts"]["consumer"] += 1
         conv["last_consumer_at"] = now
         self._arm_idle(ctx)
+        self._maybe_consumer_close(ctx, payload)
+
+    def _maybe_consumer_close(self, ctx: _Ctx, payload: str | None) -> None:
+        if payload and payload in self.config.messaging.close_payloads and ctx.state["conv"] is not None:
+            self._close(ctx, closed_by="consumer", reason="consumer", agent_id=None)
 
     def _postback(self, ctx: _Ctx, ev: dict[str, Any]) -> None:
         st = ctx.state
@@ -329,6 +334,7 @@ class Decider:
         st["conv"]["counts"]["consumer"] += 1
         st["conv"]["last_consumer_at"] = st["last_consumer_at"]
         self._arm_idle(ctx)
+        self._maybe_consumer_close(ctx, d.get("payload"))
 
     def _echo(self, ctx: _Ctx, ev: dict[str, Any]) -> None:
         st = ctx.state
@@ -398,7 +404,10 @@ class Decider:
             self._system(ctx, "welcome_returning" if returning else "welcome_first")
             self._arm_waiting(ctx)
 
-    def _close(self, ctx: _Ctx, *, closed_by: str, reason: str, agent_id: str | None) -> None:
+    def _close(self, ctx: _Ctx, *, closed_by: Literal["agent", "consumer", "system"], reason: str,
+               agent_id: str | None) -> None:
+        from streams import csat
+
         st = ctx.state
         conv = st["conv"]
         trigger = {"agent": "closed_by_agent", "system": "closed_idle"}.get(closed_by)
@@ -425,20 +434,16 @@ class Decider:
         }
         ctx.out.outputs.append(Output("history", conv["id"], summary))
         ctx.out.notes.append(("closed", conv["skill"]))
-        survey_wanted = self.config.csat.enabled and (
-            closed_by == "agent"
-            or (closed_by == "consumer" and self.config.csat.on_consumer_close)
-            or (closed_by == "system" and self.config.skill(conv["skill"]).auto_close_csat)
-        )
-        if survey_wanted and ctx.in_response_window():
+        if csat.should_survey(self.config, closed_by, conv["skill"]) and ctx.in_response_window():
             self._send_survey(ctx, summary)
         st["conv"] = None
 
     # system messages ------------------------------------------------------------------------
-    def _system(self, ctx: _Ctx, trigger: str) -> None:
+    def _system(self, ctx: _Ctx, trigger: str, *, skill: str | None = None, locale: str | None = None) -> None:
+        """An automatic message: to the consumer (inside Meta's window) and to the console."""
         conv = ctx.state["conv"]
-        skill = conv["skill"] if conv else self.route(ctx.page_id)[0]
-        locale = conv["locale"] if conv else self.locale_of(ctx.page_id)
+        skill = skill or (conv["skill"] if conv else self.route(ctx.page_id)[0])
+        locale = locale or (conv["locale"] if conv else self.locale_of(ctx.page_id))
         template = automessages.resolve_template(
             self.config.auto_messages, trigger, locale=locale, page_id=ctx.page_id, skill=skill
         )
@@ -695,26 +700,29 @@ class Decider:
             "locale": conv["locale"],
             "summary": summary,
         }
-        ctx.out.outputs.append(Output("csat_facts", ctx.key, self._fact(ctx, "survey_sent", ctx.state["survey"], None)))
+        ctx.out.outputs.append(Output("csat_facts", ctx.key, self._fact(ctx, ctx.state["survey"], None)))
         ctx.out.notes.append(("csat_survey", conv["skill"]))
 
-    def _fact(self, ctx: _Ctx, fact: str, survey: dict[str, Any], score: int | None) -> dict[str, Any]:
-        return {
-            "fact": fact,
-            "fact_id": f"{survey['conversation_id']}:{'survey' if fact == 'survey_sent' else 'answer'}",
+    def _fact(self, ctx: _Ctx, survey: dict[str, Any], score: int | None) -> dict[str, Any]:
+        """The CSAT fact for the aggregates: `survey_sent` without a score, `answer` with one."""
+        from streams import csat
+
+        common = {
             "conversation_id": survey["conversation_id"],
             "page_id": ctx.page_id,
-            "psid": ctx.psid,
+            "psid": ctx.psid or "",
             "skill": survey["skill"],
             "agent_id": survey["agent_id"],
-            "score": score,
             "locale": survey["locale"],
             "timestamp": ctx.inp.now,
         }
+        made = csat.survey_fact(**common) if score is None else csat.answer_fact(score=score, **common)
+        return made.model_dump()
 
     def _csat_answer(self, ctx: _Ctx, survey: dict[str, Any], score: int, ev: dict[str, Any]) -> None:
         st = ctx.state
         st["survey"] = None
+        st["last_consumer_at"] = self._consumer_time(ev, ctx)
         skill = survey["skill"]
         response = {
             "conversation_id": survey["conversation_id"],
@@ -727,13 +735,13 @@ class Decider:
             "timestamp": ctx.inp.now,
         }
         ctx.out.outputs.append(Output("csat_responses", survey["conversation_id"], response))
-        ctx.out.outputs.append(Output("csat_facts", ctx.key, self._fact(ctx, "answer", survey, score)))
+        ctx.out.outputs.append(Output("csat_facts", ctx.key, self._fact(ctx, survey, score)))
         summary = dict(survey["summary"], csat_score=score)
         ctx.out.outputs.append(Output("history", survey["conversation_id"], summary))
         positive, answers = self.csat_totals(skill)
         positive += 1 if score >= 4 else 0
         answers += 1
-        self._system_for_closed(ctx, skill, survey["locale"])
+        self._system(ctx, "csat_thanks", skill=skill, locale=survey["locale"])
         ctx.console(
             "csat_received",
             skill,
@@ -744,31 +752,6 @@ class Decider:
             mid=ev.get("mid"),
         )
         ctx.out.notes.append(("csat_answer", f"{skill}:{score}"))
-
-    def _system_for_closed(self, ctx: _Ctx, skill: str, locale: str) -> None:
-        """The thank-you after a survey answer: the conversation is closed, so pass its context."""
-        saved = ctx.state["conv"]
-        ctx.state["conv"] = None
-        try:
-            template = automessages.resolve_template(
-                self.config.auto_messages, "csat_thanks", locale=locale, page_id=ctx.page_id, skill=skill
-            )
-            if template is None:
-                return
-            if "csat_thanks" not in self.config.auto_messages:
-                template = self.config.csat.thank_you
-            text = automessages.render(template, {"skill": skill, "page_id": ctx.page_id, "locale": locale})
-            outbox_id = ctx.outbound(
-                "system",
-                {"recipient": {"id": ctx.psid}, "messaging_type": "RESPONSE", "message": {"text": text}},
-                None,
-                text,
-            )
-            ctx.console("system_message", skill, conversation_id=None, trigger="csat_thanks", text=text,
-                        locale=locale, sent=True, outbox_id=outbox_id)
-        finally:
-            ctx.state["conv"] = saved
-
 
 # ------------------------------------------------------------------------------------------------
 # The agent

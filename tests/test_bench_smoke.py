@@ -1,0 +1,52 @@
+"""The benchmark harness end to end in smoke mode: both arms run on the test broker and report."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.kafka
+
+
+def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESSENGER_STREAMS_")}
+    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--results-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert "latest.json" in files and len(files) == 2, files
+    res = orjson.loads((out / "latest.json").read_bytes())
+
+    assert res["mode"] == "smoke" and res["errors"] == []
+    assert res["settings"]["arrival_topics"] and res["settings"]["input_topics"][0] == "raw"
+    assert res["dataset"]["records"] >= 100
+    thr = res["throughput"]
+    for arm in ("A", "C"):
+        s = thr[arm]
+        assert len(s["rounds"]) == 1
+        assert s["median_eps"] > 0
+        assert s["peak_rss_mib"] > 0
+        r = s["rounds"][0]
+        assert r["processed"] > 0 and r["seconds"] > 0
+    assert thr["ratio_C_A"] > 0
+    for entry in res["latency"]:
+        for arm in ("A", "C"):
+            assert entry[arm]["measured"] > 0
+            assert set(entry[arm]["latency_ms"]) >= {"p50", "p90", "p99", "p99_9"}
+    # nothing written to the repository's results folder
+    assert not (ROOT / "bench" / "results" / f"latest-{res['run_id']}.json").exists()
