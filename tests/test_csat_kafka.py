@@ -14,7 +14,16 @@ import pytest
 from streams.csat import answer_payload
 from tests.conftest import BASE_CONFIG
 from tests.kafkatools import KafkaIO, Worker
-from tests.test_conversations_kafka import BILLING_PAGE, SUPPORT_PAGE, Console, action, body, consumer_msg, now_ms, of_type
+from tests.test_conversations_kafka import (
+    BILLING_PAGE,
+    SUPPORT_PAGE,
+    Console,
+    action,
+    body,
+    consumer_msg,
+    now_ms,
+    of_type,
+)
 
 pytestmark = pytest.mark.kafka
 
