@@ -7,7 +7,7 @@ tests and the CLI can build a pipeline with fresh topic names from the environme
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ class Pipeline:
     topics: dict[str, Any] = field(default_factory=dict)
     skill_topics: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    raw_topic: Callable[..., Any] = field(default=lambda *names: None)
 
     def topic(self, attr: str) -> Any:
         """The faust topic for one of TOPIC_SPECS."""
@@ -96,24 +97,17 @@ def create_pipeline(
 
     app = create_app(settings)
     pipe = Pipeline(settings=settings, config=config, app=app)
+    def raw_topic(*names: str) -> Any:
+        return app.topic(
+            *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+            partitions=settings.partitions,
+        )
+
+    pipe.raw_topic = raw_topic
     for attr in TOPIC_SPECS:
-        pipe.topics[attr] = app.topic(
-            settings.topics.name(attr),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=settings.partitions,
-        )
+        pipe.topics[attr] = raw_topic(settings.topics.name(attr))
     for skill in config.all_skills():
-        pipe.skill_topics[skill] = app.topic(
-            settings.topics.skill(skill),
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=settings.partitions,
-        )
+        pipe.skill_topics[skill] = raw_topic(settings.topics.skill(skill))
     wanted = list(stages) if stages is not None else list(STAGES)
     for name in wanted:
         STAGES[name](pipe)

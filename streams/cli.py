@@ -23,6 +23,17 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def configure_logging(level: str) -> None:
+    """Plain stderr logging for the non-Faust commands (webhook, dispatch) at the settings' level."""
+    import logging
+
+    name = {"WARN": "WARNING", "CRIT": "CRITICAL"}.get(level.upper(), level.upper())
+    logging.basicConfig(
+        level=getattr(logging, name, logging.WARNING), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+
+
 def _fail(message: str) -> int:
     print(f"messenger-streams: error: {message}", file=sys.stderr)
     return EXIT_USAGE

@@ -567,20 +567,30 @@ class Decider:
         conv = self._require_open(ctx, raw)
         if conv is None:
             return
+        checked = self._sendable(ctx, action, raw, "RESPONSE")
+        if checked is None:
+            return
+        text, window = checked
+        self._auto_accept(ctx, action)
+        self._agent_send(ctx, action, text, window)
+
+    def _sendable(
+        self, ctx: _Ctx, action: AgentAction, raw: dict[str, Any], inside: str
+    ) -> tuple[str, tuple[str, str | None]] | None:
+        """(text, (messaging_type, tag)) when the agent's text may be sent now; else reject it."""
         text = action.text
         if not text or not text.strip():
-            ctx.reject(raw, "invalid_action", "message needs a non-empty text")
-            return
+            ctx.reject(raw, "invalid_action", f"{action.type} needs a non-empty text")
+            return None
         limit = self.config.limits.agent_text
         if len(text) > limit:
             ctx.reject(raw, "text_too_long", f"{len(text)} characters, over the limit of {limit}")
-            return
-        window = ctx.window("RESPONSE")
+            return None
+        window = ctx.window(inside)
         if window is None:
             ctx.reject(raw, "window_closed", "outside Meta's messaging window for this person")
-            return
-        self._auto_accept(ctx, action)
-        self._agent_send(ctx, action, text, window)
+            return None
+        return text, window
 
     def _agent_send(self, ctx: _Ctx, action: AgentAction, text: str, window: tuple[str, str | None]) -> None:
         conv = ctx.state["conv"]
@@ -642,18 +652,10 @@ class Decider:
         if ctx.state["conv"] is not None:
             ctx.reject(raw, "invalid_action", "a conversation is already open with this person")
             return
-        text = action.text
-        if not text or not text.strip():
-            ctx.reject(raw, "invalid_action", "open needs a non-empty text")
+        checked = self._sendable(ctx, action, raw, "UPDATE")
+        if checked is None:
             return
-        limit = self.config.limits.agent_text
-        if len(text) > limit:
-            ctx.reject(raw, "text_too_long", f"{len(text)} characters, over the limit of {limit}")
-            return
-        window = ctx.window("UPDATE")
-        if window is None:
-            ctx.reject(raw, "window_closed", "proactive messages need the person's message within Meta's window")
-            return
+        text, window = checked
         self._open(ctx, opened_by="agent", agent_id=None, timestamp=ctx.inp.now)
         self._take(ctx, action)
         self._agent_send(ctx, action, text, window)
@@ -765,17 +767,7 @@ def register(pipe: Pipeline) -> None:
     names = {attr: settings.topics.name(attr) for attr in ("events", "actions", "send_results", "ticks")}
     source_of = {names["events"]: "event", names["actions"]: "action", names["send_results"]: "result"}
     tick_topic = pipe.topic("ticks")
-    channel = app.topic(
-        names["events"],
-        names["actions"],
-        names["send_results"],
-        names["ticks"],
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-    )
+    channel = pipe.raw_topic(names["events"], names["actions"], names["send_results"], names["ticks"])
     table = app.Table("conversations", default=None, partitions=settings.partitions)
     pipe.extras["conversations"] = table
 

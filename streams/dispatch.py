@@ -569,15 +569,11 @@ async def serve(
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.cli import CliError
+    from streams.cli import CliError, configure_logging
     from streams.settings import load_settings
 
     opts = options_from_args(args)
-    level = load_settings().log_level.upper()
-    level = {"WARN": "WARNING"}.get(level, level)
-    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    configure_logging(load_settings().log_level)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -12,7 +14,7 @@ from streams.config import ConnectorConfig
 from streams.settings import Settings
 
 
-class TopicError(RuntimeError):
+class TopicError(ConnectionError):
     """Topics could not be created (broker unreachable, bad settings)."""
 
 
@@ -25,22 +27,29 @@ def wanted_topics(settings: Settings, config: ConnectorConfig) -> dict[str, bool
     return names
 
 
-async def create_topics(settings: Settings, config: ConnectorConfig, timeout: float = 30.0) -> list[str]:
-    """Create the missing topics; returns the names created (existing ones are left alone)."""
+async def ensure_topics(
+    bootstrap: str,
+    wanted: Mapping[str, bool],
+    partitions: int,
+    replication_factor: int,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Create the missing topics of `wanted` (name → compacted?); returns the names created.
+
+    Raises TopicError (a ConnectionError) when Kafka cannot be reached or refuses a topic."""
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
         try:
             await asyncio.wait_for(admin.start(), timeout)
+            existing = set(await admin.list_topics())
         except (TimeoutError, KafkaError, OSError) as exc:
-            raise TopicError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc!r}") from None
-        existing = set(await admin.list_topics())
-        wanted = wanted_topics(settings, config)
+            raise TopicError(f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}") from None
         new = [
             NewTopic(
                 name,
-                settings.partitions,
-                settings.replication_factor,
+                partitions,
+                replication_factor,
                 topic_configs={"cleanup.policy": "compact"} if compacted else {},
             )
             for name, compacted in sorted(wanted.items())
@@ -53,7 +62,16 @@ async def create_topics(settings: Settings, config: ConnectorConfig, timeout: fl
                     raise TopicError(f"cannot create topic {name}: error {code} {message or ''}".strip())
         return [t.name for t in new]
     finally:
-        try:
+        with contextlib.suppress(Exception):
             await admin.close()
-        except Exception:  # noqa: BLE001,S110 - closing a client that never connected
-            pass
+
+
+async def create_topics(settings: Settings, config: ConnectorConfig, timeout: float = 30.0) -> list[str]:
+    """Create every missing topic of the processor; returns the names created."""
+    return await ensure_topics(
+        settings.bootstrap_servers,
+        wanted_topics(settings, config),
+        settings.partitions,
+        settings.replication_factor,
+        timeout,
+    )

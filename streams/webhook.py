@@ -166,24 +166,11 @@ def quiet_kafka_startup() -> Iterator[None]:
 
 async def ensure_topics(bootstrap: str, names: list[str], partitions: int, replication_factor: int,
                         timeout: float = 30.0) -> None:
-    """Create the topics among `names` that do not exist yet; raises ConnectionError when Kafka is
-    unreachable."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import KafkaError
+    """Create the topics among `names` that do not exist yet; raises ConnectionError (TopicError)
+    when Kafka is unreachable."""
+    from streams.topics import ensure_topics as ensure
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
-    try:
-        try:
-            await asyncio.wait_for(admin.start(), timeout)
-            existing = set(await admin.list_topics())
-            new = [NewTopic(n, partitions, replication_factor) for n in names if n not in existing]
-            if new:
-                await admin.create_topics(new, timeout_ms=int(timeout * 1000))
-        except (TimeoutError, KafkaError, OSError) as exc:
-            raise ConnectionError(f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}") from None
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
+    await ensure(bootstrap, dict.fromkeys(names, False), partitions, replication_factor, timeout)
 
 
 async def serve(opts: WebhookOptions, stop: asyncio.Event,
@@ -286,15 +273,11 @@ def options_from_args(args: argparse.Namespace) -> WebhookOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.cli import CliError
+    from streams.cli import CliError, configure_logging
     from streams.settings import load_settings
 
     opts = options_from_args(args)
-    level = load_settings().log_level.upper()
-    level = {"WARN": "WARNING"}.get(level, level)
-    logging.basicConfig(level=getattr(logging, level, logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    configure_logging(load_settings().log_level)
     if opts.verify_token is None:
         log.warning("no verify token (MESSENGER_STREAMS_VERIFY_TOKEN): every verification handshake gets 403")
 

@@ -138,6 +138,30 @@ class Worker:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def metrics(self) -> dict[str, float]:
+        """One scrape of the worker's /metrics: `name{labels}` → value."""
+        return scrape_metrics(self.web_url + "/metrics")
+
+    def get_json(self, path: str) -> Any:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(self.web_url + path, timeout=10) as resp:  # noqa: S310 - local worker
+            return json.loads(resp.read())
+
+
+def scrape_metrics(url: str) -> dict[str, float]:
+    """Prometheus text as `name{labels}` → value."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - a local test process
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
 
 def worker_env(bootstrap: str, tmp: Path, config_text: str, partitions: int = 2, **extra: str) -> dict[str, str]:
     tag = uuid.uuid4().hex[:10]

@@ -4,8 +4,6 @@ a restart mid-way, and /csat and /metrics against counts computed here independe
 from __future__ import annotations
 
 import asyncio
-import json
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -40,21 +38,6 @@ def tap(page: str, psid: str, mid: str, cid: str, score: int) -> bytes:
     item = consumer_msg(page, psid, mid, f"{score} ⭐")
     item["message"]["quick_reply"] = {"payload": answer_payload(cid, score)}
     return body(page, item)
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - local test worker
-        return json.loads(resp.read())
-
-
-def scrape(w: Worker) -> dict[str, float]:
-    text = urllib.request.urlopen(w.web_url + "/metrics", timeout=10).read().decode()  # noqa: S310
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 async def test_surveys_and_answers_counted_exactly_once(make_worker: Callable[..., Worker], kafka: KafkaIO) -> None:
@@ -112,7 +95,7 @@ async def test_surveys_and_answers_counted_exactly_once(make_worker: Callable[..
     assert len([e for e in of_type(support, "conversation_opened") if e["psid"] == "p4"]) == 2
     assert [e for e in of_type(billing, "conversation_opened") if e["psid"] == "p5"][1:] == []
 
-    report = get_json(w.web_url + "/csat")
+    report = w.get_json("/csat")
     assert report["complete"] is True
     for skill, exp in expected.items():
         totals = report["totals"]["skill"][skill]
@@ -126,7 +109,7 @@ async def test_surveys_and_answers_counted_exactly_once(make_worker: Callable[..
     assert report["totals"]["agent"]["ana"]["answers"] == 3
     assert report["totals"]["page"][SUPPORT_PAGE]["surveys_sent"] == 2
 
-    metrics = scrape(w)
+    metrics = w.metrics()
     assert metrics['messenger_csat_aggregate_answers{score="5",skill="billing"}'] == 1.0
     assert metrics['messenger_csat_aggregate_answers{score="4",skill="billing"}'] == 1.0
     assert metrics['messenger_csat_aggregate_answers{score="2",skill="support"}'] == 1.0

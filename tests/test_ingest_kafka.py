@@ -80,21 +80,9 @@ async def test_raw_bodies_to_normalized_events_and_dead_letters(
     item_letters = sum(1 for d in letters if d["item_index"] is not None)
     assert len(split) + item_letters == expected_items
 
-    metrics = _scrape(w)
+    metrics = w.metrics()
     assert metrics.get('messenger_dead_letters_total{reason="invalid_json"}') == 2.0
     assert metrics.get('messenger_raw_bodies_total') == float(len(inputs))
-
-
-def _scrape(w: Worker) -> dict[str, float]:
-    import urllib.request
-
-    text = urllib.request.urlopen(w.web_url + "/metrics", timeout=5).read().decode()  # noqa: S310
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 async def test_duplicates_survive_a_restart(make_worker: Callable[..., Worker], kafka: KafkaIO, tmp_path: Path) -> None:
