@@ -54,6 +54,12 @@ class Pipeline:
         """The console topic of a declared skill (KeyError for an undeclared one)."""
         return self.skill_topics[skill]
 
+    async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+        """Hand one record to the app's producer (no per-record faust Topic machinery).
+
+        The faust consumer flushes this producer before it commits offsets, so at-least-once holds."""
+        await self.app.producer.send(topic, key, value, partition, None, None)
+
     def topic_names(self) -> dict[str, bool]:
         """Every topic the processor uses → compacted?, skills included."""
         names = {self.settings.topics.name(a): spec[0] for a, spec in TOPIC_SPECS.items()}
@@ -81,6 +87,7 @@ def create_app(settings: Settings) -> faust.App:
         producer_linger=settings.producer_linger_ms / 1000.0,
         producer_max_batch_size=262_144,
         producer_acks=-1,
+        cython_optimizations=True,
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
         table_cleanup_interval=60.0,
         processing_guarantee="at_least_once",

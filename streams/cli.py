@@ -122,6 +122,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
+    if not args.no_uvloop:
+        # faust picks its loop when first imported: choose uvloop before anything imports faust
+        import mode.loop
+
+        mode.loop.use("uvloop")
     from streams.app import create_pipeline
     from streams.topics import TopicError, create_topics
 

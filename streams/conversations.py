@@ -766,7 +766,6 @@ def register(pipe: Pipeline) -> None:
     settings = pipe.settings
     names = {attr: settings.topics.name(attr) for attr in ("events", "actions", "send_results", "ticks")}
     source_of = {names["events"]: "event", names["actions"]: "action", names["send_results"]: "result"}
-    tick_topic = pipe.topic("ticks")
     channel = pipe.raw_topic(names["events"], names["actions"], names["send_results"], names["ticks"])
     table = app.Table("conversations", default=None, partitions=settings.partitions)
     pipe.extras["conversations"] = table
@@ -777,13 +776,16 @@ def register(pipe: Pipeline) -> None:
 
     decider = Decider(pipe.config, csat_totals)
     pipe.extras["decider"] = decider
-    dlq = pipe.topic("dlq")
+    dlq_name = settings.topics.name("dlq")
     dests = {
-        "outbound": pipe.topic("outbound"),
-        "history": pipe.topic("history"),
-        "csat_responses": pipe.topic("csat_responses"),
-        "csat_facts": pipe.topic("csat_facts"),
+        "outbound": settings.topics.name("outbound"),
+        "history": settings.topics.name("history"),
+        "csat_responses": settings.topics.name("csat_responses"),
+        "csat_facts": settings.topics.name("csat_facts"),
     }
+    skill_names = {skill: settings.topics.skill(skill) for skill in pipe.skill_topics}
+    default_skill_name = skill_names[pipe.config.routing.default_skill]
+    send = pipe.send
     latency = metrics.PROCESSING_LATENCY.labels("conversation")
 
     async def emit(decision: Decision) -> None:
@@ -791,13 +793,11 @@ def register(pipe: Pipeline) -> None:
             value = serde.dumps(out.value)
             if out.dest == "skill":
                 assert out.skill is not None  # noqa: S101 - set by _Ctx.console
-                topic = pipe.skill_topics.get(out.skill)
-                if topic is None:  # cannot happen: routing only picks declared skills
-                    topic = pipe.skill_topic(pipe.config.routing.default_skill)
-                await topic.send(key=out.key.encode(), value=value)
+                # routing only picks declared skills; the default is a guard, never expected
+                await send(skill_names.get(out.skill, default_skill_name), out.key.encode(), value)
                 metrics.CONSOLE_EVENTS.labels(out.skill, out.value["type"]).inc()
             else:
-                await dests[out.dest].send(key=out.key.encode(), value=value)
+                await send(dests[out.dest], out.key.encode(), value)
         for note, label in decision.notes:
             if note == "outbound":
                 metrics.OUTBOUND_REQUESTS.labels(label).inc()
@@ -859,7 +859,7 @@ def register(pipe: Pipeline) -> None:
 
         source = Source(topic=msg.topic, partition=msg.partition, offset=msg.offset)
         letter = make(msg.value or b"", reason, error, source)
-        await dlq.send(key=msg.key, value=serde.dumps(letter))
+        await send(dlq_name, msg.key, serde.dumps(letter))
         metrics.DEAD_LETTERS.labels(reason).inc()
 
     @app.agent(channel, name="converse")
@@ -902,7 +902,7 @@ def register(pipe: Pipeline) -> None:
         value = orjson.dumps({"now": now})
         for tp in app.consumer.assignment():
             if tp.topic == names["ticks"]:
-                await tick_topic.send(key=b"\x00tick", value=value, partition=tp.partition)
+                await send(names["ticks"], b"\x00tick", value, tp.partition)
 
     @app.timer(15.0)  # type: ignore[untyped-decorator]  # faust is untyped
     async def count_open() -> None:

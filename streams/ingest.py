@@ -85,8 +85,10 @@ def register(pipe: Pipeline) -> None:
     settings = pipe.settings
     raw_topic = pipe.topic("raw")
     split_topic = pipe.topic("split")
-    events_topic = pipe.topic("events")
-    dlq_topic = pipe.topic("dlq")
+    split_name = settings.topics.name("split")
+    events_name = settings.topics.name("events")
+    dlq_name = settings.topics.name("dlq")
+    send = pipe.send
     horizon_ms = settings.dedupe_horizon_seconds * 1000
     split_latency = metrics.PROCESSING_LATENCY.labels("split")
     dedupe_latency = metrics.PROCESSING_LATENCY.labels("dedupe")
@@ -96,7 +98,7 @@ def register(pipe: Pipeline) -> None:
 
     async def send_dead_letter(key: bytes | None, raw: bytes, rej: Rejected, source: Source) -> None:
         letter = dead_letter(raw, rej.reason, rej.error, source, rej.item_index)
-        await dlq_topic.send(key=key, value=serde.dumps(letter))
+        await send(dlq_name, key, serde.dumps(letter))
         metrics.DEAD_LETTERS.labels(rej.reason).inc()
 
     @app.agent(raw_topic, name="split_webhooks")
@@ -113,7 +115,7 @@ def register(pipe: Pipeline) -> None:
                 received_at=_received_at(msg.headers, msg.timestamp),
             )
             for ev in result.events:
-                await split_topic.send(key=ev.conversation_key.encode(), value=serde.dumps(ev))
+                await send(split_name, ev.conversation_key.encode(), serde.dumps(ev))
                 metrics.EVENTS_IN.labels(ev.kind).inc()
             for rej in result.rejected:
                 await send_dead_letter(msg.key, raw, rej, source)
@@ -140,7 +142,7 @@ def register(pipe: Pipeline) -> None:
                 continue
             # Forward first, then record: the table's changelog write is flushed after the send,
             # so a crash between the two redelivers the event instead of losing it.
-            await events_topic.send(key=msg.key, value=event.value)
+            await send(events_name, msg.key, event.value)
             seen_events[key] = decision.state
             dedupe_latency.observe(max(0.0, time.time() - (msg.timestamp or time.time())))
 
