@@ -69,7 +69,7 @@ class Pipeline:
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app tuned for this processor: ordering and at-least-once first."""
-    return faust.App(
+    app = faust.App(
         settings.app_id,
         broker=[f"kafka://{hp.strip()}" for hp in settings.bootstrap_servers.split(",") if hp.strip()],
         store=settings.store,
@@ -92,6 +92,10 @@ def create_app(settings: Settings) -> faust.App:
         table_cleanup_interval=60.0,
         processing_guarantee="at_least_once",
     )
+    # Table changelog records queue in faust's producer buffer; at its default of 100 the conductor
+    # stalls on every table-heavy burst ("producer buffer full"). Commits still flush it first.
+    app.producer.buffer.max_messages = settings.producer_buffer_max
+    return app
 
 
 def create_pipeline(

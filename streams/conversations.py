@@ -478,8 +478,14 @@ class Decider:
 
     # timers ---------------------------------------------------------------------------------
     def _arm(self, ctx: _Ctx, name: str, due: int) -> None:
-        ctx.state["conv"]["timers"][name] = due
-        ctx.out.arms.append(due)
+        """Set a timer. The wheel gets an entry only when none fires earlier: a timer pushed later
+        (idle, on every consumer message) is re-armed when its old, earlier entry comes due."""
+        conv = ctx.state["conv"]
+        conv["timers"][name] = due
+        wheel: dict[str, int] = conv.setdefault("wheel", {})
+        if name not in wheel or wheel[name] > due:
+            wheel[name] = due
+            ctx.out.arms.append(due)
 
     def _arm_idle(self, ctx: _Ctx) -> None:
         conv = ctx.state["conv"]
@@ -496,25 +502,32 @@ class Decider:
             conv["timers"].pop("waiting", None)
 
     def _on_timer(self, ctx: _Ctx, data: dict[str, Any]) -> None:
+        """A wheel entry of this conversation came due: fire what is due, re-arm what moved later."""
         conv = ctx.state["conv"]
         if conv is None:
             return
         now = ctx.inp.now
+        wheel: dict[str, int] = conv.setdefault("wheel", {})
+        for name in [n for n, due in wheel.items() if due <= now]:
+            del wheel[name]
         timers: dict[str, int] = conv["timers"]
-        if "idle" in timers and timers["idle"] <= now:
+        if "idle" in timers:
             after = self.config.skill(conv["skill"]).auto_close_after_seconds
-            if after and conv["last_consumer_at"] + after * 1000 <= now:
+            if timers["idle"] <= now and after and conv["last_consumer_at"] + after * 1000 <= now:
                 timers.pop("idle")
                 ctx.out.notes.append(("timer", "idle"))
                 self._close(ctx, closed_by="system", reason="idle", agent_id=None)
                 return
-            timers.pop("idle")
-            self._arm_idle(ctx)
-        if "waiting" in timers and timers["waiting"] <= now:
-            timers.pop("waiting")
-            if conv["agent_id"] is None:
-                ctx.out.notes.append(("timer", "waiting"))
-                self._system(ctx, "waiting_for_agent")
+            if "idle" not in wheel:
+                self._arm_idle(ctx)
+        if "waiting" in timers:
+            if timers["waiting"] <= now:
+                timers.pop("waiting")
+                if conv["agent_id"] is None:
+                    ctx.out.notes.append(("timer", "waiting"))
+                    self._system(ctx, "waiting_for_agent")
+            elif "waiting" not in wheel:
+                self._arm(ctx, "waiting", timers["waiting"])
 
     # agent actions --------------------------------------------------------------------------
     def _on_action(self, ctx: _Ctx, raw: dict[str, Any]) -> None:
@@ -787,6 +800,7 @@ def register(pipe: Pipeline) -> None:
     default_skill_name = skill_names[pipe.config.routing.default_skill]
     send = pipe.send
     latency = metrics.PROCESSING_LATENCY.labels("conversation")
+    console_events = metrics.BoundLabels(metrics.CONSOLE_EVENTS)
 
     async def emit(decision: Decision) -> None:
         for out in decision.outputs:
@@ -795,7 +809,7 @@ def register(pipe: Pipeline) -> None:
                 assert out.skill is not None  # noqa: S101 - set by _Ctx.console
                 # routing only picks declared skills; the default is a guard, never expected
                 await send(skill_names.get(out.skill, default_skill_name), out.key.encode(), value)
-                metrics.CONSOLE_EVENTS.labels(out.skill, out.value["type"]).inc()
+                console_events.inc(out.skill, out.value["type"])
             else:
                 await send(dests[out.dest], out.key.encode(), value)
         for note, label in decision.notes:
@@ -846,9 +860,9 @@ def register(pipe: Pipeline) -> None:
             for key in keys:
                 state = table.get(key)
                 conv = (state or {}).get("conv")
-                if not conv or not any(due <= now for due in conv["timers"].values()):
-                    continue  # re-armed or closed since: lazy deletion
-                inp = Input("timer", f"timer:{conv['id']}:{sorted(conv['timers'].items())}", now, {})
+                if not conv or not any(due <= now for due in conv.get("wheel", {}).values()):
+                    continue  # closed, or a newer conversation with timers of its own: lazy deletion
+                inp = Input("timer", f"timer:{conv['id']}:{sorted(conv['wheel'].items())}", now, {})
                 await apply(key, inp, topic, offset, partition)
             del table[bucket_key]
         table[cursor_key] = upto

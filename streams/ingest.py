@@ -91,6 +91,7 @@ def register(pipe: Pipeline) -> None:
     send = pipe.send
     horizon_ms = settings.dedupe_horizon_seconds * 1000
     split_latency = metrics.PROCESSING_LATENCY.labels("split")
+    events_in = metrics.BoundLabels(metrics.EVENTS_IN)
     dedupe_latency = metrics.PROCESSING_LATENCY.labels("dedupe")
 
     seen_events = app.Table("seen_events", default=None, partitions=settings.partitions)
@@ -116,7 +117,7 @@ def register(pipe: Pipeline) -> None:
             )
             for ev in result.events:
                 await send(split_name, ev.conversation_key.encode(), serde.dumps(ev))
-                metrics.EVENTS_IN.labels(ev.kind).inc()
+                events_in.inc(ev.kind)
             for rej in result.rejected:
                 await send_dead_letter(msg.key, raw, rej, source)
             split_latency.observe(max(0.0, time.time() - (msg.timestamp or time.time())))

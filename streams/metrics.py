@@ -101,6 +101,20 @@ CATALOGUE = (
 )
 
 
+class BoundLabels:
+    """Label children of one metric, bound once and reused on the per-event path."""
+
+    def __init__(self, metric: Counter) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Counter] = {}
+
+    def inc(self, *labels: str) -> None:
+        child = self.children.get(labels)
+        if child is None:
+            child = self.children[labels] = self.metric.labels(*labels)
+        child.inc()
+
+
 def exported_names() -> set[str]:
     """Every sample name Prometheus will see (counters get _total, histograms _bucket/_sum/_count)."""
     names: set[str] = set()

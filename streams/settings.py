@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     producer_linger_ms: int = Field(default=5, ge=0)
     stream_buffer_maxsize: int = Field(default=16_384, gt=0)
+    producer_buffer_max: int = Field(default=10_000, gt=0, description="table changelog records queued before a stall")
     log_level: str = "warn"
 
     @cached_property

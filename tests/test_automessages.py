@@ -164,3 +164,12 @@ def test_proactive_open_inside_and_outside_the_window() -> None:
     assert tagged[0]["messaging_type"] == "MESSAGE_TAG" and tagged[0]["tag"] == "HUMAN_AGENT"
     c.act("close", at=T0 + 3 * 24 * HOUR + 1)
     assert console(c.act("open", at=T0 + 8 * 24 * HOUR, text="Hello?"))[0]["reason"] == "window_closed"
+
+
+def test_pushing_the_idle_timer_later_writes_no_new_wheel_entry() -> None:
+    c = Convo(cfg(SKILLS))
+    assert len(c.msg("hi", at=T0).arms) == 2  # idle and waiting
+    assert c.msg("more", at=T0 + 5_000).arms == []  # the earlier idle entry will re-arm it
+    out = tick(c, T0 + 60_000)  # the old entry comes due: not idle yet, re-armed for T0+65 s
+    assert out.arms == [T0 + 65_000] and "conversation_closed" not in types(out)
+    assert "conversation_closed" in types(tick(c, T0 + 65_000))
