@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -172,3 +173,37 @@ async def test_unknown_conversation_and_malformed_actions(make_worker: Callable[
     dlq = await kafka.read_json(w.topic("messenger.dlq"), min_count=2)
     assert sorted(d["reason"] for d in dlq) == ["invalid_action", "invalid_action"]
     assert {d["payload"] for d in dlq} == {"not json", '{"type":"accept"}'}
+
+
+async def test_hard_kill_mid_stream_loses_nothing_and_applies_nothing_twice(
+    make_worker: Callable[..., Worker], kafka: KafkaIO
+) -> None:
+    """SIGKILL while a backlog is being processed: after the restart every consumer message is on its
+    skill topic, each person has one conversation, and repeats (at-least-once) carry the same event id."""
+    import signal
+
+    from tests.conftest import BASE_CONFIG
+
+    w = make_worker(BASE_CONFIG + NO_CSAT)
+    raw = w.topic("messenger.webhook.raw")
+    people = [f"k{i}" for i in range(40)]
+    sent: set[str] = set()
+    for round_ in range(5):
+        for psid in people:
+            mid = f"{psid}-{round_}"
+            sent.add(mid)
+            await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, psid, mid, "hello")))
+    await asyncio.sleep(1.0)  # part of the backlog is processed, part is not
+    w.stop(signal.SIGKILL)
+    w.start()
+    con = Console(kafka, w)
+    evs = await con.wait_for("billing", lambda e: {m["mid"] for m in of_type(e, "consumer_message")} >= sent, timeout=120)
+    by_id: dict[str, dict[str, Any]] = {}
+    for e in evs:
+        if e["event_id"] in by_id:
+            assert by_id[e["event_id"]] == e, "a repeated event id must carry the same event"
+        by_id[e["event_id"]] = e
+    unique = list(by_id.values())
+    assert sorted(m["mid"] for m in of_type(unique, "consumer_message")) == sorted(sent)
+    opened = Counter(e["psid"] for e in of_type(unique, "conversation_opened"))
+    assert opened == dict.fromkeys(people, 1)
