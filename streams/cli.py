@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dispatch", help="send messenger.outbound requests to the Graph API Send endpoint")
     _add_module_arguments("streams.dispatch", p)
 
+    p = sub.add_parser("dlq", help="show the dead letters, or replay their original bytes")
+    _add_module_arguments("streams.dlq", p)
+
     p = sub.add_parser("summary", help="print a live summary from a worker's /metrics")
     p.add_argument("--url", default=os.environ.get("MESSENGER_STREAMS_SUMMARY_URL", "http://127.0.0.1:6066/metrics"))
     p.add_argument("--interval", type=float, default=2.0)
@@ -230,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_simulate(args)
         if args.command == "summary":
             return cmd_summary(args)
-        if args.command in ("webhook", "dispatch"):
+        if args.command in ("webhook", "dispatch", "dlq"):
             return cmd_module(f"streams.{args.command}", args)
         return cmd_worker(args, extra)
     except (ConfigError, CliError) as exc:
