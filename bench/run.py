@@ -100,7 +100,6 @@ class Opts:
     smoke: bool
     profile_format: str = "speedscope"
     max_drain: float = 60.0
-    force_uvloop: bool = False
     lat_rates: list[float] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 
@@ -252,9 +251,7 @@ def start_workers(opts: Opts, names: Names, app_id: str, workdir: Path, count: i
             "PYTHONUNBUFFERED": "1",
         })
         env.update(opts.worker_env)
-        cmd = [sys.executable, "-m", "bench.uvworker"] if opts.force_uvloop else [_bin("messenger-streams"), "worker"]
-        if opts.force_uvloop:
-            env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [_bin("messenger-streams"), "worker"]
         procs.append(Proc(f"worker {app_id}#{i}", cmd, env,
                           wdir / "worker.log", "[^Worker]: Ready", wdir))
     return procs
@@ -605,7 +602,6 @@ async def run(opts: Opts) -> dict[str, Any]:
             "arrival_topics": Names("", opts.partitions, config).arrivals(),
             "scale_out": opts.scale_out,
             "max_drain_seconds": opts.max_drain,
-            "force_uvloop": opts.force_uvloop,
         },
         "dataset": {"records": len(ds.records), "by_topic": ds.counts(), "message_ids": len(ds.mid_first),
                     "expected_per_stage": exp, "generation_s": round(gen_s, 2)},
@@ -781,8 +777,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
     p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra worker environment (e.g. MESSENGER_STREAMS_PRODUCER_LINGER_MS=10); linger and "
                         "commit interval are mirrored in the passthrough")
-    p.add_argument("--force-uvloop", action="store_true",
-                   help="experiment: start workers with uvloop installed before faust is imported (bench/uvworker.py)")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the benchmark topics")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="instead: one C drain with py-spy attached to the worker, profile written to FILE")
@@ -807,7 +801,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
         smoke=smoke,
         profile_format=a.profile_format,
         max_drain=a.max_drain_seconds,
-        force_uvloop=a.force_uvloop,
         lat_rates=[float(x) for x in (a.lat_rates or "").split(",") if x.strip()],
     )
     if smoke and a.lat_fractions == "0.5,0.8":
