@@ -102,8 +102,11 @@ def free_port() -> int:
 def wait_for_metadata(bootstrap: str, timeout: float = 90.0) -> None:
     """Poll the broker until it answers a metadata request with at least one broker."""
     import asyncio
+    import logging
 
     from aiokafka.admin import AIOKafkaAdminClient
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # "Unable connect" while it boots
 
     async def probe() -> bool:
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
