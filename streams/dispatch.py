@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -569,21 +568,14 @@ async def serve(
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.cli import CliError, configure_logging
+    from streams.cli import CliError, configure_logging, run_until_signalled
     from streams.settings import load_settings
 
     opts = options_from_args(args)
     configure_logging(load_settings().log_level)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(opts, stop)
-
     try:
-        asyncio.run(main())
+        run_until_signalled(lambda stop: serve(opts, stop))
     except (ConnectionError, DispatchError) as exc:
         raise CliError(str(exc)) from None
     return 0

@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import logging
 import os
-import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -273,7 +272,7 @@ def options_from_args(args: argparse.Namespace) -> WebhookOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from streams.cli import CliError, configure_logging
+    from streams.cli import CliError, configure_logging, run_until_signalled
     from streams.settings import load_settings
 
     opts = options_from_args(args)
@@ -281,15 +280,8 @@ def run(args: argparse.Namespace) -> int:
     if opts.verify_token is None:
         log.warning("no verify token (MESSENGER_STREAMS_VERIFY_TOKEN): every verification handshake gets 403")
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(opts, stop)
-
     try:
-        asyncio.run(main())
+        run_until_signalled(lambda stop: serve(opts, stop))
     except ConnectionError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:  # e.g. the port is taken
