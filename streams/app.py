@@ -50,21 +50,11 @@ class Pipeline:
         """The faust topic for one of TOPIC_SPECS."""
         return self.topics[attr]
 
-    def skill_topic(self, skill: str) -> Any:
-        """The console topic of a declared skill (KeyError for an undeclared one)."""
-        return self.skill_topics[skill]
-
     async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
         """Hand one record to the app's producer (no per-record faust Topic machinery).
 
         The faust consumer flushes this producer before it commits offsets, so at-least-once holds."""
         await self.app.producer.send(topic, key, value, partition, None, None)
-
-    def topic_names(self) -> dict[str, bool]:
-        """Every topic the processor uses → compacted?, skills included."""
-        names = {self.settings.topics.name(a): spec[0] for a, spec in TOPIC_SPECS.items()}
-        names.update({self.settings.topics.skill(s): False for s in self.config.all_skills()})
-        return names
 
 
 def create_app(settings: Settings) -> faust.App:

@@ -91,11 +91,14 @@ def resolve_template(
     locale: str | None,
     page_id: str | None,
     skill: str | None,
+    default: str | None = None,
 ) -> str | None:
-    """The template for a trigger in this context, or None when the trigger is switched off."""
+    """The template for a trigger in this context, or None when the trigger is switched off.
+    `default` replaces the built-in default text (the CSAT thank-you comes from `csat.thank_you`)."""
+    default = default if default is not None else DEFAULT_TEXTS[trigger]
     am = auto.get(trigger)
     if am is None:
-        return DEFAULT_TEXTS[trigger]
+        return default
     if not am.enabled:
         return None
     if skill and skill in am.by_skill:
@@ -108,7 +111,7 @@ def resolve_template(
         lang = locale.split("_")[0]
         if lang in am.by_locale:
             return am.by_locale[lang]
-    return am.text if am.text is not None else DEFAULT_TEXTS[trigger]
+    return am.text if am.text is not None else default
 
 
 def render(template: str, values: dict[str, str]) -> str:

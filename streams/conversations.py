@@ -201,6 +201,7 @@ class Decider:
         self.config = config
         self.skills = set(config.all_skills())
         self.csat_totals = csat_totals
+        self.default_texts = {"csat_thanks": config.csat.thank_you}
 
     # routing --------------------------------------------------------------------------------
     def route(self, page_id: str) -> tuple[str, bool]:
@@ -445,12 +446,15 @@ class Decider:
         skill = skill or (conv["skill"] if conv else self.route(ctx.page_id)[0])
         locale = locale or (conv["locale"] if conv else self.locale_of(ctx.page_id))
         template = automessages.resolve_template(
-            self.config.auto_messages, trigger, locale=locale, page_id=ctx.page_id, skill=skill
+            self.config.auto_messages,
+            trigger,
+            locale=locale,
+            page_id=ctx.page_id,
+            skill=skill,
+            default=self.default_texts.get(trigger),
         )
         if template is None:
             return
-        if trigger == "csat_thanks" and "csat_thanks" not in self.config.auto_messages:
-            template = self.config.csat.thank_you
         page = self.config.page(ctx.page_id)
         text = automessages.render(
             template,

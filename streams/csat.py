@@ -151,16 +151,6 @@ def survey_expired(sent_at_ms: int, now_ms: int, expire_after_seconds: int) -> b
     return now_ms - sent_at_ms >= expire_after_seconds * 1000
 
 
-def thank_you(config: ConnectorConfig) -> str:
-    """The text sent after a counted answer (`csat.thank_you`)."""
-    return config.csat.thank_you
-
-
-def is_positive(score: int) -> bool:
-    """Does this score count towards CSAT % (4 or 5)?"""
-    return score in POSITIVE_SCORES
-
-
 def csat_percent(positive: int, answers: int) -> float | None:
     """CSAT %: answers scoring 4 or 5 over all answers, 0–100; None without answers."""
     return 100.0 * positive / answers if answers else None

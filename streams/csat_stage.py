@@ -297,13 +297,6 @@ def local_states(pipe: Pipeline, partitions: Iterable[int] | None = None) -> lis
     return out
 
 
-def current_csat_percent(pipe: Pipeline, skill: str) -> float | None:
-    """The skill's live CSAT % (0–100) over this worker's `csat.facts` partitions; None without
-    answers. Safe to call from any agent: it only reads the table."""
-    counts = skill_totals(local_states(pipe)).get(skill)
-    return csat_percent(counts[4] + counts[5], sum(counts[1:])) if counts else None
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 

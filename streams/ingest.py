@@ -64,7 +64,9 @@ def dedupe(
     if idempotency_key in seen and seen_at - seen[idempotency_key] <= horizon_ms:
         return DedupeDecision(True, state or {"k": seen})
     cutoff = seen_at - horizon_ms
-    seen = {k: t for k, t in seen.items() if t >= cutoff}
+    if seen and next(iter(seen.values())) < cutoff:  # insertion order ≈ arrival order: oldest first
+        seen = {k: t for k, t in seen.items() if t >= cutoff}
+    seen.pop(idempotency_key, None)  # a key seen again after the horizon moves to the end
     seen[idempotency_key] = seen_at
     return DedupeDecision(False, {"k": seen})
 

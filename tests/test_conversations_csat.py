@@ -113,3 +113,14 @@ def test_csat_percent_uses_the_skill_totals() -> None:
     received = [v for v in console(answer(c, 2)) if v["type"] == "csat_received"][0]
     assert received["csat_percent"] == 60.0  # (3 + 0) / (4 + 1)
     assert received["skill"] == "billing"
+
+
+def test_thank_you_comes_from_csat_config_and_can_be_overridden_per_skill() -> None:
+    c = Convo(cfg(SURVEY.replace("enabled = true", 'enabled = true\nthank_you = "Gracias por tu respuesta"')))
+    c.msg("help", at=T0)
+    c.act("close", at=T0 + 2000, agent="ana")
+    thanks = [v for v in console(answer(c, 5)) if v["type"] == "system_message"]
+    assert [v["text"] for v in thanks] == ["Gracias por tu respuesta"]
+    c2, _ = closed_with_survey('\n[auto_messages.csat_thanks.by_skill]\nbilling = "Billing thanks you"\n')
+    thanks2 = [v for v in console(answer(c2, 4)) if v["type"] == "system_message"]
+    assert [v["text"] for v in thanks2] == ["Billing thanks you"]

@@ -80,13 +80,6 @@ def test_should_survey() -> None:
     assert not csat.should_survey(off, "agent", "billing")
 
 
-def test_thank_you() -> None:
-    assert csat.thank_you(CONFIG) == "Gracias!"
-
-
-# --- survey message -------------------------------------------------------------------------------
-
-
 def test_survey_message_quick_replies() -> None:
     msg = csat.survey_message("P1:u1:1700000000000", "How did we do?")
     assert msg["text"] == "How did we do?"

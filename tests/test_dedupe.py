@@ -22,3 +22,11 @@ def test_keys_past_the_horizon_are_pruned_and_count_as_new() -> None:
     assert later.state == {"k": {"new": 5000}}
     again = dedupe(state, "old", 5000, H)
     assert not again.duplicate
+
+
+def test_only_expired_keys_are_pruned() -> None:
+    state = dedupe(None, "old", 0, H).state
+    state = dedupe(state, "mid", 600, H).state
+    state = dedupe(state, "new", 1200, H).state  # "old" left the horizon, "mid" did not
+    assert state == {"k": {"mid": 600, "new": 1200}}
+    assert dedupe(state, "mid", 1300, H).duplicate
