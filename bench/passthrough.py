@@ -1,4 +1,5 @@
 """Arm A: a raw aiokafka consume → produce passthrough, one output per input, no parsing.
+With `--fanout K` (arm A×K) every input is written K times: the pipeline's extra I/O without its work.
 
 Run as `python -m bench.passthrough --group G --out TOPIC --partitions N IN_TOPIC...`. It copies
 every record (key, value, headers, and the input partition for keyless records) to `--out`, with the
@@ -68,15 +69,16 @@ async def run(args: argparse.Namespace) -> None:
             batch = await consumer.getmany(timeout_ms=200, max_records=args.max_records)
             for tp, recs in batch.items():
                 for r in recs:
-                    pending.append(
-                        await producer.send(
-                            args.out,
-                            r.value,
-                            key=r.key,
-                            partition=tp.partition if r.key is None else None,
-                            headers=list(r.headers or ()),
+                    for _ in range(args.fanout):
+                        pending.append(
+                            await producer.send(
+                                args.out,
+                                r.value,
+                                key=r.key,
+                                partition=tp.partition if r.key is None else None,
+                                headers=list(r.headers or ()),
+                            )
                         )
-                    )
                 positions[tp] = recs[-1].offset + 1
                 since_commit += len(recs)
             if since_commit >= 10_000 or (positions and time.monotonic() - last_commit >= args.commit_interval):
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linger-ms", type=int, default=5)
     p.add_argument("--commit-interval", type=float, default=1.0)
     p.add_argument("--max-records", type=int, default=None)
+    p.add_argument("--fanout", type=int, default=1, help="outputs per input (default 1)")
     p.add_argument("--no-uvloop", action="store_true")
     args = p.parse_args(argv)
     if args.no_uvloop:

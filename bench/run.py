@@ -1,11 +1,15 @@
 """The benchmark: `python -m bench.run` (or `make bench BENCH_ARGS="..."`).
 
-Arms, interleaved per round on the same broker and the same pre-generated input (A C [C2] A C [C2] …):
+Arms, interleaved per round on the same broker and the same pre-generated input (A Ak B C [C2] A …):
 - A  — raw aiokafka passthrough (bench/passthrough.py): one output per input, same partitions,
        acks, linger, batch size and commit cadence as the worker.
+- Ak — the same passthrough writing every input k times (`--fanout`, default 3): the pipeline's
+       extra I/O without its work.
+- B  — a faust null agent (bench/nullagent.py) on the worker's own app settings, forwarding each
+       input unchanged: the framework's floor.
 - C  — the real pipeline: one `messenger-streams worker` subprocess, fresh topic prefix and app id,
        raw (+ agent actions once the conversation stage exists) → skill topics (or
-       `messenger.events` while the conversation stage is not registered).
+       `messenger.events.split` while the conversation stage is not registered).
 - C2 — the same with two worker processes in one consumer group (`--scale-out`).
 
 Throughput: each arm drains a preloaded backlog; events/s = input records / (all committed − ready),
@@ -62,6 +66,8 @@ from bench.common import (
 
 RESULTS = ROOT / "bench" / "results"
 PASSTHROUGH_TOPIC = "bench.passthrough.out"
+FANOUT_TOPIC = "bench.fanout.out"
+NULLAGENT_TOPIC = "bench.nullagent.out"
 
 
 def _bin(name: str) -> str:
@@ -99,8 +105,9 @@ class Opts:
     profile: str | None
     smoke: bool
     profile_format: str = "speedscope"
-    max_drain: float = 60.0
+    max_drain: float = 300.0
     lat_rates: list[float] = field(default_factory=list)
+    fanout: int = 3
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
 
     @property
@@ -140,21 +147,31 @@ class Names:
         (`conversations.ticks` is left out: the timer writes to it all the time.)"""
         import streams
 
-        attrs = ["split", "events"]
+        attrs = ["split"]
         if "csat" in streams.STAGES:
             attrs.append("csat_facts")
         return [self.attr(a) for a in attrs]
 
     def arrivals(self) -> list[str]:
         """Where a processed event lands: every configured skill's console topic, or
-        `messenger.events` until the conversation stage is registered."""
+        `messenger.events.split` while the conversation stage is not registered."""
         t = self.topics()
         if conversation_stage():
             return [t.skill(s) for s in self.config.all_skills()]
-        return [t.name("events")]
+        return [t.name("split")]
 
     def passthrough_out(self) -> str:
         return self.prefix + PASSTHROUGH_TOPIC
+
+    def fanout_out(self) -> str:
+        return self.prefix + FANOUT_TOPIC
+
+    def nullagent_out(self) -> str:
+        return self.prefix + NULLAGENT_TOPIC
+
+    def bench_outputs(self) -> list[str]:
+        """The output topics of the comparison arms (A, A×k, B) of a round."""
+        return [self.passthrough_out(), self.fanout_out(), self.nullagent_out()]
 
     def all_topics(self) -> dict[str, bool]:
         from streams.app import TOPIC_SPECS
@@ -162,7 +179,7 @@ class Names:
         t = self.topics()
         names = {t.name(a): spec[0] for a, spec in TOPIC_SPECS.items()}
         names.update({t.skill(s): False for s in self.config.all_skills()})
-        names[self.passthrough_out()] = False
+        names.update({t: False for t in self.bench_outputs()})
         return names
 
 
@@ -229,8 +246,10 @@ async def wait_ready(procs: Sequence[Proc], timeout: float = 120.0) -> float:
     raise RuntimeError(f"not ready within {timeout}s:\n" + "\n".join(p.tail() for p in procs))
 
 
-def start_workers(opts: Opts, names: Names, app_id: str, workdir: Path, count: int) -> list[Proc]:
-    """`count` worker processes of one app (one consumer group): they split the partitions."""
+def start_workers(opts: Opts, names: Names, app_id: str, workdir: Path, count: int,
+                  cmd: list[str] | None = None) -> list[Proc]:
+    """`count` worker processes of one app (one consumer group): they split the partitions.
+    `cmd` runs another faust app with the same environment instead (arm B)."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith("MESSENGER_STREAMS_") and k != "KAFKA_BOOTSTRAP_SERVERS"}
     procs = []
@@ -251,16 +270,17 @@ def start_workers(opts: Opts, names: Names, app_id: str, workdir: Path, count: i
             "PYTHONUNBUFFERED": "1",
         })
         env.update(opts.worker_env)
-        cmd = [_bin("messenger-streams"), "worker"]
-        procs.append(Proc(f"worker {app_id}#{i}", cmd, env,
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        procs.append(Proc(f"worker {app_id}#{i}", cmd or [_bin("messenger-streams"), "worker"], env,
                           wdir / "worker.log", "[^Worker]: Ready", wdir))
     return procs
 
 
-def start_passthrough(opts: Opts, names: Names, group: str, workdir: Path) -> Proc:
+def start_passthrough(opts: Opts, names: Names, group: str, workdir: Path, fanout: int = 1) -> Proc:
     cmd = [sys.executable, "-m", "bench.passthrough", *names.inputs(), "--bootstrap", opts.bootstrap,
-           "--group", group, "--out", names.passthrough_out(), "--partitions", str(opts.partitions),
-           "--linger-ms", str(opts.linger_ms), "--commit-interval", str(opts.commit_interval)]
+           "--group", group, "--out", names.passthrough_out() if fanout == 1 else names.fanout_out(),
+           "--partitions", str(opts.partitions), "--linger-ms", str(opts.linger_ms),
+           "--commit-interval", str(opts.commit_interval), "--fanout", str(fanout)]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     wdir = workdir / group
@@ -276,8 +296,8 @@ Stage = tuple[list[str], int]  # topics consumed by one stage, records it must c
 
 
 async def drain(opts: Opts, arm: str, names: Names, group: str, procs: list[Proc], n_input: int,
-                stages: list[Stage], internal: list[str], bpid: int | None, timeout: float = 90.0
-                ) -> dict[str, Any]:
+                stages: list[Stage], internal: list[str], bpid: int | None, timeout: float = 90.0,
+                own_output: str | None = None) -> dict[str, Any]:
     """Watch the group's committed offsets until the backlog is drained, or `opts.max_drain` s.
 
     Progress is the least advanced stage: min over stages of committed / expected (so an input
@@ -325,8 +345,9 @@ async def drain(opts: Opts, arm: str, names: Names, group: str, procs: list[Proc
         written = await watch.records_by_topic((names.prefix, group + "-"), opts.partitions)
         for t in inputs:
             written.pop(t, None)
-        if arm != "A":
-            written.pop(names.passthrough_out(), None)  # the round's A arm shares the prefix
+        for t in names.bench_outputs():  # the round's other arms share the prefix
+            if t != own_output:
+                written.pop(t, None)
     finally:
         await watch.stop()
     c0 = samples[0][1]
@@ -374,22 +395,37 @@ async def prepare(opts: Opts, names: Names, ds: Dataset) -> float:
 
 
 def c_stages(names: Names, exp: dict[str, int]) -> list[Stage]:
-    """The pipeline's consuming stages and what each must consume: split (raw), dedupe (split),
-    converse (events + actions) once the conversation stage exists."""
-    stages: list[Stage] = [([names.attr("raw")], exp["raw"]), ([names.attr("split")], exp["split"])]
+    """The pipeline's consuming stages and what each must consume: split (raw), then converse
+    (split + actions, deduplicating as it goes) once the conversation stage exists."""
+    stages: list[Stage] = [([names.attr("raw")], exp["raw"])]
     if conversation_stage():
-        stages.append(([names.attr("events"), names.attr("actions")], exp["events"] + exp["actions"]))
+        stages.append(([names.attr("split"), names.attr("actions")], exp["split"] + exp["actions"]))
     return stages
 
 
-async def arm_a_drain(opts: Opts, names: Names, ds: Dataset, workdir: Path, bpid: int | None) -> dict[str, Any]:
-    group = f"{names.prefix}passthrough"
-    p = start_passthrough(opts, names, group, workdir)
+async def arm_a_drain(opts: Opts, names: Names, ds: Dataset, workdir: Path, bpid: int | None,
+                      fanout: int = 1) -> dict[str, Any]:
+    group = f"{names.prefix}passthrough" + ("" if fanout == 1 else f"x{fanout}")
+    p = start_passthrough(opts, names, group, workdir, fanout)
     try:
         n = len(ds.records)
-        return await drain(opts, "A", names, group, [p], n, [(names.inputs(), n)], [], bpid)
+        return await drain(opts, "A" if fanout == 1 else "Ak", names, group, [p], n, [(names.inputs(), n)], [], bpid,
+                           own_output=names.passthrough_out() if fanout == 1 else names.fanout_out())
     finally:
         p.stop()
+
+
+async def arm_b_drain(opts: Opts, names: Names, ds: Dataset, workdir: Path, app_id: str,
+                      bpid: int | None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.nullagent", *names.inputs(), "--out", names.nullagent_out()]
+    procs = start_workers(opts, names, app_id, workdir, 1, cmd)
+    try:
+        n = len(ds.records)
+        return await drain(opts, "B", names, app_id, procs, n, [(names.inputs(), n)], [], bpid,
+                           own_output=names.nullagent_out())
+    finally:
+        for p in procs:
+            p.stop()
 
 
 async def arm_c_drain(opts: Opts, names: Names, ds: Dataset, exp: dict[str, int], workdir: Path, app_id: str,
@@ -462,7 +498,7 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         outputs = names.arrivals()
     seen: dict[bytes, tuple[int, int]] = {}
     # C only: when each message reached the internal topics (record create time, ms)
-    hop_names = {"split": names.attr("split"), "events": names.attr("events")} if arm != "A" else {}
+    hop_names = {"split": names.attr("split")} if arm != "A" else {}
     hops: dict[str, dict[bytes, int]] = {t: {} for t in hop_names.values()}
     stop = asyncio.Event()
     try:
@@ -602,11 +638,12 @@ async def run(opts: Opts) -> dict[str, Any]:
             "arrival_topics": Names("", opts.partitions, config).arrivals(),
             "scale_out": opts.scale_out,
             "max_drain_seconds": opts.max_drain,
+            "fanout_k": opts.fanout,
         },
         "dataset": {"records": len(ds.records), "by_topic": ds.counts(), "message_ids": len(ds.mid_first),
                     "expected_per_stage": exp, "generation_s": round(gen_s, 2)},
     }
-    arms: dict[str, list[dict[str, Any]]] = {"A": [], "C": [], "C2": []}
+    arms: dict[str, list[dict[str, Any]]] = {"A": [], "Ak": [], "B": [], "C": [], "C2": []}
     errors: list[str] = []
     prefixes: list[str] = []
 
@@ -641,10 +678,16 @@ async def run(opts: Opts) -> dict[str, Any]:
                 prefixes.append(names.prefix)
                 secs = await prepare(opts, names, ds)
                 log(f"round {rnd}: preloaded {len(ds.records)} records in {secs:.1f}s")
-                for arm in ("A", "C"):
+                for arm in ("A", "Ak", "B", "C"):
+                    if arm == "Ak" and opts.fanout <= 1:
+                        continue
                     try:
                         if arm == "A":
                             r = await arm_a_drain(opts, names, ds, workdir, bpid)
+                        elif arm == "Ak":
+                            r = await arm_a_drain(opts, names, ds, workdir, bpid, opts.fanout)
+                        elif arm == "B":
+                            r = await arm_b_drain(opts, names, ds, workdir, f"bench{rid}r{rnd}b", bpid)
                         else:
                             r = await arm_c_drain(opts, names, ds, exp, workdir, f"bench{rid}r{rnd}", 1, bpid)
                         r["round"] = rnd
@@ -674,6 +717,12 @@ async def run(opts: Opts) -> dict[str, Any]:
         c_eps = thr.get("C", {}).get("median_eps")
         c2_eps = thr.get("C2", {}).get("median_eps")
         thr["ratio_C_A"] = round(c_eps / a_eps, 3) if a_eps and c_eps else None
+        ak_eps = thr.get("Ak", {}).get("median_eps")
+        b_eps = thr.get("B", {}).get("median_eps")
+        thr["fanout_k"] = opts.fanout
+        thr["ratio_C_Ak"] = round(c_eps / ak_eps, 3) if ak_eps and c_eps else None
+        thr["ratio_B_A"] = round(b_eps / a_eps, 3) if a_eps and b_eps else None
+        thr["ratio_C_B"] = round(c_eps / b_eps, 3) if b_eps and c_eps else None
         thr["scaling_C2_C"] = round(c2_eps / c_eps, 3) if c_eps and c2_eps else None
         result["throughput"] = thr
 
@@ -706,9 +755,9 @@ async def run(opts: Opts) -> dict[str, Any]:
         result["latency"] = lat
     finally:
         if not opts.keep_topics:
-            for p in prefixes:
-                await delete_topics(opts.bootstrap, p)
-                await delete_topics(opts.bootstrap, p.rstrip("."))  # faust's changelog topics
+            for pre in prefixes:
+                await delete_topics(opts.bootstrap, pre)
+                await delete_topics(opts.bootstrap, pre.rstrip("."))  # faust's changelog topics
         shutil.rmtree(workdir, ignore_errors=True)
     result["errors"] = errors
     result["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -733,14 +782,16 @@ def table(res: dict[str, Any]) -> str:
              f"arrival on {', '.join(res['settings']['arrival_topics'])}", ""]
     lines.append(f"{'arm':<4} {'rounds':>6} {'median ev/s':>12} {'min':>9} {'max':>9} {'steady':>9} {'cpu':>6} "
                  f"{'peak RSS MiB':>13}")
-    for arm in ("A", "C", "C2"):
+    for arm in ("A", "Ak", "B", "C", "C2"):
         s = thr.get(arm)
         if not s or "median_eps" not in s:
             continue
         lines.append(f"{arm:<4} {len(s['rounds']):>6} {s['median_eps']:>12,.0f} {s['min_eps']:>9,.0f} "
                      f"{s['max_eps']:>9,.0f} {s['median_steady_eps']:>9,.0f} {s['median_cpu_cores']:>6.2f} "
                      f"{s['peak_rss_mib']:>13.1f}")
-    lines.append(f"C/A throughput ratio: {thr.get('ratio_C_A')}   2-worker scaling C2/C: {thr.get('scaling_C2_C')}")
+    lines.append(f"C/A throughput ratio: {thr.get('ratio_C_A')}   C/A×{thr.get('fanout_k')}: {thr.get('ratio_C_Ak')}   "
+                 f"B/A (faust floor): {thr.get('ratio_B_A')}   C/B: {thr.get('ratio_C_B')}   "
+                 f"2-worker scaling C2/C: {thr.get('scaling_C2_C')}")
     for e in res.get("latency", []):
         for arm in ("A", "C"):
             r = e.get(arm)
@@ -761,8 +812,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
     p.add_argument("--smoke", action="store_true", help="a few hundred events, one round, tiny latency check")
     p.add_argument("--events", type=int, default=None, help="backlog size per drain (default 200000; smoke 300)")
     p.add_argument("--rounds", type=int, default=None, help="rounds of A and C (default 3; smoke 1)")
-    p.add_argument("--max-drain-seconds", type=float, default=60.0,
-                   help="stop a drain after this long and rate what was processed (default 60)")
+    p.add_argument("--max-drain-seconds", type=float, default=300.0,
+                   help="stop a drain after this long and rate what was processed (default 300)")
     p.add_argument("--partitions", type=int, default=8, help="partitions of every topic (default 8)")
     p.add_argument("--scale-out", dest="scale_out", action=argparse.BooleanOptionalAction, default=None,
                    help="also run C with two workers in one group (default: on, off in smoke mode)")
@@ -778,6 +829,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
                    help="extra worker environment (e.g. MESSENGER_STREAMS_PRODUCER_LINGER_MS=10); linger and "
                         "commit interval are mirrored in the passthrough")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the benchmark topics")
+    p.add_argument("--fanout", type=int, default=3,
+                   help="outputs per input of arm A×k, a passthrough with the pipeline's I/O (default 3; 1 skips it)")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="instead: one C drain with py-spy attached to the worker, profile written to FILE")
     p.add_argument("--profile-format", default="speedscope", choices=("speedscope", "flamegraph", "raw"))
@@ -802,6 +855,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
         profile_format=a.profile_format,
         max_drain=a.max_drain_seconds,
         lat_rates=[float(x) for x in (a.lat_rates or "").split(",") if x.strip()],
+        fanout=a.fanout,
     )
     if smoke and a.lat_fractions == "0.5,0.8":
         opts.lat_fractions = [0.5]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from aiokafka.partitioner import DefaultPartitioner
 
 from streams.config import ConnectorConfig
 from streams.settings import Settings
@@ -57,6 +58,31 @@ class Pipeline:
         await self.app.producer.send(topic, key, value, partition, None, None)
 
 
+class CachedPartitioner:
+    """Kafka's default partitioner (murmur2 of the key) with the answer remembered per key.
+
+    aiokafka's murmur2 is pure Python and ran for every keyed record we write; conversation keys
+    repeat, so a bounded dict answers almost every call. Keyless records keep the default's
+    random choice."""
+
+    def __init__(self, max_keys: int = 200_000) -> None:
+        self._default = DefaultPartitioner()
+        self._cache: dict[tuple[bytes, int], int] = {}
+        self._max_keys = max_keys
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return int(self._default(key, all_partitions, available))
+        slot = (key, len(all_partitions))
+        partition = self._cache.get(slot)
+        if partition is None:
+            partition = int(self._default(key, all_partitions, available))
+            if len(self._cache) >= self._max_keys:
+                self._cache.clear()
+            self._cache[slot] = partition
+        return partition
+
+
 def create_app(settings: Settings) -> faust.App:
     """A Faust app tuned for this processor: ordering and at-least-once first."""
     app = faust.App(
@@ -77,6 +103,7 @@ def create_app(settings: Settings) -> faust.App:
         producer_linger=settings.producer_linger_ms / 1000.0,
         producer_max_batch_size=262_144,
         producer_acks=-1,
+        producer_partitioner=CachedPartitioner(),
         cython_optimizations=True,
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
         table_cleanup_interval=60.0,

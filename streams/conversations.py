@@ -1,10 +1,12 @@
 """Conversation stage: per-conversation state, routing to skills, agent actions, timers.
 
 One agent, `converse`, consumes four co-partitioned topics keyed by `<page_id>:<psid>`:
-`messenger.events` (normalized consumer-side events), `agent.actions`, `messenger.send.results`
-(from the dispatcher) and `conversations.ticks` (timer ticks). It owns the table `conversations`.
-Every decision is made by `Decider.decide(state, input) -> (state, outputs)`, a pure function over
-plain dicts; the agent only reads the table, calls it, writes the outputs and the new state.
+`messenger.events.split` (normalized consumer-side events from the ingest stage), `agent.actions`,
+`messenger.send.results` (from the dispatcher) and `conversations.ticks` (timer ticks). It owns the
+table `conversations`. Every decision is made by `Decider.decide(state, input) -> (state, outputs)`,
+a pure function over plain dicts; the agent only reads the table, calls it, writes the outputs and
+the new state. Events are deduplicated first (`streams.ingest.dedupe`), against the idempotency
+keys the conversation's state has seen within the horizon.
 
 Redelivery: each conversation's state records the last offset applied per source topic, so a
 record redelivered after a crash is skipped; outputs are sent before the state is written (and
@@ -27,6 +29,7 @@ from pydantic import ValidationError
 from schemas.contract import AgentAction
 from streams import automessages, metrics, serde
 from streams.config import ConnectorConfig
+from streams.ingest import DEDUPE_MAX_KEYS, dedupe
 
 if TYPE_CHECKING:
     from streams.app import Pipeline
@@ -70,6 +73,7 @@ class Decision:
     outputs: list[Output] = field(default_factory=list)
     arms: list[int] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
+    duplicate: bool = False  # the input was a duplicate: nothing changed
 
 
 def _h(text: str, n: int = 16) -> str:
@@ -80,7 +84,8 @@ def new_state() -> dict[str, Any]:
     """The state of a conversation key never seen before."""
     return {
         "o": {},  # source topic → last applied offset
-        "recent": [],  # recent idempotency keys and action ids
+        "recent": [],  # recent action ids and send results
+        "seen": {},  # idempotency key → first seen (epoch ms), within the dedupe horizon
         "conv": None,  # the open conversation, if any
         "n_convs": 0,  # conversations this person ever had here (first-time vs returning)
         "last_consumer_at": None,  # for Meta's messaging windows
@@ -197,8 +202,17 @@ class _Ctx:
 class Decider:
     """The conversation stage's decisions, over plain-dict state (see `new_state`)."""
 
-    def __init__(self, config: ConnectorConfig, csat_totals: CsatTotals = _no_totals) -> None:
+    def __init__(
+        self,
+        config: ConnectorConfig,
+        csat_totals: CsatTotals = _no_totals,
+        *,
+        dedupe_horizon_ms: int = 172_800_000,
+        dedupe_max_keys: int = DEDUPE_MAX_KEYS,
+    ) -> None:
         self.config = config
+        self.dedupe_horizon_ms = dedupe_horizon_ms
+        self.dedupe_max_keys = dedupe_max_keys
         self.skills = set(config.all_skills())
         self.csat_totals = csat_totals
         self.default_texts = {"csat_thanks": config.csat.thank_you}
@@ -220,7 +234,14 @@ class Decider:
     # entry point ----------------------------------------------------------------------------
     def decide(self, state: dict[str, Any] | None, inp: Input, key: str) -> Decision:
         """Apply one input to one conversation key's state."""
-        work = orjson.loads(orjson.dumps(state)) if state else new_state()
+        if state:
+            # a deep copy, so a failed emit leaves the stored state untouched; the dedupe keys (the
+            # bulk of a busy conversation's state, flat str → int) only need a shallow one
+            seen = state.get("seen")
+            work = orjson.loads(orjson.dumps({k: v for k, v in state.items() if k != "seen"}))
+            work["seen"] = dict(seen) if seen else {}
+        else:
+            work = new_state()
         ctx = _Ctx(self, work, inp, key)
         if inp.source == "event":
             self._on_event(ctx, inp.data)
@@ -243,8 +264,10 @@ class Decider:
 
     # consumer-side events -------------------------------------------------------------------
     def _on_event(self, ctx: _Ctx, ev: dict[str, Any]) -> None:
-        if not self._remember(ctx, ev["idempotency_key"]):
+        seen_at = int(ev.get("received_at") or ctx.inp.now)
+        if dedupe(ctx.state["seen"], ev["idempotency_key"], seen_at, self.dedupe_horizon_ms, self.dedupe_max_keys):
             ctx.out.notes.append(("duplicate", ev["kind"]))
+            ctx.out.duplicate = True
             return
         kind = ev["kind"]
         if ev.get("standby"):
@@ -781,9 +804,9 @@ def register(pipe: Pipeline) -> None:
     """Attach the `converse` agent, the `conversations` table and the tick timer to the app."""
     app = pipe.app
     settings = pipe.settings
-    names = {attr: settings.topics.name(attr) for attr in ("events", "actions", "send_results", "ticks")}
-    source_of = {names["events"]: "event", names["actions"]: "action", names["send_results"]: "result"}
-    channel = pipe.raw_topic(names["events"], names["actions"], names["send_results"], names["ticks"])
+    names = {attr: settings.topics.name(attr) for attr in ("split", "events", "actions", "send_results", "ticks")}
+    source_of = {names["split"]: "event", names["actions"]: "action", names["send_results"]: "result"}
+    channel = pipe.raw_topic(names["split"], names["actions"], names["send_results"], names["ticks"])
     table = app.Table("conversations", default=None, partitions=settings.partitions)
     pipe.extras["conversations"] = table
 
@@ -791,7 +814,13 @@ def register(pipe: Pipeline) -> None:
         fn = pipe.extras.get("csat_totals")
         return fn(skill) if callable(fn) else (0, 0)
 
-    decider = Decider(pipe.config, csat_totals)
+    decider = Decider(
+        pipe.config,
+        csat_totals,
+        dedupe_horizon_ms=settings.dedupe_horizon_seconds * 1000,
+        dedupe_max_keys=settings.dedupe_max_keys,
+    )
+    publish_events = settings.publish_events
     pipe.extras["decider"] = decider
     dlq_name = settings.topics.name("dlq")
     dests = {
@@ -823,6 +852,8 @@ def register(pipe: Pipeline) -> None:
                 metrics.ACTIONS_REJECTED.labels(label).inc()
             elif note == "unknown_page":
                 metrics.UNKNOWN_PAGES.inc()
+            elif note == "duplicate":
+                metrics.DUPLICATES.labels(label).inc()
 
     def arm(partition: int, key: str, due: int) -> None:
         cursor_key = f"{CURSOR_PREFIX}{partition}"
@@ -837,11 +868,16 @@ def register(pipe: Pipeline) -> None:
         if key not in keys:
             table[bucket_key] = [*keys, key]
 
-    async def apply(key: str, inp: Input, topic: str, offset: int, partition: int) -> None:
+    async def apply(key: str, inp: Input, topic: str, offset: int, partition: int, raw: bytes | None = None) -> None:
         state = table.get(key)
         if state is not None and state["o"].get(topic, -1) >= offset:
             return  # redelivered after a crash: already applied
         decision = decider.decide(state, inp, key)
+        if decision.duplicate:
+            metrics.DUPLICATES.labels(inp.data.get("kind", "unknown")).inc()
+            return  # nothing changed; a redelivery of it is a duplicate again
+        if raw is not None:
+            await send(names["events"], key.encode(), raw)
         await emit(decision)
         decision.state["o"][topic] = offset
         table[key] = decision.state
@@ -898,6 +934,7 @@ def register(pipe: Pipeline) -> None:
             key = msg.key.decode("utf-8", "replace") if msg.key else ""
             source = source_of[topic]
             record_ms = int((msg.timestamp or time.time()) * 1000)
+            raw: bytes | None = None
             if source == "action":
                 if not key:
                     await dead_letter(msg, "invalid_action", "agent action without a '<page_id>:<psid>' key")
@@ -905,10 +942,11 @@ def register(pipe: Pipeline) -> None:
                 inp = Input("action", f"action:{data.get('action_id')}", record_ms, data)
             elif source == "event":
                 inp = Input("event", str(data.get("idempotency_key")), int(data.get("received_at") or record_ms), data)
+                raw = event.value if publish_events else None
             else:
                 inp = Input("result", f"result:{data.get('outbox_id')}", record_ms, data)
             try:
-                await apply(key, inp, topic, msg.offset, msg.partition)
+                await apply(key, inp, topic, msg.offset, msg.partition, raw)
             except (KeyError, TypeError, ValueError) as exc:
                 log.exception("cannot process %s record at %s:%s", source, msg.partition, msg.offset)
                 await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")

@@ -1,18 +1,18 @@
-"""Ingest stage: raw webhook bodies → normalized, deduplicated events keyed by conversation.
+"""Ingest stage: raw webhook bodies → normalized events keyed by conversation, and dedupe.
 
-Two agents:
-- `split_webhooks` reads `messenger.webhook.raw`, splits every entry and every `messaging` /
-  `standby` item, normalizes them and writes each to `messenger.events.split`, keyed by
-  `<page_id>:<psid>` (so one conversation lands on one partition). What cannot be processed
+- The agent `split_webhooks` reads `messenger.webhook.raw`, splits every entry and every
+  `messaging` / `standby` item, normalizes them and writes each to `messenger.events.split`, keyed
+  by `<page_id>:<psid>` (so one conversation lands on one partition). What cannot be processed
   goes to `messenger.dlq` with reason, error, source and the original bytes.
-- `dedupe_events` reads that topic and drops events whose idempotency key was seen within the
-  horizon (table `seen_events`, keyed by conversation), writing the rest to `messenger.events`.
+- `dedupe` is the pure duplicate check over one conversation's recently seen idempotency keys. The
+  conversation stage applies it to every event before deciding, with the keys kept in the
+  conversation's own state: one hop and one table write fewer per event than a dedupe agent of
+  its own (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from schemas.dlq import DeadLetter
@@ -44,31 +44,31 @@ def dead_letter(
     )
 
 
-@dataclass(frozen=True)
-class DedupeDecision:
-    """What to do with one event: forward it or not, and the conversation's new dedupe state."""
-
-    duplicate: bool
-    state: dict[str, Any]
+DEDUPE_MAX_KEYS = 2_000
 
 
 def dedupe(
-    state: dict[str, Any] | None, idempotency_key: str, seen_at: int, horizon_ms: int
-) -> DedupeDecision:
-    """Pure dedupe over one conversation's recently seen keys (`{"k": {key: seen_at_ms}}`).
+    seen: dict[str, int], idempotency_key: str, seen_at: int, horizon_ms: int, max_keys: int = DEDUPE_MAX_KEYS
+) -> bool:
+    """True when `idempotency_key` is a duplicate; else records it in `seen` (changed in place).
 
-    Keys older than the horizon (relative to `seen_at`, the raw record's receive time) are pruned,
-    so the state stays bounded by the traffic of one conversation within the horizon.
+    `seen` maps one conversation's recently seen keys to when they were seen (epoch ms, the raw
+    record's receive time), oldest first. Keys older than the horizon relative to `seen_at` are
+    pruned, and at most `max_keys` are kept (the oldest go first), so the state stays bounded by
+    one conversation's traffic within the horizon.
     """
-    seen: dict[str, int] = dict(state["k"]) if state else {}
-    if idempotency_key in seen and seen_at - seen[idempotency_key] <= horizon_ms:
-        return DedupeDecision(True, state or {"k": seen})
+    first = seen.get(idempotency_key)
+    if first is not None and seen_at - first <= horizon_ms:
+        return True
     cutoff = seen_at - horizon_ms
     if seen and next(iter(seen.values())) < cutoff:  # insertion order ≈ arrival order: oldest first
-        seen = {k: t for k, t in seen.items() if t >= cutoff}
+        for key in [k for k, t in seen.items() if t < cutoff]:
+            del seen[key]
     seen.pop(idempotency_key, None)  # a key seen again after the horizon moves to the end
     seen[idempotency_key] = seen_at
-    return DedupeDecision(False, {"k": seen})
+    while len(seen) > max_keys:
+        del seen[next(iter(seen))]
+    return False
 
 
 def _received_at(headers: Any, timestamp: float | None) -> int:
@@ -82,22 +82,15 @@ def _received_at(headers: Any, timestamp: float | None) -> int:
 
 
 def register(pipe: Pipeline) -> None:
-    """Attach the ingest agents and the `seen_events` table to the pipeline's app."""
+    """Attach the `split_webhooks` agent to the pipeline's app."""
     app = pipe.app
     settings = pipe.settings
     raw_topic = pipe.topic("raw")
-    split_topic = pipe.topic("split")
     split_name = settings.topics.name("split")
-    events_name = settings.topics.name("events")
     dlq_name = settings.topics.name("dlq")
     send = pipe.send
-    horizon_ms = settings.dedupe_horizon_seconds * 1000
     split_latency = metrics.PROCESSING_LATENCY.labels("split")
     events_in = metrics.BoundLabels(metrics.EVENTS_IN)
-    dedupe_latency = metrics.PROCESSING_LATENCY.labels("dedupe")
-
-    seen_events = app.Table("seen_events", default=None, partitions=settings.partitions)
-    pipe.extras["seen_events"] = seen_events
 
     async def send_dead_letter(key: bytes | None, raw: bytes, rej: Rejected, source: Source) -> None:
         letter = dead_letter(raw, rej.reason, rej.error, source, rej.item_index)
@@ -124,30 +117,4 @@ def register(pipe: Pipeline) -> None:
                 await send_dead_letter(msg.key, raw, rej, source)
             split_latency.observe(max(0.0, time.time() - (msg.timestamp or time.time())))
 
-    @app.agent(split_topic, name="dedupe_events")
-    async def dedupe_events(stream: Any) -> None:
-        async for event in stream.events():
-            msg = event.message
-            try:
-                ev = serde.loads(event.value)
-                key = ev["conversation_key"]
-                decision = dedupe(seen_events.get(key), ev["idempotency_key"], ev["received_at"] or 0, horizon_ms)
-            except (ValueError, KeyError, TypeError) as exc:
-                await send_dead_letter(
-                    msg.key,
-                    event.value,
-                    Rejected("processing_error", f"bad normalized event: {exc!r}"),
-                    Source(topic=msg.topic, partition=msg.partition, offset=msg.offset),
-                )
-                continue
-            if decision.duplicate:
-                metrics.DUPLICATES.labels(ev["kind"]).inc()
-                continue
-            # Forward first, then record: the table's changelog write is flushed after the send,
-            # so a crash between the two redelivers the event instead of losing it.
-            await send(events_name, msg.key, event.value)
-            seen_events[key] = decision.state
-            dedupe_latency.observe(max(0.0, time.time() - (msg.timestamp or time.time())))
-
     pipe.extras["agents.split_webhooks"] = split_webhooks
-    pipe.extras["agents.dedupe_events"] = dedupe_events

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     store: str = "memory://"
     max_body_bytes: int = Field(default=1_048_576, gt=0, description="raw bodies over this go to the DLQ")
     dedupe_horizon_seconds: int = Field(default=172_800, gt=0, description="drop duplicates seen this recently")
+    dedupe_max_keys: int = Field(default=2_000, gt=0, description="idempotency keys kept per conversation")
+    publish_events: bool = Field(
+        default=False, description="also write every deduplicated event to messenger.events (audit, analytics)"
+    )
     tick_interval_seconds: float = Field(default=1.0, gt=0, description="timer resolution of the conversation stage")
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     producer_linger_ms: int = Field(default=5, ge=0)

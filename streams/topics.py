@@ -22,7 +22,11 @@ def wanted_topics(settings: Settings, config: ConnectorConfig) -> dict[str, bool
     """Topic name → compacted?, for every topic of CONTRACT.md plus the internal ones."""
     from streams.app import TOPIC_SPECS
 
-    names = {settings.topics.name(attr): spec[0] for attr, spec in TOPIC_SPECS.items()}
+    names = {
+        settings.topics.name(attr): spec[0]
+        for attr, spec in TOPIC_SPECS.items()
+        if attr != "events" or settings.publish_events
+    }
     names.update({settings.topics.skill(s): False for s in config.all_skills()})
     return names
 

@@ -1,4 +1,4 @@
-"""The benchmark harness end to end in smoke mode: both arms run on the test broker and report."""
+"""The benchmark harness end to end in smoke mode: every arm runs on the test broker and reports."""
 
 from __future__ import annotations
 
@@ -36,14 +36,19 @@ def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert res["settings"]["arrival_topics"] and res["settings"]["input_topics"][0] == "raw"
     assert res["dataset"]["records"] >= 100
     thr = res["throughput"]
-    for arm in ("A", "C"):
+    for arm in ("A", "Ak", "B", "C"):
         s = thr[arm]
         assert len(s["rounds"]) == 1
         assert s["median_eps"] > 0
         assert s["peak_rss_mib"] > 0
         r = s["rounds"][0]
         assert r["processed"] > 0 and r["seconds"] > 0
-    assert thr["ratio_C_A"] > 0
+    assert thr["ratio_C_A"] > 0 and thr["ratio_C_Ak"] > 0 and thr["ratio_B_A"] > 0 and thr["ratio_C_B"] > 0
+    assert thr["fanout_k"] == 3
+    # every arm counts its own output only: A writes one record per input, A×3 three
+    (a,), (ak,) = thr["A"]["rounds"], thr["Ak"]["rounds"]
+    assert sum(a["records_written"].values()) == a["input_records"]
+    assert sum(ak["records_written"].values()) == 3 * ak["input_records"]
     for entry in res["latency"]:
         for arm in ("A", "C"):
             assert entry[arm]["measured"] > 0

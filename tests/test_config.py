@@ -72,3 +72,28 @@ def test_worker_with_bad_config_exits_with_one_line(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "routing.mode" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_messenger_events_topic_only_when_published(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams.topics import wanted_topics
+
+    config = load_config(EXAMPLE)
+    monkeypatch.delenv("MESSENGER_STREAMS_PUBLISH_EVENTS", raising=False)
+    assert "messenger.events" not in wanted_topics(load_settings(), config)
+    assert "messenger.events.split" in wanted_topics(load_settings(), config)
+    monkeypatch.setenv("MESSENGER_STREAMS_PUBLISH_EVENTS", "true")
+    assert "messenger.events" in wanted_topics(load_settings(), config)
+
+
+def test_cached_partitioner_agrees_with_kafkas_default() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from streams.app import CachedPartitioner
+
+    cached, default = CachedPartitioner(max_keys=50), DefaultPartitioner()
+    parts = list(range(8))
+    for i in range(200):  # past max_keys: the cache is cleared and refilled
+        key = f"1691462197845448:user{i % 120}".encode()
+        assert cached(key, parts, parts) == default(key, parts, parts)
+        assert cached(key, parts[:3], parts[:3]) == default(key, parts[:3], parts[:3])
+    assert cached(None, parts, parts) in parts

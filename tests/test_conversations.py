@@ -105,7 +105,22 @@ def test_event_ids_are_stable_for_the_same_input() -> None:
 def test_duplicate_event_is_ignored() -> None:
     c = Convo()
     c.msg("hi", mid="same")
-    assert c.msg("hi", mid="same").outputs == []
+    before = c.state
+    again = c.msg("hi", mid="same", at=T0 + HOUR)
+    assert again.outputs == [] and again.duplicate and again.notes == [("duplicate", "message")]
+    assert again.state == before
+
+
+def test_dedupe_horizon_and_key_cap_come_from_the_decider() -> None:
+    c = Convo()
+    c.d = Decider(cfg(), dedupe_horizon_ms=HOUR, dedupe_max_keys=3)
+    c.msg("hi", mid="same")
+    assert c.msg("hi", mid="same", at=T0 + HOUR - 1).duplicate
+    redelivered_late = c.msg("hi", mid="same", at=T0 + 2 * HOUR)  # past the horizon: counts as new
+    assert not redelivered_late.duplicate and types(redelivered_late) == ["consumer_message"]
+    for i in range(3):
+        c.msg(f"m{i}", mid=f"x{i}", at=T0 + 2 * HOUR + i)
+    assert c.state is not None and len(c.state["seen"]) == 3
 
 
 def test_consumer_text_over_the_limit_is_truncated() -> None:

@@ -8,25 +8,41 @@ H = 1000
 
 
 def test_first_sight_forwards_and_repeat_drops() -> None:
-    d1 = dedupe(None, "k1", 100, H)
-    assert not d1.duplicate and d1.state == {"k": {"k1": 100}}
-    d2 = dedupe(d1.state, "k1", 500, H)
-    assert d2.duplicate
-    d3 = dedupe(d1.state, "k2", 600, H)
-    assert not d3.duplicate and set(d3.state["k"]) == {"k1", "k2"}
+    seen: dict[str, int] = {}
+    assert not dedupe(seen, "k1", 100, H) and seen == {"k1": 100}
+    assert dedupe(seen, "k1", 500, H)
+    assert seen == {"k1": 100}  # a duplicate changes nothing
+    assert not dedupe(seen, "k2", 600, H) and list(seen) == ["k1", "k2"]
 
 
 def test_keys_past_the_horizon_are_pruned_and_count_as_new() -> None:
-    state = dedupe(None, "old", 0, H).state
-    later = dedupe(state, "new", 5000, H)
-    assert later.state == {"k": {"new": 5000}}
-    again = dedupe(state, "old", 5000, H)
-    assert not again.duplicate
+    seen: dict[str, int] = {}
+    dedupe(seen, "old", 0, H)
+    assert not dedupe(seen, "new", 5000, H)
+    assert seen == {"new": 5000}
+    assert not dedupe(seen, "old", 5000, H)  # forgotten: new again
 
 
 def test_only_expired_keys_are_pruned() -> None:
-    state = dedupe(None, "old", 0, H).state
-    state = dedupe(state, "mid", 600, H).state
-    state = dedupe(state, "new", 1200, H).state  # "old" left the horizon, "mid" did not
-    assert state == {"k": {"mid": 600, "new": 1200}}
-    assert dedupe(state, "mid", 1300, H).duplicate
+    seen: dict[str, int] = {}
+    for key, at in (("old", 0), ("mid", 600), ("new", 1200)):  # "old" leaves the horizon, "mid" does not
+        dedupe(seen, key, at, H)
+    assert seen == {"mid": 600, "new": 1200}
+    assert dedupe(seen, "mid", 1300, H)
+
+
+def test_at_most_max_keys_are_kept_oldest_first_out() -> None:
+    seen: dict[str, int] = {}
+    for i in range(5):
+        dedupe(seen, f"k{i}", i, H, max_keys=3)
+    assert list(seen) == ["k2", "k3", "k4"]
+    assert dedupe(seen, "k4", 10, H, max_keys=3)
+    assert not dedupe(seen, "k0", 10, H, max_keys=3)  # pushed out by the cap: seen as new
+
+
+def test_a_key_seen_again_after_the_horizon_moves_to_the_end() -> None:
+    seen: dict[str, int] = {}
+    dedupe(seen, "a", 0, H)
+    dedupe(seen, "b", 900, H)
+    assert not dedupe(seen, "a", 1500, H)
+    assert list(seen) == ["b", "a"]

@@ -38,8 +38,9 @@ async def test_show_and_replay(make_worker: Callable[..., Worker], kafka: KafkaI
     w.start()
     done = cli(w, "replay", "--reason", "body_too_large")
     assert done.returncode == 0 and "replayed 1 records" in done.stdout
-    events = await kafka.read_json(w.topic("messenger.events"), min_count=1)
-    assert [e["mid"] for e in events] == ["big"]
+    shown_to_agents = await kafka.read_json(w.topic("skill.general"), min_count=1)
+    assert [e["mid"] for e in shown_to_agents if e["type"] == "consumer_message"] == ["big"]
     assert cli(w, "replay", "--reason", "body_too_large").returncode == 0  # again: deduped downstream
-    events = await kafka.read_json(w.topic("messenger.events"), settle=2.0)
-    assert [e["mid"] for e in events] == ["big"]
+    shown_to_agents = await kafka.read_json(w.topic("skill.general"), settle=2.0)
+    assert [e["mid"] for e in shown_to_agents if e["type"] == "consumer_message"] == ["big"]
+    assert w.metrics().get('messenger_duplicates_dropped_total{kind="message"}') == 1.0

@@ -25,7 +25,7 @@ def msg_body(page: str, psid: str, mid: str, text: str = "hi") -> bytes:
 async def test_raw_bodies_to_normalized_events_and_dead_letters(
     make_worker: Callable[..., Worker], kafka: KafkaIO
 ) -> None:
-    w = make_worker(MESSENGER_STREAMS_MAX_BODY_BYTES="20000")
+    w = make_worker(MESSENGER_STREAMS_MAX_BODY_BYTES="20000", MESSENGER_STREAMS_PUBLISH_EVENTS="true")
     good: list[bytes] = [body_of(p) for p in WEBHOOK_SAMPLES]
     good += [msg_body("1691462197845448", f"u{i}", f"m-{i}") for i in range(20)]
     duplicates = [good[0], good[5], msg_body("1691462197845448", "u3", "m-3", text="redelivered")]
@@ -86,8 +86,9 @@ async def test_raw_bodies_to_normalized_events_and_dead_letters(
 
 
 async def test_duplicates_survive_a_restart(make_worker: Callable[..., Worker], kafka: KafkaIO, tmp_path: Path) -> None:
-    """The dedupe table is recovered from its changelog: a redelivery after a restart is dropped."""
-    w = make_worker()
+    """The dedupe keys (in the conversation's state) are recovered from its changelog: a redelivery
+    after a restart is dropped."""
+    w = make_worker(MESSENGER_STREAMS_PUBLISH_EVENTS="true")
     raw_topic = w.topic("messenger.webhook.raw")
     await kafka.send(raw_topic, msg_body("p1", "u1", "first"))
     await kafka.read_all(w.topic("messenger.events"), min_count=1)

@@ -1,5 +1,5 @@
 """The webhook endpoint: signature checks (unit), HTTP behaviour with a stand-in producer, and the
-real command end to end: signed POST → raw topic → worker → messenger.events."""
+real command end to end: signed POST → raw topic → worker → the page's skill topic."""
 
 from __future__ import annotations
 
@@ -241,8 +241,9 @@ async def test_signed_post_reaches_the_processor(webhook: tuple[Worker, str, Pat
     assert 'messenger_webhook_requests_total{result="accepted"} 1.0' in metrics_text
     assert 'messenger_webhook_requests_total{result="bad_signature"} 1.0' in metrics_text
 
-    events = await kafka.read_json(w.topic("messenger.events"), min_count=1, timeout=60)
-    assert [(e["mid"], e["text"], e["page_id"]) for e in events] == [("m.e2e-1", "help with my bill", PAGE)]
+    console = await kafka.read_json(w.topic("skill.billing"), min_count=1, timeout=60)
+    assert [(e["mid"], e["text"]) for e in console if e["type"] == "consumer_message"] == [
+        ("m.e2e-1", "help with my bill")]
     raw = await kafka.read_all(w.topic("messenger.webhook.raw"), min_count=1, settle=0.5)
     assert [r.value for r in raw] == [good]  # exact bytes; nothing from the refused requests
     headers = dict(raw[0].headers)
