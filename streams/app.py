@@ -57,6 +57,19 @@ class Pipeline:
         The faust consumer flushes this producer before it commits offsets, so at-least-once holds."""
         await self.app.producer.send(topic, key, value, partition, None, None)
 
+    async def dead_letter(self, msg: Any, reason: str, error: str, item_index: str | None = None) -> None:
+        """Send one consumed record to the dead-letter topic (reason, error, its source and its
+        original bytes; `item_index` names one bad item of a body) and count it."""
+        from schemas.events import Source
+        from streams import metrics, serde
+        from streams.ingest import dead_letter
+
+        raw = msg.value if isinstance(msg.value, bytes) else b""
+        source = Source(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+        letter = dead_letter(raw, reason, error, source, item_index)
+        await self.send(self.settings.topics.name("dlq"), msg.key, serde.dumps(letter))
+        metrics.DEAD_LETTERS.labels(reason).inc()
+
 
 class CachedPartitioner:
     """Kafka's default partitioner (murmur2 of the key) with the answer remembered per key.

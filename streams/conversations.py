@@ -27,9 +27,10 @@ import orjson
 from pydantic import ValidationError
 
 from schemas.contract import AgentAction
-from streams import automessages, metrics, serde
+from streams import automessages, csat, metrics, serde
 from streams.config import ConnectorConfig
-from streams.ingest import DEDUPE_MAX_KEYS, dedupe
+from streams.ingest import dedupe
+from streams.settings import Settings
 
 if TYPE_CHECKING:
     from streams.app import Pipeline
@@ -207,8 +208,8 @@ class Decider:
         config: ConnectorConfig,
         csat_totals: CsatTotals = _no_totals,
         *,
-        dedupe_horizon_ms: int = 172_800_000,
-        dedupe_max_keys: int = DEDUPE_MAX_KEYS,
+        dedupe_horizon_ms: int = Settings.model_fields["dedupe_horizon_seconds"].default * 1000,
+        dedupe_max_keys: int = Settings.model_fields["dedupe_max_keys"].default,
     ) -> None:
         self.config = config
         self.dedupe_horizon_ms = dedupe_horizon_ms
@@ -264,7 +265,7 @@ class Decider:
 
     # consumer-side events -------------------------------------------------------------------
     def _on_event(self, ctx: _Ctx, ev: dict[str, Any]) -> None:
-        seen_at = int(ev.get("received_at") or ctx.inp.now)
+        seen_at = self._consumer_time(ev, ctx)
         if dedupe(ctx.state["seen"], ev["idempotency_key"], seen_at, self.dedupe_horizon_ms, self.dedupe_max_keys):
             ctx.out.notes.append(("duplicate", ev["kind"]))
             ctx.out.duplicate = True
@@ -301,8 +302,6 @@ class Decider:
         return int(ev.get("received_at") or ctx.inp.now)
 
     def _consumer_message(self, ctx: _Ctx, ev: dict[str, Any]) -> None:
-        from streams import csat
-
         st = ctx.state
         text: str | None = ev.get("text")
         payload: str | None = ev.get("quick_reply_payload")
@@ -430,8 +429,6 @@ class Decider:
 
     def _close(self, ctx: _Ctx, *, closed_by: Literal["agent", "consumer", "system"], reason: str,
                agent_id: str | None) -> None:
-        from streams import csat
-
         st = ctx.state
         conv = st["conv"]
         trigger = {"agent": "closed_by_agent", "system": "closed_idle"}.get(closed_by)
@@ -725,8 +722,6 @@ class Decider:
 
     # CSAT -----------------------------------------------------------------------------------
     def _send_survey(self, ctx: _Ctx, summary: dict[str, Any]) -> None:
-        from streams import csat
-
         conv = ctx.state["conv"]
         question = csat.choose_question(self.config, ctx.page_id, conv["locale"])
         message = csat.survey_message(conv["id"], question)
@@ -747,19 +742,16 @@ class Decider:
 
     def _fact(self, ctx: _Ctx, survey: dict[str, Any], score: int | None) -> dict[str, Any]:
         """The CSAT fact for the aggregates: `survey_sent` without a score, `answer` with one."""
-        from streams import csat
-
-        common = {
-            "conversation_id": survey["conversation_id"],
-            "page_id": ctx.page_id,
-            "psid": ctx.psid or "",
-            "skill": survey["skill"],
-            "agent_id": survey["agent_id"],
-            "locale": survey["locale"],
-            "timestamp": ctx.inp.now,
-        }
-        made = csat.survey_fact(**common) if score is None else csat.answer_fact(score=score, **common)
-        return made.model_dump()
+        return csat.fact(
+            conversation_id=survey["conversation_id"],
+            page_id=ctx.page_id,
+            psid=ctx.psid or "",
+            skill=survey["skill"],
+            agent_id=survey["agent_id"],
+            locale=survey["locale"],
+            timestamp=ctx.inp.now,
+            score=score,
+        ).model_dump()
 
     def _csat_answer(self, ctx: _Ctx, survey: dict[str, Any], score: int, ev: dict[str, Any]) -> None:
         st = ctx.state
@@ -822,7 +814,6 @@ def register(pipe: Pipeline) -> None:
     )
     publish_events = settings.publish_events
     pipe.extras["decider"] = decider
-    dlq_name = settings.topics.name("dlq")
     dests = {
         "outbound": settings.topics.name("outbound"),
         "history": settings.topics.name("history"),
@@ -874,8 +865,8 @@ def register(pipe: Pipeline) -> None:
             return  # redelivered after a crash: already applied
         decision = decider.decide(state, inp, key)
         if decision.duplicate:
-            metrics.DUPLICATES.labels(inp.data.get("kind", "unknown")).inc()
-            return  # nothing changed; a redelivery of it is a duplicate again
+            await emit(decision)  # no outputs: counts the duplicate
+            return  # nothing changed, nothing to write; a redelivery of it is a duplicate again
         if raw is not None:
             await send(names["events"], key.encode(), raw)
         await emit(decision)
@@ -907,14 +898,7 @@ def register(pipe: Pipeline) -> None:
             del table[bucket_key]
         table[cursor_key] = upto
 
-    async def dead_letter(msg: Any, reason: str, error: str) -> None:
-        from schemas.events import Source
-        from streams.ingest import dead_letter as make
-
-        source = Source(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-        letter = make(msg.value or b"", reason, error, source)
-        await send(dlq_name, msg.key, serde.dumps(letter))
-        metrics.DEAD_LETTERS.labels(reason).inc()
+    dead_letter = pipe.dead_letter
 
     @app.agent(channel, name="converse")
     async def converse(stream: Any) -> None:

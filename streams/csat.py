@@ -1,8 +1,8 @@
 """CSAT survey logic, pure (no I/O): which question, the survey message, is this an answer, expiry.
 
 The conversation stage calls these on an agent close (`should_survey`, `choose_question`,
-`survey_message`, `survey_fact`) and on every consumer message while a survey is pending
-(`parse_answer`, `survey_expired`, `answer_fact`). The CSAT stage (streams/csat_stage.py) counts
+`survey_message`, `fact`) and on every consumer message while a survey is pending
+(`parse_answer`, `survey_expired`, `fact`). The CSAT stage (streams/csat_stage.py) counts
 the `CsatFact`s it emits, each `fact_id` once.
 """
 
@@ -171,7 +171,7 @@ def answer_fact_id(conversation_id: str) -> str:
     return f"{conversation_id}:answer"
 
 
-def survey_fact(
+def fact(
     *,
     conversation_id: str,
     page_id: str,
@@ -180,36 +180,13 @@ def survey_fact(
     agent_id: str | None,
     locale: str,
     timestamp: int,
+    score: int | None = None,
 ) -> CsatFact:
-    """The `survey_sent` fact for `csat.facts` (key: the conversation key `<page_id>:<psid>`)."""
+    """The fact for `csat.facts` (key: the conversation key `<page_id>:<psid>`): `survey_sent`
+    without a score, `answer` with one."""
     return CsatFact(
-        fact="survey_sent",
-        fact_id=survey_fact_id(conversation_id),
-        conversation_id=conversation_id,
-        page_id=page_id,
-        psid=psid,
-        skill=skill,
-        agent_id=agent_id,
-        locale=locale,
-        timestamp=timestamp,
-    )
-
-
-def answer_fact(
-    *,
-    conversation_id: str,
-    page_id: str,
-    psid: str,
-    skill: str,
-    agent_id: str | None,
-    score: int,
-    locale: str,
-    timestamp: int,
-) -> CsatFact:
-    """The `answer` fact for `csat.facts` (key: the conversation key `<page_id>:<psid>`)."""
-    return CsatFact(
-        fact="answer",
-        fact_id=answer_fact_id(conversation_id),
+        fact="survey_sent" if score is None else "answer",
+        fact_id=survey_fact_id(conversation_id) if score is None else answer_fact_id(conversation_id),
         conversation_id=conversation_id,
         page_id=page_id,
         psid=psid,

@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from schemas.contract import CsatFact
-from schemas.events import Source
-from streams import metrics, serde
+from streams import metrics
 from streams.csat import SCORES, csat_percent, response_rate
 
 if TYPE_CHECKING:
@@ -339,13 +338,10 @@ class _Gauges:
 
 def register(pipe: Pipeline) -> None:
     """Attach the `aggregate_csat` agent, the `csat_aggregates` table, `/csat` and the gauges timer."""
-    from streams.ingest import dead_letter
-
     app = pipe.app
     settings = pipe.settings
     window_seconds = pipe.config.csat.window_seconds
     facts_topic = pipe.topic("csat_facts")
-    dlq_topic = pipe.topic("dlq")
     latency = metrics.PROCESSING_LATENCY.labels("csat")
     gauges = _Gauges()
 
@@ -368,15 +364,7 @@ def register(pipe: Pipeline) -> None:
                     raise ValueError("empty csat fact")
                 fact = CsatFact.model_validate_json(event.value)
             except (ValidationError, ValueError) as exc:
-                raw = event.value if isinstance(event.value, bytes) else b""
-                letter = dead_letter(
-                    raw,
-                    "processing_error",
-                    f"invalid csat fact: {exc}",
-                    Source(topic=msg.topic, partition=msg.partition, offset=msg.offset),
-                )
-                await dlq_topic.send(key=msg.key, value=serde.dumps(letter))
-                metrics.DEAD_LETTERS.labels("processing_error").inc()
+                await pipe.dead_letter(msg, "processing_error", f"invalid csat fact: {exc}")
                 metrics.CSAT_FACTS_SKIPPED.labels("invalid").inc()
                 continue
             key = str(msg.partition)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.dlq import DeadLetter
 from schemas.events import Source
 from streams import metrics, serde
-from streams.normalize import Rejected, split_body
+from streams.normalize import split_body
 
 if TYPE_CHECKING:
     from streams.app import Pipeline
@@ -44,12 +44,7 @@ def dead_letter(
     )
 
 
-DEDUPE_MAX_KEYS = 2_000
-
-
-def dedupe(
-    seen: dict[str, int], idempotency_key: str, seen_at: int, horizon_ms: int, max_keys: int = DEDUPE_MAX_KEYS
-) -> bool:
+def dedupe(seen: dict[str, int], idempotency_key: str, seen_at: int, horizon_ms: int, max_keys: int) -> bool:
     """True when `idempotency_key` is a duplicate; else records it in `seen` (changed in place).
 
     `seen` maps one conversation's recently seen keys to when they were seen (epoch ms, the raw
@@ -87,15 +82,9 @@ def register(pipe: Pipeline) -> None:
     settings = pipe.settings
     raw_topic = pipe.topic("raw")
     split_name = settings.topics.name("split")
-    dlq_name = settings.topics.name("dlq")
     send = pipe.send
     split_latency = metrics.PROCESSING_LATENCY.labels("split")
     events_in = metrics.BoundLabels(metrics.EVENTS_IN)
-
-    async def send_dead_letter(key: bytes | None, raw: bytes, rej: Rejected, source: Source) -> None:
-        letter = dead_letter(raw, rej.reason, rej.error, source, rej.item_index)
-        await send(dlq_name, key, serde.dumps(letter))
-        metrics.DEAD_LETTERS.labels(rej.reason).inc()
 
     @app.agent(raw_topic, name="split_webhooks")
     async def split_webhooks(stream: Any) -> None:
@@ -114,7 +103,7 @@ def register(pipe: Pipeline) -> None:
                 await send(split_name, ev.conversation_key.encode(), serde.dumps(ev))
                 events_in.inc(ev.kind)
             for rej in result.rejected:
-                await send_dead_letter(msg.key, raw, rej, source)
+                await pipe.dead_letter(msg, rej.reason, rej.error, rej.item_index)
             split_latency.observe(max(0.0, time.time() - (msg.timestamp or time.time())))
 
     pipe.extras["agents.split_webhooks"] = split_webhooks

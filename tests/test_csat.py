@@ -162,11 +162,11 @@ def test_fact_builders_have_stable_ids() -> None:
         "conversation_id": "c1", "page_id": "P1", "psid": "u1", "skill": "billing", "agent_id": "a1",
         "locale": "en_US", "timestamp": 5,
     }
-    s = csat.survey_fact(**common)
-    a = csat.answer_fact(score=5, **common)
+    s = csat.fact(**common)
+    a = csat.fact(score=5, **common)
     assert (s.fact, s.fact_id, s.score) == ("survey_sent", "c1:survey", None)
     assert (a.fact, a.fact_id, a.score) == ("answer", "c1:answer", 5)
-    assert csat.answer_fact(score=5, **common) == a
+    assert csat.fact(score=5, **common) == a
 
 
 # --- aggregation -------------------------------------------------------------------------------------
