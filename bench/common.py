@@ -49,20 +49,13 @@ class Dataset:
         return out
 
 
-def conversation_stage() -> bool:
-    """Is the conversation stage registered (raw → skill topics), or only ingest (raw → events)?"""
-    import streams
-
-    return "conversations" in streams.STAGES
-
-
 def input_attrs() -> tuple[str, ...]:
-    """Topics the pipeline consumes from outside: agent actions only once the conversation stage exists."""
-    return ("raw", "actions") if conversation_stage() else ("raw",)
+    """Topics the pipeline consumes from outside."""
+    return ("raw", "actions")
 
 
 def load_config(path: Path) -> Any:
-    from streams.config import load_config as _load
+    from streams.core.config import load_config as _load
 
     return _load(path)
 
@@ -74,7 +67,7 @@ def make_dataset(config: Any, count: int, partitions: int, attrs: Sequence[str],
     the partitions; keyed records go where the Kafka default partitioner (murmur2) puts them."""
     from aiokafka.partitioner import murmur2
 
-    from streams.simulate import Simulator
+    from streams.commands.simulate import Simulator
 
     sim = Simulator(config, seed=seed, consumers=consumers, agents=True, invalid_ratio=0.001, duplicate_ratio=0.02)
     ds = Dataset()
@@ -322,7 +315,7 @@ def expected_counts(ds: Dataset) -> dict[str, int]:
     """What each internal stage should see for the data set (an oracle from the pure functions):
     raw bodies, agent actions, normalized events written to `split`, and the survivors of dedupe
     (unique idempotency keys per conversation) written to `events`."""
-    from streams.normalize import split_body
+    from streams.rules.normalize import split_body
 
     raw = actions = split = 0
     seen: set[tuple[str, str]] = set()

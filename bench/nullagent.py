@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     import mode.loop
 
     mode.loop.use("uvloop")  # before faust is imported, as the worker does
-    from streams.app import create_app
-    from streams.settings import load_settings
+    from streams.core.settings import load_settings
+    from streams.stages.app import create_app
 
     settings = load_settings()
     app = create_app(settings)

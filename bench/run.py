@@ -49,7 +49,6 @@ from bench.common import (
     Dataset,
     OffsetWatch,
     broker_pid,
-    conversation_stage,
     create_topics,
     delete_topics,
     expected_counts,
@@ -82,7 +81,7 @@ def free_port() -> int:
 
 
 def _settings_default(name: str) -> Any:
-    from streams.settings import Settings
+    from streams.core.settings import Settings
 
     return Settings.model_fields[name].default
 
@@ -132,7 +131,7 @@ class Names:
     config: Any
 
     def topics(self) -> Any:
-        from streams.settings import Topics
+        from streams.core.settings import Topics
 
         return Topics(prefix=self.prefix)
 
@@ -145,20 +144,13 @@ class Names:
     def internal(self) -> list[str]:
         """Internal topics the group consumes: drained = committed up to their end offsets.
         (`conversations.ticks` is left out: the timer writes to it all the time.)"""
-        import streams
 
-        attrs = ["split"]
-        if "csat" in streams.STAGES:
-            attrs.append("csat_facts")
-        return [self.attr(a) for a in attrs]
+        return [self.attr(a) for a in ("split", "csat_facts")]
 
     def arrivals(self) -> list[str]:
-        """Where a processed event lands: every configured skill's console topic, or
-        `messenger.events.split` while the conversation stage is not registered."""
+        """Where a processed event lands: every configured skill's console topic."""
         t = self.topics()
-        if conversation_stage():
-            return [t.skill(s) for s in self.config.all_skills()]
-        return [t.name("split")]
+        return [t.skill(s) for s in self.config.all_skills()]
 
     def passthrough_out(self) -> str:
         return self.prefix + PASSTHROUGH_TOPIC
@@ -174,7 +166,7 @@ class Names:
         return [self.passthrough_out(), self.fanout_out(), self.nullagent_out()]
 
     def all_topics(self) -> dict[str, bool]:
-        from streams.app import TOPIC_SPECS
+        from streams.core.topics import TOPIC_SPECS
 
         t = self.topics()
         names = {t.name(a): spec[0] for a, spec in TOPIC_SPECS.items()}
@@ -396,11 +388,11 @@ async def prepare(opts: Opts, names: Names, ds: Dataset) -> float:
 
 def c_stages(names: Names, exp: dict[str, int]) -> list[Stage]:
     """The pipeline's consuming stages and what each must consume: split (raw), then converse
-    (split + actions, deduplicating as it goes) once the conversation stage exists."""
-    stages: list[Stage] = [([names.attr("raw")], exp["raw"])]
-    if conversation_stage():
-        stages.append(([names.attr("split"), names.attr("actions")], exp["split"] + exp["actions"]))
-    return stages
+    (split + actions, deduplicating as it goes)."""
+    return [
+        ([names.attr("raw")], exp["raw"]),
+        ([names.attr("split"), names.attr("actions")], exp["split"] + exp["actions"]),
+    ]
 
 
 async def arm_a_drain(opts: Opts, names: Names, ds: Dataset, workdir: Path, bpid: int | None,
@@ -614,7 +606,7 @@ async def run(opts: Opts) -> dict[str, Any]:
     exp = expected_counts(ds)
     rid = opts.run_id
     log(f"dataset: {len(ds.records)} records {ds.counts()}, {len(ds.mid_first)} message ids; "
-        f"conversation stage: {conversation_stage()}; workdir {workdir}")
+        f"workdir {workdir}")
     result: dict[str, Any] = {
         "schema": 1,
         "run_id": rid,
@@ -633,7 +625,6 @@ async def run(opts: Opts) -> dict[str, Any]:
             "max_batch_size": 262_144,
             "commit_interval_s": opts.commit_interval,
             "worker_env": opts.worker_env,
-            "conversation_stage": conversation_stage(),
             "input_topics": list(attrs),
             "arrival_topics": Names("", opts.partitions, config).arrivals(),
             "scale_out": opts.scale_out,

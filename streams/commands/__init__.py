@@ -1,0 +1,1 @@
+"""The `messenger-streams` command line and operator tools."""

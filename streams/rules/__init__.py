@@ -1,0 +1,1 @@
+"""Pure decisions: (state, input) → (state, outputs), no I/O."""

@@ -1,0 +1,146 @@
+"""The Faust app: settings → one `Pipeline` holding the app, its topics, and every stage's agents.
+
+Each stage module has `register(pipeline)` (streams/stages/ingest.py and friends); `create_pipeline`
+calls them in order, so tests and the CLI can build a pipeline with fresh topic names from the
+environment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from aiokafka.partitioner import DefaultPartitioner
+
+from schemas.events import Source
+from streams.core import metrics, serde
+from streams.core.config import ConnectorConfig
+from streams.core.deadletter import dead_letter
+from streams.core.settings import Settings
+from streams.core.topics import TOPIC_SPECS
+from streams.stages import conversation, csat, ingest, web
+
+log = logging.getLogger("messenger_streams")
+
+
+
+@dataclass
+class Pipeline:
+    """A configured app: the Faust app, every topic by name, and shared state of the stages."""
+
+    settings: Settings
+    config: ConnectorConfig
+    app: faust.App
+    topics: dict[str, Any] = field(default_factory=dict)
+    skill_topics: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    raw_topic: Callable[..., Any] = field(default=lambda *names: None)
+
+    def topic(self, attr: str) -> Any:
+        """The faust topic for one of TOPIC_SPECS."""
+        return self.topics[attr]
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+        """Hand one record to the app's producer (no per-record faust Topic machinery).
+
+        The faust consumer flushes this producer before it commits offsets, so at-least-once holds."""
+        await self.app.producer.send(topic, key, value, partition, None, None)
+
+    async def dead_letter(self, msg: Any, reason: str, error: str, item_index: str | None = None) -> None:
+        """Send one consumed record to the dead-letter topic (reason, error, its source and its
+        original bytes; `item_index` names one bad item of a body) and count it."""
+        raw = msg.value if isinstance(msg.value, bytes) else b""
+        source = Source(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+        letter = dead_letter(raw, reason, error, source, item_index)
+        await self.send(self.settings.topics.name("dlq"), msg.key, serde.dumps(letter))
+        metrics.DEAD_LETTERS.labels(reason).inc()
+
+
+class CachedPartitioner:
+    """Kafka's default partitioner (murmur2 of the key) with the answer remembered per key.
+
+    aiokafka's murmur2 is pure Python and ran for every keyed record we write; conversation keys
+    repeat, so a bounded dict answers almost every call. Keyless records keep the default's
+    random choice."""
+
+    def __init__(self, max_keys: int = 200_000) -> None:
+        self._default = DefaultPartitioner()
+        self._cache: dict[tuple[bytes, int], int] = {}
+        self._max_keys = max_keys
+
+    def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if key is None:
+            return int(self._default(key, all_partitions, available))
+        slot = (key, len(all_partitions))
+        partition = self._cache.get(slot)
+        if partition is None:
+            partition = int(self._default(key, all_partitions, available))
+            if len(self._cache) >= self._max_keys:
+                self._cache.clear()
+            self._cache[slot] = partition
+        return partition
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A Faust app tuned for this processor: ordering and at-least-once first."""
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{hp.strip()}" for hp in settings.bootstrap_servers.split(",") if hp.strip()],
+        store=settings.store,
+        datadir=settings.datadir,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_disable_leader=True,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_enabled=True,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=settings.commit_interval_seconds,
+        producer_linger=settings.producer_linger_ms / 1000.0,
+        producer_max_batch_size=262_144,
+        producer_acks=-1,
+        producer_partitioner=CachedPartitioner(),
+        cython_optimizations=True,
+        stream_buffer_maxsize=settings.stream_buffer_maxsize,
+        table_cleanup_interval=60.0,
+        processing_guarantee="at_least_once",
+    )
+    # Table changelog records queue in faust's producer buffer; at its default of 100 the conductor
+    # stalls on every table-heavy burst ("producer buffer full"). Commits still flush it first.
+    app.producer.buffer.max_messages = settings.producer_buffer_max
+    return app
+
+
+def create_pipeline(
+    settings: Settings,
+    config: ConnectorConfig,
+    stages: Iterable[str] | None = None,
+) -> Pipeline:
+    """Build the app, declare every topic, and register the stages (all by default)."""
+    registry: dict[str, Callable[[Pipeline], None]] = {
+        "ingest": ingest.register,
+        "conversations": conversation.register,
+        "csat": csat.register,
+        "web": web.register,
+    }
+    app = create_app(settings)
+    pipe = Pipeline(settings=settings, config=config, app=app)
+    def raw_topic(*names: str) -> Any:
+        return app.topic(
+            *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+            partitions=settings.partitions,
+        )
+
+    pipe.raw_topic = raw_topic
+    for attr in TOPIC_SPECS:
+        pipe.topics[attr] = raw_topic(settings.topics.name(attr))
+    for skill in config.all_skills():
+        pipe.skill_topics[skill] = raw_topic(settings.topics.skill(skill))
+    for name in list(stages) if stages is not None else list(registry):
+        registry[name](pipe)
+    return pipe

@@ -1,0 +1,99 @@
+"""Ingest on real Kafka: raw bodies in → exactly the expected normalized events, and dead letters."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from streams.rules.normalize import split_body
+from tests.kafkatools import KafkaIO, Worker
+from tests.rules.test_normalize import WEBHOOK_SAMPLES, body_of
+
+pytestmark = pytest.mark.kafka
+
+
+def msg_body(page: str, psid: str, mid: str, text: str = "hi") -> bytes:
+    return orjson.dumps({"object": "page", "entry": [{"id": page, "time": 1, "messaging": [
+        {"sender": {"id": psid}, "recipient": {"id": page}, "timestamp": 1700000000000,
+         "message": {"mid": mid, "text": text}}]}]})
+
+
+async def test_raw_bodies_to_normalized_events_and_dead_letters(
+    make_worker: Callable[..., Worker], kafka: KafkaIO
+) -> None:
+    w = make_worker(MESSENGER_STREAMS_MAX_BODY_BYTES="20000", MESSENGER_STREAMS_PUBLISH_EVENTS="true")
+    good: list[bytes] = [body_of(p) for p in WEBHOOK_SAMPLES]
+    good += [msg_body("1691462197845448", f"u{i}", f"m-{i}") for i in range(20)]
+    duplicates = [good[0], good[5], msg_body("1691462197845448", "u3", "m-3", text="redelivered")]
+    bad = [
+        b'{"object":"page","entry":[{"id":"1","messaging":[{"sender":',
+        b"\xff\xfe binary junk",
+        b'{"object":"instagram","entry":[]}',
+        orjson.dumps({"object": "page", "entry": [{"id": "1", "messaging": [{}]}], "pad": "x" * 30000}),
+    ]
+    mixed = orjson.dumps({"object": "page", "entry": [{"id": "p9", "time": 1, "messaging": [
+        {"sender": {"id": "u1"}, "recipient": {"id": "p9"}, "timestamp": 5, "message": {"mid": "mixed-ok"}},
+        {"sender": {"id": False}, "recipient": {"id": "p9"}, "timestamp": 5, "message": {"mid": "mixed-bad"}},
+    ]}]})
+    inputs = good + duplicates + bad + [mixed]
+    for i, raw in enumerate(inputs):
+        await kafka.send(w.topic("messenger.webhook.raw"), raw, key=None if i % 3 else f"k{i}",
+                         headers=[("received-at", b"1700000000000")])
+
+    expected_keys: set[str] = set()
+    for raw in good + [mixed]:
+        expected_keys.update(e.idempotency_key for e in split_body(raw).events)
+    expected_items = sum(split_body(raw, max_bytes=20000).items for raw in inputs)
+
+    events = await kafka.read_json(w.topic("messenger.events"), min_count=len(expected_keys), timeout=60)
+    dlq_records = await kafka.read_all(w.topic("messenger.dlq"), min_count=5, timeout=30)
+    split = await kafka.read_json(w.topic("messenger.events.split"), min_count=1)
+
+    # exactly the expected events, each once, duplicates dropped
+    assert sorted(e["idempotency_key"] for e in events) == sorted(expected_keys)
+    for rec in await kafka.read_all(w.topic("messenger.events")):
+        ev = orjson.loads(rec.value)
+        assert rec.key.decode() == ev["conversation_key"]
+        assert ev["source"]["topic"] == w.topic("messenger.webhook.raw")
+
+    # every bad one is in the DLQ with its reason, source and original bytes
+    letters = [orjson.loads(r.value) for r in dlq_records]
+    reasons = sorted(d["reason"] for d in letters)
+    assert reasons == sorted(["invalid_json", "invalid_json", "not_page_object", "body_too_large", "invalid_item"])
+    originals = []
+    for d in letters:
+        raw = base64.b64decode(d["payload"]) if d["payload_encoding"] == "base64" else d["payload"].encode()
+        originals.append(raw)
+        assert d["source"]["topic"] == w.topic("messenger.webhook.raw")
+        assert isinstance(d["source"]["offset"], int) and isinstance(d["source"]["partition"], int)
+        assert d["error"]
+    for raw in bad + [mixed]:
+        assert raw in originals
+    item_letter = next(d for d in letters if d["reason"] == "invalid_item")
+    assert item_letter["item_index"] == "entry[0].messaging[1]"
+
+    # accounting: every input item ends processed (split) or dead-lettered
+    item_letters = sum(1 for d in letters if d["item_index"] is not None)
+    assert len(split) + item_letters == expected_items
+
+    metrics = w.metrics()
+    assert metrics.get('messenger_dead_letters_total{reason="invalid_json"}') == 2.0
+    assert metrics.get('messenger_raw_bodies_total') == float(len(inputs))
+
+
+async def test_duplicates_survive_a_restart(make_worker: Callable[..., Worker], kafka: KafkaIO, tmp_path: Path) -> None:
+    """The dedupe keys (in the conversation's state) are recovered from its changelog: a redelivery
+    after a restart is dropped."""
+    w = make_worker(MESSENGER_STREAMS_PUBLISH_EVENTS="true")
+    raw_topic = w.topic("messenger.webhook.raw")
+    await kafka.send(raw_topic, msg_body("p1", "u1", "first"))
+    await kafka.read_all(w.topic("messenger.events"), min_count=1)
+    w.restart()
+    await kafka.send(raw_topic, msg_body("p1", "u1", "first"))
+    await kafka.send(raw_topic, msg_body("p1", "u1", "second"))
+    events = await kafka.read_json(w.topic("messenger.events"), min_count=2, settle=2.0)
+    assert [e["mid"] for e in events] == ["first", "second"]
