@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from streams.core import metrics, serde
-from streams.rules.conversation.decider import BUCKET_MS, CURSOR_PREFIX, TIMER_PREFIX, Decider, Decision, Input
+from streams.rules.conversation.api import Decision, Input
+from streams.rules.conversation.decider import BUCKET_MS, CURSOR_PREFIX, TIMER_PREFIX, Decider
 
 if TYPE_CHECKING:
     from streams.stages.app import Pipeline
@@ -94,13 +95,16 @@ def register(pipe: Pipeline) -> None:
         state = table.get(key)
         if state is not None and state["o"].get(topic, -1) >= offset:
             return  # redelivered after a crash: already applied
-        decision = decider.decide(state, inp, key)
+        decision = decider.decide(state, inp, key, decider.env_for(key.partition(":")[0]))
         if decision.duplicate:
             await emit(decision)  # no outputs: counts the duplicate
             return  # nothing changed, nothing to write; a redelivery of it is a duplicate again
         if raw is not None:
             await send(names["events"], key.encode(), raw)
         await emit(decision)
+        if decision.state is None:
+            del table[key]
+            return
         decision.state["o"][topic] = offset
         table[key] = decision.state
         for due in decision.arms:

@@ -6,7 +6,7 @@ import pytest
 
 from streams.core.automessages import DEFAULT_TEXTS, AutoMessage, check_templates, render, resolve_template
 from streams.core.config import ConfigError, parse_config
-from streams.rules.conversation.decider import Decision, Input
+from streams.rules.conversation.api import Decision, Input
 from tests.conftest import BASE_CONFIG
 from tests.rules.test_conversations import HOUR, T0, Convo, cfg, console, outbound, types
 

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from streams.core.config import ConnectorConfig, parse_config
-from streams.rules.conversation.decider import Decider, Decision, Input
+from streams.rules.conversation.api import Decision, Input
+from streams.rules.conversation.decider import Decider
 from tests.conftest import BASE_CONFIG
 
 PAGE, PSID = "1691462197845448", "u1"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.rules.conversation.decider import Decision
+from streams.rules.conversation.api import Decision
 from tests.rules.test_conversations import HOUR, T0, Convo, cfg, console, outbound, types
 
 SURVEY = "\n[csat]\nenabled = true\nexpire_after_seconds = 600\n[csat.question_by_page]\n\"298733926841562\" = \"How did support do?\"\n"

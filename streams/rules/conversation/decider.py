@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
@@ -27,6 +26,7 @@ from streams.core import automessages
 from streams.core.config import ConnectorConfig
 from streams.core.settings import Settings
 from streams.rules import csat
+from streams.rules.conversation.api import Decision, Env, Input, Output
 from streams.rules.dedupe import dedupe
 
 RECENT_KEYS = 64  # idempotency keys / action ids remembered per conversation (defence in depth)
@@ -34,40 +34,6 @@ OUTBOX_KEEP = 50  # our recent sends remembered per conversation, to recognise t
 BUCKET_MS = 1_000  # timer wheel resolution: one bucket of conversation keys per second
 TIMER_PREFIX = "\x00timers:"
 CURSOR_PREFIX = "\x00cursor:"
-
-Dest = Literal["skill", "outbound", "history", "csat_responses", "csat_facts"]
-
-
-@dataclass(frozen=True)
-class Output:
-    """One record to write: to a skill topic (`skill` set), or to one of the named topics."""
-
-    dest: Dest
-    key: str
-    value: dict[str, Any]
-    skill: str | None = None
-
-
-@dataclass(frozen=True)
-class Input:
-    """One input to decide on. `id` is stable across redelivery; `now` is its time in epoch ms."""
-
-    source: Literal["event", "action", "result", "timer"]
-    id: str
-    now: int
-    data: dict[str, Any]
-
-
-@dataclass
-class Decision:
-    """The outcome of one input: new state, outputs, timers to arm, and metric notes."""
-
-    state: dict[str, Any]
-    outputs: list[Output] = field(default_factory=list)
-    arms: list[int] = field(default_factory=list)
-    notes: list[tuple[str, str]] = field(default_factory=list)
-    duplicate: bool = False  # the input was a duplicate: nothing changed
-
 
 def _h(text: str, n: int = 16) -> str:
     return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()[:n]
@@ -98,11 +64,12 @@ def _no_totals(skill: str) -> tuple[int, int]:
 class _Ctx:
     """Working context of one decision: the state being changed and the outputs so far."""
 
-    def __init__(self, decider: Decider, state: dict[str, Any], inp: Input, key: str) -> None:
+    def __init__(self, decider: Decider, state: dict[str, Any], inp: Input, key: str, env: Env) -> None:
         self.d = decider
         self.state = state
         self.inp = inp
         self.key = key
+        self.env = env
         page_id, _, psid = key.partition(":")
         self.page_id = page_id
         self.psid = psid or None
@@ -117,7 +84,7 @@ class _Ctx:
     # outputs --------------------------------------------------------------------------------
     def console(self, type_: str, skill: str | None = None, *, timestamp: int | None = None, **fields: Any) -> None:
         conv = self.state["conv"]
-        skill = skill or (conv["skill"] if conv else self.d.route(self.page_id)[0])
+        skill = skill or (conv["skill"] if conv else self.d.route(self.env)[0])
         value = {
             "type": type_,
             "event_id": self.next_id("ev"),
@@ -211,22 +178,24 @@ class Decider:
         self.default_texts = {"csat_thanks": config.csat.thank_you}
 
     # routing --------------------------------------------------------------------------------
-    def route(self, page_id: str) -> tuple[str, bool]:
-        """(skill, page known?) for a page, per the routing mode."""
-        page = self.config.page(page_id)
-        if self.config.routing.mode == "manual":
-            return self.config.routing.default_skill, page is not None
+    def route(self, env: Env) -> tuple[str, bool]:
+        """(skill, page known?) for the conversation's page, per the routing mode."""
+        page = env.page
+        if env.routing.mode == "manual":
+            return env.routing.default_skill, page is not None
         if page is not None and page.skill:
             return page.skill, True
-        return self.config.routing.default_skill, page is not None
+        return env.routing.default_skill, page is not None
 
-    def locale_of(self, page_id: str) -> str:
-        page = self.config.page(page_id)
-        return page.locale if page else "en_US"
+    def env_for(self, page_id: str) -> Env:
+        """The Env of a page from the static config (tests and callers without a live page directory)."""
+        return Env(self.config.page(page_id), self.config.routing, self.config.external_user)
 
     # entry point ----------------------------------------------------------------------------
-    def decide(self, state: dict[str, Any] | None, inp: Input, key: str) -> Decision:
-        """Apply one input to one conversation key's state."""
+    def decide(self, state: dict[str, Any] | None, inp: Input, key: str, env: Env | None = None) -> Decision:
+        """Apply one input to one conversation key's state (`env` defaults to the static config's)."""
+        if env is None:
+            env = self.env_for(key.partition(":")[0])
         if state:
             # a deep copy, so a failed emit leaves the stored state untouched; the dedupe keys (the
             # bulk of a busy conversation's state, flat str → int) only need a shallow one
@@ -235,7 +204,7 @@ class Decider:
             work["seen"] = dict(seen) if seen else {}
         else:
             work = new_state()
-        ctx = _Ctx(self, work, inp, key)
+        ctx = _Ctx(self, work, inp, key, env)
         if inp.source == "event":
             self._on_event(ctx, inp.data)
         elif inp.source == "action":
@@ -360,7 +329,7 @@ class Decider:
             if meta in outbox:
                 self._learn_mid(ctx, meta, ev.get("mid"), via="echo")
             return
-        ext = self.config.external_user
+        ext = ctx.env.external_user
         ctx.console(
             "external_message",
             timestamp=ev["timestamp"],
@@ -393,7 +362,7 @@ class Decider:
     # conversation lifecycle -----------------------------------------------------------------
     def _open(self, ctx: _Ctx, *, opened_by: str, agent_id: str | None, timestamp: int) -> None:
         st = ctx.state
-        skill, known = self.route(ctx.page_id)
+        skill, known = self.route(ctx.env)
         if not known:
             ctx.out.notes.append(("unknown_page", ctx.page_id))
         returning = st["n_convs"] > 0
@@ -407,7 +376,7 @@ class Decider:
             "agent_nickname": None,
             "opened_at": ctx.inp.now,
             "opened_by": opened_by,
-            "locale": self.locale_of(ctx.page_id),
+            "locale": ctx.env.page.locale if ctx.env.page else "en_US",
             "counts": {"consumer": 0, "agent": 0, "external": 0, "system": 0},
             "last_consumer_at": st["last_consumer_at"],
             "timers": {},
@@ -455,8 +424,8 @@ class Decider:
     def _system(self, ctx: _Ctx, trigger: str, *, skill: str | None = None, locale: str | None = None) -> None:
         """An automatic message: to the consumer (inside Meta's window) and to the console."""
         conv = ctx.state["conv"]
-        skill = skill or (conv["skill"] if conv else self.route(ctx.page_id)[0])
-        locale = locale or (conv["locale"] if conv else self.locale_of(ctx.page_id))
+        skill = skill or (conv["skill"] if conv else self.route(ctx.env)[0])
+        locale = locale or (conv["locale"] if conv else (ctx.env.page.locale if ctx.env.page else "en_US"))
         template = automessages.resolve_template(
             self.config.auto_messages,
             trigger,
@@ -467,7 +436,7 @@ class Decider:
         )
         if template is None:
             return
-        page = self.config.page(ctx.page_id)
+        page = ctx.env.page
         text = automessages.render(
             template,
             {
