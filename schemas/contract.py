@@ -15,12 +15,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-ActionType = Literal["accept", "message", "typing", "read", "transfer", "close", "open"]
+ActionType = Literal[
+    "accept", "message", "typing", "read", "transfer", "close", "open",
+    "join", "leave", "return_to_queue", "set_response_time", "forget",
+]
+Role = Literal["agent", "manager", "admin"]
 Origin = Literal["agent", "system", "csat"]
+MAX_RESPONSE_SECONDS = 30 * 86_400
 
 
 class AgentAction(BaseModel):
-    """An agent console's action. `action_id` is unique: a repeated id is applied once."""
+    """An agent console's action. `action_id` is unique: a repeated id is applied once.
+
+    `role`: `manager` may act on any conversation (and `join` / `leave` it); `admin` may `forget`
+    a person. `conversation_id` (optional) names the conversation the agent sees: an action for
+    one that is closed is rejected at once instead of being held."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -28,10 +37,17 @@ class AgentAction(BaseModel):
     action_id: str = Field(min_length=1, max_length=200)
     page_id: str = Field(min_length=1)
     psid: str = Field(min_length=1)
-    agent_id: str = Field(min_length=1)
+    agent_id: str = Field(min_length=1, max_length=128)
+    role: Role = "agent"
+    agent_nickname: str | None = Field(default=None, max_length=200)
+    conversation_id: str | None = Field(default=None, max_length=200)
     text: str | None = None
     on: bool | None = None
     to_skill: str | None = None
+    to_agent_id: str | None = Field(default=None, min_length=1, max_length=128)
+    to_agent_nickname: str | None = Field(default=None, max_length=200)
+    seconds: int | None = Field(default=None, gt=0, le=MAX_RESPONSE_SECONDS)
+    reason: str | None = Field(default=None, max_length=64)
     timestamp: int | None = None
 
 
