@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from streams.core.automessages import DEFAULT_TEXTS, AutoMessage, check_templates, render, resolve_template
+from streams.core.automessages import (
+    DEFAULT_TEXTS,
+    DEFAULT_WORDS,
+    PLACEHOLDER_MAX,
+    AutoMessage,
+    Trigger,
+    check_templates,
+    check_text,
+    clamp,
+    render,
+    resolve_template,
+)
 from streams.core.config import ConfigError, parse_config
 from streams.rules.conversation.api import Decision, Input
 from tests.conftest import BASE_CONFIG
@@ -183,3 +194,69 @@ def test_pushing_the_idle_timer_later_writes_no_new_wheel_entry() -> None:
     out = tick(c, T0 + 61_000)  # not idle yet (since T0+40 s): re-armed for T0+100 s
     assert out.arms == [T0 + 100_000] and "conversation_closed" not in types(out)
     assert "conversation_closed" in types(tick(c, T0 + 100_000))
+
+
+# --- words, whole values, start-up checks ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "words"),
+    [
+        (None, "shortly"),
+        (45, "within 45 seconds"),
+        (60, "within 1 minute"),
+        (90, "within 90 seconds"),
+        (5400, "within 90 minutes"),
+        (7200, "within 2 hours"),
+        (100_000, "within 28 hours"),
+        (86_400, "within 1 day"),
+        (3 * 86_400 + 1, "within 4 days"),
+    ],
+)
+def test_response_time_in_words(seconds: int | None, words: str) -> None:
+    assert DEFAULT_WORDS.duration(seconds) == words
+
+
+def test_values_are_cut_at_whole_words_and_sentences_start_with_a_capital() -> None:
+    assert clamp("Anna Maria Louisa Smith-Jones", 17) == "Anna Maria Louisa"
+    assert clamp("Supercalifragilistic", 5) == "Super"
+    long_nick = "Alexandra " * 10
+    text = render("{agent_nickname} joined.", {"agent_nickname": long_nick})
+    assert text.startswith("Alexandra") and len(text) <= PLACEHOLDER_MAX["agent_nickname"] + len(" joined.")
+    assert render("{agent_nickname} joined.", {"agent_nickname": "an agent"}) == "An agent joined."
+    assert render("Hello {agent_nickname}", {"agent_nickname": "an agent"}) == "Hello an agent"
+
+
+def test_check_text_names_the_problem() -> None:
+    check_text("x", "Fine {agent_nickname}", 640, 60)
+    with pytest.raises(ValueError, match="x: the text is empty"):
+        check_text("x", "  ", 640, 60)
+    with pytest.raises(ValueError, match=r"x: up to 65 characters"):
+        check_text("x", "Hi {agent_nickname}, " + "y" * 20, 64, 60)
+    with pytest.raises(ValueError, match="malformed"):
+        check_text("x", "Hi {0}", 640, 60)
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ('[limits]\nagent_text = 100\n', "auto_messages.welcome_first (default text): up to"),
+        ('[limits]\nagent_text = 100\n[auto_messages.welcome_first]\nenabled = false\n'
+         '[auto_messages.welcome_first_off_hours]\nenabled = false\n',
+         "auto_messages.welcome_returning_off_hours (default text)"),
+        ('[words.es]\nwithin = "en {n}"\n', "words.es.within"),
+        ('[words.es]\nshortly = "' + "z" * 80 + '"\n', "a response time may render 80 characters"),
+        ('[csat.question_by_locale]\nes = "¿Qué tal {agent_nickname}?"\n', "csat.question_by_locale.es: unknown placeholder"),
+        ('[agents]\ndefault_nickname = ""\n', "agents.default_nickname"),
+    ],
+)
+def test_start_up_checks_of_every_text(toml: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE_CONFIG + "\n" + toml)
+    assert needle in str(err.value)
+
+
+def test_the_example_config_and_every_default_fit_640() -> None:
+    config = parse_config(BASE_CONFIG)
+    assert config.limits.agent_text == 640
+    assert set(DEFAULT_TEXTS) == set(Trigger.__args__)  # type: ignore[attr-defined]

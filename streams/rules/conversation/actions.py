@@ -4,31 +4,24 @@ Ownership (`ownership`, pure): only the assigned agent may act on a conversation
 "manager"` may act on any. With the skill's `auto_accept` the first agent who acts on an
 unassigned conversation takes it; without it acting before `accept` is rejected `not_assigned`.
 
-An action for a conversation not open yet is held (at most `HELD_MAX`, `agents.hold_unknown_seconds`)
-because its opening input may still be replaying after a restart: it is applied when a conversation
-opens if it was taken at or after the opening, and rejected `unknown_conversation` otherwise or
-when its hold expires. An action that names the conversation closed last is rejected at once.
+An action for a conversation not open yet is held (`held`) and applied when one opens.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import orjson
 from pydantic import ValidationError
 
 from schemas.contract import AgentAction
 from streams.core.automessages import clamp
-from streams.rules.conversation import lifecycle, turns
+from streams.rules.conversation import held, lifecycle, turns
 from streams.rules.conversation.context import Ctx, remember
-from streams.rules.conversation.state import HELD_BYTES, HELD_MAX, Agent, Conv
+from streams.rules.conversation.state import Agent, Conv
 from streams.rules.conversation.system import say
 from streams.rules.conversation.windows import in_response_window, send_mode
 
 Verdict = Literal["owner", "manager", "take", "not_owner", "not_assigned"]
-HOLDABLE = frozenset(
-    {"accept", "message", "close", "transfer", "return_to_queue", "set_response_time", "join", "leave"}
-)
 NICKNAME_MAX = 40
 
 
@@ -70,8 +63,8 @@ def on_action(ctx: Ctx, raw: dict[str, Any]) -> bool:
             return False
         return True
     conv = ctx.st["conv"]
-    if conv is None and action.type in HOLDABLE:
-        hold(ctx, action, raw)
+    if conv is None and action.type in held.HOLDABLE:
+        held.hold(ctx, action, raw)
         return False
     apply(ctx, action, raw)
     return False
@@ -86,50 +79,21 @@ def apply(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     _HANDLERS[action.type](ctx, action, raw)
 
 
-# holding -----------------------------------------------------------------------------------------
-def hold(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
-    """Keep an action for a conversation not open yet (see the module doc)."""
-    st = ctx.st
-    if action.conversation_id and action.conversation_id == st["last_closed"]:
-        ctx.reject(raw, "unknown_conversation", "the conversation is closed")
-        return
-    size = len(orjson.dumps(raw))
-    used = sum(len(orjson.dumps(h["action"])) for h in st["held"])
-    if len(st["held"]) >= HELD_MAX or used + size > HELD_BYTES:
-        ctx.reject(raw, "unknown_conversation", "no open conversation for this page and person")
-        return
-    until = ctx.now + ctx.config.agents.hold_unknown_seconds * 1000
-    st["held"] = [*st["held"], {"id": ctx.inp.id, "at": ctx.now, "until": until, "action": raw}]
-    ctx.note("held", action.type)
-
-
 def release_held(ctx: Ctx) -> None:
     """A conversation opened: apply the held actions taken at or after its opening, reject the rest."""
-    held, conv = ctx.st["held"], ctx.st["conv"]
-    if not held or conv is None:
+    conv = ctx.st["conv"]
+    if not ctx.st["held"] or conv is None:
         return
+    apply_now, too_early = held.releasable(ctx.st["held"], conv)
     ctx.st["held"] = []
-    for h in held:
+    for h in too_early:
+        with ctx.acting_as(h["id"], h["at"]):
+            ctx.reject(h["action"], "unknown_conversation", "no conversation was open when the action was taken")
+    for h in apply_now:
         with ctx.acting_as(h["id"], h["at"]):
             action = AgentAction.model_validate(h["action"])
-            current = ctx.st["conv"]
-            if current is None or h["at"] < current["opened_at"]:
-                ctx.reject(h["action"], "unknown_conversation", "no conversation was open when the action was taken")
-            else:
-                ctx.note("released", action.type)
-                apply(ctx, action, h["action"])
-
-
-def expire_held(ctx: Ctx) -> None:
-    """Reject the held actions whose hold is over (a `timer` input)."""
-    expired = [h for h in ctx.st["held"] if h["until"] <= ctx.now]
-    if not expired:
-        return
-    ctx.st["held"] = [h for h in ctx.st["held"] if h["until"] > ctx.now]
-    for h in expired:
-        with ctx.acting_as(h["id"] + "|expired", h["until"]):
-            ctx.reject(h["action"], "unknown_conversation",
-                       f"no conversation opened within {ctx.config.agents.hold_unknown_seconds} s")
+            ctx.note("released", action.type)
+            apply(ctx, action, h["action"])
 
 
 # helpers -----------------------------------------------------------------------------------------

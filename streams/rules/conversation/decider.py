@@ -13,7 +13,7 @@ from typing import Any
 
 from streams.core.config import ConnectorConfig
 from streams.core.settings import Settings
-from streams.rules.conversation import actions, events, retention, timers
+from streams.rules.conversation import actions, events, held, retention, timers
 from streams.rules.conversation.api import Decision, Env, Input
 from streams.rules.conversation.context import Ctx, Rules
 from streams.rules.conversation.state import migrate
@@ -52,7 +52,7 @@ class Decider:
             events.on_result(ctx, inp.data)
         else:
             timers.fire(ctx)
-            actions.expire_held(ctx)
+            held.expire_held(ctx)
             st = ctx.st
             if st["conv"] is None and st["expire_at"] is not None and st["expire_at"] <= ctx.now:
                 kept = retention.compact(st, ctx.now, self.config, self.rules.horizon_ms)

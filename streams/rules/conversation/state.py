@@ -180,7 +180,8 @@ def _from_v1(old: dict[str, Any]) -> State:
     outbox: dict[str, OutboxEntry] = {}
     for ob_id, e in list((old.get("outbox") or {}).items())[-OUTBOX_MAX:]:
         outbox[ob_id] = {"origin": e.get("origin") or "agent", "agent_id": e.get("agent_id"),
-                         "text": e.get("text") if not e.get("mid") else None, "mid": e.get("mid"),
+                         "text": e.get("text") if e.get("origin") == "agent" and not e.get("mid") else None,
+                         "mid": e.get("mid"),
                          "skill": e.get("skill"), "conversation_id": e.get("conversation_id"), "at": 0}
     st["outbox"] = outbox
     survey = old.get("survey")
