@@ -150,6 +150,11 @@ class Hours(_Section):
         """Holidays as dates."""
         return frozenset(date.fromisoformat(d) for d in self.holidays)
 
+    @cached_property
+    def span_cache(self) -> dict[date, list[tuple[int, int]]]:
+        """Open spans of local days as epoch ms, filled by `streams.rules.conversation.hours`."""
+        return {}
+
 
 class Skill(_Section):
     """Per-skill behaviour. Timers are in seconds, at least 15, all optional (off when absent)."""

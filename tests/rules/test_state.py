@@ -10,7 +10,6 @@ from typing import Any
 import orjson
 import pytest
 
-from streams.rules.conversation.api import Input
 from streams.rules.conversation.state import (
     HASH_CHARS,
     OUTBOX_MAX,

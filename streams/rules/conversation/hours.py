@@ -15,8 +15,21 @@ SEARCH_DAYS = 400  # how far ahead an opening is looked for (past a year of holi
 _MIDNIGHT = time(0, 0)
 
 
+SPAN_CACHE_DAYS = 512  # days of spans remembered per skill's hours (then forgotten at once)
+
+
 def _spans_of_day(hours: Hours, day: date) -> list[tuple[int, int]]:
-    """The open spans of one local day, as epoch ms."""
+    """The open spans of one local day, as epoch ms (remembered: a pure function of the day)."""
+    cache = hours.span_cache
+    spans = cache.get(day)
+    if spans is None:
+        if len(cache) >= SPAN_CACHE_DAYS:
+            cache.clear()
+        spans = cache[day] = _compute_spans(hours, day)
+    return spans
+
+
+def _compute_spans(hours: Hours, day: date) -> list[tuple[int, int]]:
     if day in hours.closed_dates:
         return []
     out = []
