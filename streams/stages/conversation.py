@@ -96,7 +96,8 @@ def register(pipe: Pipeline) -> None:
             await send(names["events"], key.encode(), raw)
         await emit(decision)
         if decision.state is None:
-            del table[key]
+            if key in table:  # lifecycle (#13): `forget` may name a key never stored
+                del table[key]
             return
         decision.state.setdefault("o", {})[topic] = offset
         table[key] = decision.state
