@@ -7,7 +7,9 @@ import pytest
 from streams.core.config import Hours, Skill
 from streams.rules.conversation import turns
 from streams.rules.conversation.actions import ownership
+from streams.rules.conversation.api import Env
 from streams.rules.conversation.held import releasable
+from streams.rules.conversation.routing import route, transfer_target
 from streams.rules.conversation.state import AGENTS_MAX, ARMED_MAX, SKILLS_MAX, Conv, Held, new_state
 from streams.rules.conversation.timers import arm, conv_dues, next_wake
 from tests.rules.convo import cfg
@@ -123,3 +125,16 @@ def test_held_actions_release_only_those_taken_after_the_opening() -> None:
     ]
     apply, reject = releasable(held, c)
     assert [h["id"] for h in apply] == ["late", "named"] and [h["id"] for h in reject] == ["early", "other"]
+
+
+def test_routing_by_mode_and_page() -> None:
+    config = cfg()
+    billing = config.page("1691462197845448")
+    assert route(Env(billing, config.routing, config.external_user)) == ("billing", True)
+    manual = config.routing.model_copy(update={"mode": "manual"})
+    assert route(Env(billing, manual, config.external_user)) == ("general", True)
+    assert route(Env(None, config.routing, config.external_user)) == ("general", False)
+    skills = frozenset(config.all_skills())
+    assert transfer_target(None, "billing", skills) == "billing"
+    assert transfer_target("support", "billing", skills) == "support"
+    assert transfer_target("nowhere", "billing", skills) is None

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from schemas.contract import AgentAction
 from streams.core.automessages import clamp
-from streams.rules.conversation import held, lifecycle, turns
+from streams.rules.conversation import held, lifecycle, routing, turns
 from streams.rules.conversation.context import Ctx, remember
 from streams.rules.conversation.state import Agent, Conv
 from streams.rules.conversation.system import say
@@ -194,10 +194,11 @@ def _close(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
 def _transfer(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     conv = _conv(ctx)
     src = conv["skill"]
-    dst = action.to_skill or src
-    if action.to_skill is not None and action.to_skill not in ctx.rules.skills:
+    dst_or_none = routing.transfer_target(action.to_skill, src, ctx.rules.skills)
+    if dst_or_none is None:
         ctx.reject(raw, "invalid_action", f"to_skill {action.to_skill!r} is not a configured skill")
         return
+    dst = dst_or_none
     if action.to_skill is None and action.to_agent_id is None:
         ctx.reject(raw, "invalid_action", "transfer needs to_skill or to_agent_id")
         return

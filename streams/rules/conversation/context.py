@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from streams.core.config import ConnectorConfig, Skill
+from streams.rules.conversation import routing
 from streams.rules.conversation.api import Env, Input, Output
 from streams.rules.conversation.state import OUTBOX_MAX, OUTBOX_TEXT_BYTES, RECENT_MAX, OutboxEntry, State, short_hash
 
@@ -77,12 +78,7 @@ class Ctx:
     # config ------------------------------------------------------------------------------------
     def route(self) -> tuple[str, bool]:
         """(skill, page known?) for this conversation's page, per the routing mode."""
-        page = self.env.page
-        if self.env.routing.mode == "manual":
-            return self.env.routing.default_skill, page is not None
-        if page is not None and page.skill:
-            return page.skill, True
-        return self.env.routing.default_skill, page is not None
+        return routing.route(self.env)
 
     def skill_cfg(self, skill: str | None = None) -> Skill:
         """The settings of `skill` (default: the open conversation's)."""
