@@ -93,6 +93,13 @@ class Messaging(_Section):
     )
 
 
+class History(_Section):
+    """The history store (issue 16): how long transcripts are kept."""
+
+    retain_days: int = Field(default=365, ge=0, description="delete conversations idle this long; 0 keeps all")
+    retention_check_seconds: int = Field(default=3600, gt=0, description="how often the sink deletes old ones")
+
+
 class ConnectorConfig(_Section):
     account: Account
     routing: Routing = Routing()
@@ -103,6 +110,7 @@ class ConnectorConfig(_Section):
     csat: Csat = Csat()
     messaging: Messaging = Messaging()
     auto_messages: dict[str, AutoMessage] = Field(default_factory=dict)
+    history: History = History()
 
     @model_validator(mode="after")
     def _unique_pages(self) -> ConnectorConfig:

@@ -17,9 +17,9 @@ from pathlib import Path
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # platformdirs warns at import when XDG_RUNTIME_DIR is unset
     try:  # an optional dependency (installed by `make install`), not a way around an import cycle
-        import pgserver
+        import pgserver.postgres_server as pgserver
     except ImportError:  # pragma: no cover - production installs without the dev extras
-        pgserver = None
+        pgserver = None  # type: ignore[assignment]  # the module is absent: start_embedded says so
 
 log = logging.getLogger("messenger_streams.history")
 

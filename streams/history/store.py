@@ -70,10 +70,6 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode("utf-8")
 
 
-def _ts(column: str) -> str:
-    return f"CASE WHEN {column} IS NULL THEN NULL ELSE to_timestamp({column} / 1000.0) END"
-
-
 @dataclass
 class WriteResult:
     conversations: int = 0
@@ -209,7 +205,7 @@ class HistoryStore:
             [_json(r.summary) for r in rows],
         ]
         await conn.execute(
-            f"""
+            """
             INSERT INTO conversations AS c (
                 conversation_id, page_id, psid, skill, skill_rank, skills, agents, locale, ts_config, opened_by,
                 started_at, opened_at, last_event_at, closed_at, closed_by, close_reason, csat_score,
@@ -219,7 +215,8 @@ class HistoryStore:
                    ARRAY(SELECT jsonb_array_elements_text(u.skills::jsonb)),
                    ARRAY(SELECT jsonb_array_elements_text(u.agents::jsonb)),
                    u.locale, u.ts_config::regconfig, u.opened_by,
-                   {_ts("u.started")}, {_ts("u.opened")}, {_ts("u.last")}, {_ts("u.closed")},
+                   to_timestamp(u.started / 1000.0), to_timestamp(u.opened / 1000.0),
+                   to_timestamp(u.last / 1000.0), to_timestamp(u.closed / 1000.0),
                    u.closed_by, u.close_reason, u.csat,
                    u.farm, u.queue, u.handle, u.nc, u.na, u.ne, u.ns, u.abandoned, u.summary::jsonb
             FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
@@ -288,12 +285,13 @@ class HistoryStore:
             [r.src.offset for r in rows], [_json(r.data) for r in rows],
         ]
         await conn.execute(
-            f"""
+            """
             INSERT INTO messages AS m (
                 message_key, event_id, type, author, conversation_id, page_id, psid, skill, agent_id, mid,
                 outbox_id, text, attachments, sent_at, src_topic, src_partition, src_offset, ts_config, data)
             SELECT u.k, u.event_id, u.type, u.author, u.conversation_id, u.page_id, u.psid, u.skill, u.agent_id,
-                   u.mid, u.outbox_id, u.text, u.attachments::jsonb, {_ts("u.sent")}, u.topic, u.part, u.off,
+                   u.mid, u.outbox_id, u.text, u.attachments::jsonb, to_timestamp(u.sent / 1000.0),
+                   u.topic, u.part, u.off,
                    COALESCE(c.ts_config, 'simple'::regconfig), u.data::jsonb
             FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
                         %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[],
@@ -344,12 +342,12 @@ class HistoryStore:
             [r.src.offset for r in rows], [_json(r.data) for r in rows],
         ]
         await conn.execute(
-            f"""
+            """
             INSERT INTO events AS e (
                 event_id, type, conversation_id, page_id, psid, skill, at, agent_id, from_skill, to_skill,
                 closed_by, reason, score, status, watermark, src_topic, src_partition, src_offset, data)
-            SELECT u.id, u.type, u.conversation_id, u.page_id, u.psid, u.skill, {_ts("u.at")}, u.agent_id,
-                   u.from_skill, u.to_skill, u.closed_by, u.reason, u.score, u.status, {_ts("u.wm")},
+            SELECT u.id, u.type, u.conversation_id, u.page_id, u.psid, u.skill, to_timestamp(u.at / 1000.0), u.agent_id,
+                   u.from_skill, u.to_skill, u.closed_by, u.reason, u.score, u.status, to_timestamp(u.wm / 1000.0),
                    u.topic, u.part, u.off, u.data::jsonb
             FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::bigint[],
                         %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::smallint[], %s::text[],
@@ -372,9 +370,9 @@ class HistoryStore:
         if not rows:
             return 0
         await conn.execute(
-            f"""
+            """
             INSERT INTO csat_responses (conversation_id, page_id, psid, skill, agent_id, score, locale, at)
-            SELECT u.id, u.page_id, u.psid, u.skill, u.agent_id, u.score, u.locale, {_ts("u.at")}
+            SELECT u.id, u.page_id, u.psid, u.skill, u.agent_id, u.score, u.locale, to_timestamp(u.at / 1000.0)
             FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::smallint[], %s::text[],
                         %s::bigint[]) AS u(id, page_id, psid, skill, agent_id, score, locale, at)
             ORDER BY u.id
@@ -391,7 +389,9 @@ class HistoryStore:
         cur = await conn.execute("SELECT ts_config::text FROM search_configs ORDER BY 1")
         return [str(r[0]) for r in await cur.fetchall()]
 
-    def _filters(self, s: Search, configs: Sequence[str], *, skills: Sequence[str] = ()) -> tuple[sql.Composed, list[Any]]:
+    def _filters(
+        self, s: Search, configs: Sequence[str], *, skills: Sequence[str] = ()
+    ) -> tuple[sql.Composed, list[Any]]:
         where: list[sql.Composable] = [sql.SQL("TRUE")]
         args: list[Any] = []
         if s.skill:
@@ -440,7 +440,8 @@ class HistoryStore:
             configs = await self.search_configs(conn) if s.q else []
             where, args = self._filters(s, configs)
             if s.after is not None:
-                where = sql.SQL("{} AND (c.started_at, c.conversation_id) < (to_timestamp(%s / 1000.0), %s)").format(where)
+                where = sql.SQL(
+                    "{} AND (c.started_at, c.conversation_id) < (to_timestamp(%s / 1000.0), %s)").format(where)
                 args.extend([s.after[0], s.after[1]])
             match = sql.SQL("NULL::text")
             match_args: list[Any] = []
@@ -509,8 +510,9 @@ class HistoryStore:
                 query = sql.SQL("SELECT c.* FROM conversations AS c WHERE {} "
                                 "ORDER BY c.started_at, c.conversation_id").format(where)
             else:
-                query = sql.SQL(MESSAGES_WITH_RECEIPTS + " JOIN conversations AS c ON c.conversation_id = m.conversation_id"
-                                " WHERE {} ORDER BY c.started_at, c.conversation_id, m.sent_at, m.src_offset").format(where)
+                query = sql.SQL(
+                    MESSAGES_WITH_RECEIPTS + " JOIN conversations AS c ON c.conversation_id = m.conversation_id"
+                    " WHERE {} ORDER BY c.started_at, c.conversation_id, m.sent_at, m.src_offset").format(where)
             async with conn.transaction():
                 cur = conn.cursor(name="history_export", row_factory=dict_row)
                 cur.itersize = chunk

@@ -82,8 +82,9 @@ def scrub(value: Any, depth: int = 0) -> Any:
         return {k: scrub(v, depth + 1) for k, v in value.items() if not SECRET_KEY.search(str(k))}
     if isinstance(value, list):
         return [scrub(v, depth + 1) for v in value]
-    if isinstance(value, str) and "://" in value and "?" in value:
-        return _scrub_url(value)
+    if isinstance(value, str):
+        value = value.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+        return _scrub_url(value) if "://" in value and "?" in value else value
     return value
 
 
@@ -288,7 +289,8 @@ def merge_messages(a: MessageRow, b: MessageRow) -> MessageRow:
 def _str(value: Any) -> str | None:
     if value is None:
         return None
-    return value if isinstance(value, str) else str(value)
+    text = value if isinstance(value, str) else str(value)
+    return text.replace("\x00", "") if "\x00" in text else text
 
 
 def _int(value: Any, name: str) -> int:
@@ -298,10 +300,10 @@ def _int(value: Any, name: str) -> int:
 
 
 def _need(ev: Mapping[str, Any], name: str) -> str:
-    value = ev.get(name)
-    if value is None or value == "":
+    value = _str(ev.get(name))
+    if not value:
         raise RecordError(f"{name} is missing")
-    return str(value)
+    return value
 
 
 def _rest(ev: Mapping[str, Any], columns: Iterable[str]) -> dict[str, Any]:
@@ -383,7 +385,8 @@ class Batch:
         self, ev: dict[str, Any], type_: str, conversation_id: str, page_id: str, psid: str, skill: str, at: int
     ) -> ConversationRow:
         conv_skill = _str(ev.get("to_skill")) or skill if type_ == "conversation_transferred" else skill
-        agents = [str(ev["agent_id"])] if type_ in ("agent_message", "conversation_accepted") and ev.get("agent_id") else []
+        takes_part = type_ in ("agent_message", "conversation_accepted") and ev.get("agent_id")
+        agents = [str(ev["agent_id"])] if takes_part else []
         row = ConversationRow(
             conversation_id, page_id, psid, conv_skill, skill_rank(False, at, conv_skill), at, at,
             skills=sorted({skill, conv_skill}), agents=agents,
@@ -592,6 +595,12 @@ def parse_search(params: Mapping[str, str]) -> Search:
         closed_by=closed_by, close_reason=text("close_reason"), csat_min=csat_min, csat_max=csat_max,
         q=text("q", MAX_Q), limit=limit, after=decode_cursor(cursor) if cursor else None,
     )
+
+
+def forget_action(page_id: str, psid: str, action_id: str, now_ms: int) -> dict[str, Any]:
+    """The `forget` agent action (PLAN §G): the processor erases this person's conversation state."""
+    return {"type": "forget", "action_id": action_id, "page_id": page_id, "psid": psid,
+            "agent_id": "history-forget", "role": "admin", "timestamp": now_ms}
 
 
 def ms_to_datetime(ms: int) -> datetime:
