@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from streams.history.embedded import start_embedded
 from tests.kafkatools import KafkaIO, Worker, kafka_broker, worker_env
+from tests.pgtools import new_database
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -75,3 +77,18 @@ def make_worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., 
     yield factory
     for w in workers:
         w.stop()
+
+
+# --- the embedded PostgreSQL of the history store (issue 16) -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One embedded PostgreSQL 16 (pgserver) for the run, deleted at exit: its connection URI."""
+    return start_embedded(tmp_path_factory.mktemp("pg") / "data", delete_on_exit=True)
+
+
+@pytest.fixture
+def history_dsn(pg_server: str) -> str:
+    """A fresh, empty database on the embedded server for one test."""
+    return new_database(pg_server)
