@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from streams.history.embedded import start_embedded
+from streams.history.embedded import start_embedded, stop_embedded
 from tests.kafkatools import KafkaIO, Worker, kafka_broker, worker_env
 from tests.pgtools import new_database
 
@@ -83,9 +85,17 @@ def make_worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., 
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One embedded PostgreSQL 16 (pgserver) for the run, deleted at exit: its connection URI."""
-    return start_embedded(tmp_path_factory.mktemp("pg") / "data", delete_on_exit=True)
+def pg_server() -> Iterator[str]:
+    """One embedded PostgreSQL 16 (pgserver) for the run, deleted at exit: its connection URI.
+
+    Not under pytest's temp dir: pytest resets that tree to mode 0700 at every run, and the server
+    runs as its own user (pgserver's when we are root)."""
+    base = Path(tempfile.mkdtemp(prefix="ms-pg-"))
+    try:
+        yield start_embedded(base / "data", delete_on_exit=True)
+    finally:
+        stop_embedded(base / "data")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

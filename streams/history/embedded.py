@@ -63,3 +63,12 @@ def start_embedded(pgdata: Path, *, delete_on_exit: bool = False) -> str:
 def resolve_dsn(dsn: str, datadir: str) -> str:
     """A connectable DSN: the embedded server's URI for `embedded[:dir]`, else `dsn` itself."""
     return start_embedded(embedded_dir(dsn, datadir)) if is_embedded(dsn) else dsn
+
+
+def stop_embedded(pgdata: Path) -> None:
+    """Stop this process's hold on the embedded server now (the last holder stops the server)."""
+    if pgserver is None:
+        return
+    server = pgserver.PostgresServer._instances.get(pgdata.resolve())  # noqa: SLF001 - no public lookup
+    if server is not None:
+        server.cleanup()
