@@ -16,6 +16,7 @@ DUMP_ORDER = {
     "events": "event_id",
     "csat_responses": "conversation_id",
     "forgotten": "subject",
+    "forgotten_conversations": "digest",
 }
 
 
@@ -27,7 +28,7 @@ def new_database(server_uri: str) -> str:
     return make_conninfo(server_uri, dbname=name)
 
 
-def dump(dsn: str, tables: tuple[str, ...] = (*TABLES, "forgotten")) -> dict[str, list[tuple[Any, ...]]]:
+def dump(dsn: str, tables: tuple[str, ...] = (*TABLES, "forgotten", "forgotten_conversations")) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of the store's tables, in key order (to compare two stores)."""
     out: dict[str, list[tuple[Any, ...]]] = {}
     with psycopg.connect(dsn) as conn:

@@ -27,6 +27,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from streams.rules.history import (
     Batch,
     Search,
+    conversation_digest,
     datetime_to_ms,
     encode_cursor,
     subject,
@@ -179,6 +180,12 @@ class HistoryStore:
                 "WHERE subject = ANY(%s)", [sorted(people)])
             forgotten = {people[s]: int(ms) for s, ms in await cur.fetchall()}
             result.dropped_forgotten = batch.drop_forgotten(forgotten)
+            digests = {conversation_digest(c): c for c in batch.conversation_ids()}
+            if digests:
+                cur = await conn.execute("SELECT digest FROM forgotten_conversations WHERE digest = ANY(%s)",
+                                         [sorted(digests)])
+                erased = {digests[str(r[0])] for r in await cur.fetchall()}
+                result.dropped_forgotten += batch.drop_conversations(erased)
         result.conversations = await self._write_conversations(conn, batch)
         result.messages = await self._write_messages(conn, batch)
         result.events = await self._write_events(conn, batch)
@@ -537,6 +544,10 @@ class HistoryStore:
                                      "RETURNING conversation_id", [page_id, psid])
             erased["conversation_ids"] = sorted(str(r[0]) for r in await cur.fetchall())
             erased["conversations"] = len(erased["conversation_ids"])
+            await conn.execute(
+                "INSERT INTO forgotten_conversations (digest, forgotten_at) SELECT d, to_timestamp(%s / 1000.0) "
+                "FROM unnest(%s::text[]) AS d ON CONFLICT (digest) DO NOTHING",
+                [now_ms, [conversation_digest(c) for c in erased["conversation_ids"]]])
             for table in ("messages", "events", "csat_responses"):
                 cur = await conn.execute(
                     sql.SQL("DELETE FROM {} WHERE page_id = %s AND psid = %s").format(sql.Identifier(table)),
@@ -578,7 +589,7 @@ class HistoryStore:
     async def table_counts(self) -> dict[str, int]:
         async with self.pool.connection() as conn:
             out: dict[str, int] = {}
-            for table in (*TABLES, "forgotten"):
+            for table in (*TABLES, "forgotten", "forgotten_conversations"):
                 cur = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table)))
                 row = await cur.fetchone()
                 out[table] = int(row[0]) if row else 0

@@ -105,6 +105,11 @@ def subject(page_id: str, psid: str) -> str:
     return hashlib.sha256(f"{page_id}:{psid}".encode()).hexdigest()
 
 
+def conversation_digest(conversation_id: str) -> str:
+    """The digest that stands for an erased conversation in `forgotten_conversations`."""
+    return hashlib.sha256(f"conversation:{conversation_id}".encode()).hexdigest()
+
+
 def subject_lock(subject_digest: str) -> int:
     """A PostgreSQL advisory lock key (signed 64-bit) for one person."""
     return int.from_bytes(bytes.fromhex(subject_digest[:16]), "big", signed=True)
@@ -480,6 +485,24 @@ class Batch:
         self.messages = {k: m for k, m in self.messages.items() if not gone(m.page_id, m.psid, m.sent_at)}
         self.events = {k: e for k, e in self.events.items() if not gone(e.page_id, e.psid, e.at)}
         self.csat = {k: c for k, c in self.csat.items() if not gone(c.page_id, c.psid, c.at)}
+        return before - (len(self.conversations) + len(self.messages) + len(self.events) + len(self.csat))
+
+    def conversation_ids(self) -> set[str]:
+        """Every conversation id this batch writes about."""
+        ids = set(self.conversations) | set(self.csat)
+        ids.update(m.conversation_id for m in self.messages.values() if m.conversation_id)
+        ids.update(e.conversation_id for e in self.events.values() if e.conversation_id)
+        return ids
+
+    def drop_conversations(self, erased: set[str]) -> int:
+        """Remove everything about erased conversations; returns rows dropped."""
+        if not erased:
+            return 0
+        before = len(self.conversations) + len(self.messages) + len(self.events) + len(self.csat)
+        self.conversations = {k: c for k, c in self.conversations.items() if k not in erased}
+        self.messages = {k: m for k, m in self.messages.items() if m.conversation_id not in erased}
+        self.events = {k: e for k, e in self.events.items() if e.conversation_id not in erased}
+        self.csat = {k: c for k, c in self.csat.items() if k not in erased}
         return before - (len(self.conversations) + len(self.messages) + len(self.events) + len(self.csat))
 
     def drop_older_than(self, cutoff_ms: int) -> int:

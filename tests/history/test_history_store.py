@@ -204,7 +204,13 @@ async def test_forget_leaves_nothing_of_that_person(store: HistoryStore, history
     # re-reading the topics does not bring the person back...
     await write_all(store, items, seed=4)
     assert psid not in all_text(history_dsn)
-    # ...but what they write after being forgotten is stored
+    # ...nor does anything later about an erased conversation (the processor's answer to the forget)...
+    late = Batch()
+    late.add("skill", {**victim, "type": "action_rejected", "event_id": "ev-late", "action": "forget",
+                       "timestamp": 4_102_444_800_000}, Src("skill.billing", 0, 9_999))
+    assert (await store.write(late)).dropped_forgotten == 2  # the event and its conversation
+    assert psid not in all_text(history_dsn)
+    # ...but what they write after being forgotten, in a new conversation, is stored
     later = Batch()
     later.add("skill", {**RECORDS[1].value, "event_id": "ev-new", "conversation_id": "c-new",
                         "timestamp": 4_102_444_800_000}, Src("skill.billing", 0, 10_000))

@@ -117,3 +117,9 @@ CREATE TABLE forgotten (
     subject          text PRIMARY KEY,
     forgotten_at     timestamptz NOT NULL
 );
+-- Their erased conversations (a digest of the id): nothing about them is written again, whatever
+-- its time (the processor's later events about a conversation it still had open, for instance).
+CREATE TABLE forgotten_conversations (
+    digest           text PRIMARY KEY,
+    forgotten_at     timestamptz NOT NULL
+);
