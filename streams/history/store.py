@@ -95,6 +95,9 @@ class HistoryStore:
     async def open(self, migrate: bool = True) -> None:
         """Connect (raises StoreError when the server cannot be reached) and migrate the schema."""
         try:
+            # one direct connection first: fails fast, with the server's own words, when unreachable
+            probe = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=max(1, int(self.timeout)))
+            await probe.close()
             await self.pool.open(wait=True, timeout=self.timeout)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             await self.pool.close()
