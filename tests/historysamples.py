@@ -26,9 +26,10 @@ class Rec:
 
 def conversation_records(
     n: int, *, seed: int = 1, start_ms: int = 1_767_225_600_000, skills: tuple[str, ...] = ("billing", "support"),
-    refund_every: int = 5,
+    refund_every: int = 5, chatter: int = 0,
 ) -> list[Rec]:
-    """Records of `n` conversations, in the order the processor would write them per topic."""
+    """Records of `n` conversations, in the order the processor would write them per topic; `chatter`
+    more consumer and agent message pairs per conversation (for message-heavy benchmarks)."""
     rnd = random.Random(seed)
     out: list[Rec] = []
     for i in range(n):
@@ -67,6 +68,12 @@ def conversation_records(
                       outbox_id=f"ob-{cid}-a1", mid=None, messaging_type="RESPONSE", tag=None))
         out.append(ev("agent_message", t + 30_500, agent_id=agent, text=f"Happy to help with {i}",
                       outbox_id=f"ob-{cid}-a1", mid=f"m.{cid}.2", via="echo", messaging_type="RESPONSE", tag=None))
+        for k in range(chatter):
+            at = t + 32_000 + k * 200
+            out.append(ev("consumer_message", at, mid=f"m.{cid}.c{k}", text=" ".join(rnd.choices(WORDS, k=8)),
+                          attachments=[], quick_reply_payload=None, truncated=False, reply_to_mid=None))
+            out.append(ev("agent_message", at + 100, agent_id=agent, text=" ".join(rnd.choices(WORDS, k=12)),
+                          outbox_id=f"ob-{cid}-c{k}", mid=f"m.{cid}.a{k}", messaging_type="RESPONSE", tag=None))
         out.append(ev("status", t + 31_000, status="delivered", watermark=t + 30_900, mids=None))
         out.append(ev("status", t + 40_000, status="read", watermark=t + 39_000, mids=None))
         final = skill

@@ -11,6 +11,7 @@ the same order; a deadlock or serialization failure is retried.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -495,10 +496,8 @@ class HistoryStore:
                 "AND NOT (type = 'conversation_transferred' AND skill IS DISTINCT FROM to_skill)",
                 [conversation_id])
             events = await cur.fetchall()
-        items = [(_order(r, "sent_at"), message_json(r)) for r in messages]
-        items += [(_order(r, "at"), event_json(r)) for r in events]
-        items.sort(key=lambda pair: pair[0])
-        return {"conversation": conversation_json(conv), "transcript": [item for _, item in items]}
+        rows = [(r, r["sent_at"], message_json(r)) for r in messages] + [(r, r["at"], event_json(r)) for r in events]
+        return {"conversation": conversation_json(conv), "transcript": transcript_order(rows)}
 
     async def count(self, s: Search, skills: Sequence[str] = ()) -> int:
         async with self.pool.connection() as conn:
@@ -627,8 +626,20 @@ SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM gone_messages), (SELEC
 """
 
 
-def _order(row: dict[str, Any], at: str) -> tuple[Any, ...]:
-    return (row[at], row["src_topic"], row["src_partition"], row["src_offset"], row["event_id"])
+def transcript_order(rows: list[tuple[dict[str, Any], Any, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Items in the order they happened: each topic partition in its log order (the processor's own
+    order, which event times can contradict by a few ms), the partitions merged by event time (a
+    transferred conversation continues on another skill's topic)."""
+    lanes: dict[tuple[str, int], list[tuple[Any, int, str, dict[str, Any]]]] = {}
+    for row, at, item in rows:
+        lane = lanes.setdefault((row["src_topic"], row["src_partition"]), [])
+        lane.append((at, int(row["src_offset"]), str(row["event_id"]), item))
+    for lane in lanes.values():
+        lane.sort(key=lambda entry: (entry[1], entry[2]))
+    merged = heapq.merge(*[[(at, topic, part, off, eid, item) for at, off, eid, item in lane]
+                           for (topic, part), lane in sorted(lanes.items())],
+                         key=lambda entry: (entry[0], entry[1], entry[2]))
+    return [entry[5] for entry in merged]
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from streams.history.store import SCHEMA_VERSION, HistoryStore, StoreError
+from streams.history.store import SCHEMA_VERSION, HistoryStore, StoreError, transcript_order
 from streams.rules.history import Batch, Src, parse_search, subject
 from tests.historysamples import PAGE_EN, PAGE_ES, Rec, conversation_records
 from tests.pgtools import all_text, dump, new_database
@@ -246,3 +246,19 @@ async def test_text_with_nul_bytes_and_unknown_types_are_kept(store: HistoryStor
     assert msg["text"] == "ab"
     assert event["type"] == "media_stored" and event["url"] == "https://x/y?k=v"
     assert event["nested"] == {"n": [1, {"ok": 3}]}
+
+
+def test_transcript_keeps_each_partition_in_log_order_and_merges_them_by_time() -> None:
+    def row(topic: str, offset: int, at: int, name: str) -> tuple[dict[str, Any], int, dict[str, Any]]:
+        return ({"src_topic": topic, "src_partition": 0, "src_offset": offset, "event_id": name}, at, {"n": name})
+
+    rows = [
+        row("skill.a", 2, 1000, "welcome"),  # written after the message, stamped a few ms earlier
+        row("skill.a", 1, 1003, "message"),
+        row("skill.a", 3, 2000, "transferred"),
+        row("skill.b", 0, 2000, "transferred-copy"),
+        row("skill.b", 1, 3000, "reply"),
+        row("skill.a", 4, 4000, "late-receipt"),
+    ]
+    order = [item["n"] for item in transcript_order(rows)]
+    assert order == ["message", "welcome", "transferred", "transferred-copy", "reply", "late-receipt"]
