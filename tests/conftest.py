@@ -89,7 +89,11 @@ def pg_server() -> Iterator[str]:
     """One embedded PostgreSQL 16 (pgserver) for the run, deleted at exit: its connection URI.
 
     Not under pytest's temp dir: pytest resets that tree to mode 0700 at every run, and the server
-    runs as its own user (pgserver's when we are root)."""
+    runs as its own user (pgserver's when we are root). HISTORY_TEST_POSTGRES_URI runs the history
+    tests on another server instead (another PostgreSQL version): each test creates a database there."""
+    if other := os.environ.get("HISTORY_TEST_POSTGRES_URI"):
+        yield other
+        return
     base = Path(tempfile.mkdtemp(prefix="ms-pg-"))
     try:
         yield start_embedded(base / "data", delete_on_exit=True)
