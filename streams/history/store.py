@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, LiteralString
 
 import orjson
 import psycopg
@@ -405,36 +405,22 @@ class HistoryStore:
     ) -> tuple[sql.Composed, list[Any]]:
         where: list[sql.Composable] = [sql.SQL("TRUE")]
         args: list[Any] = []
-        if s.skill:
-            where.append(sql.SQL("c.skills @> ARRAY[%s]::text[]"))
-            args.append(s.skill)
-        if skills:
-            where.append(sql.SQL("c.skills && %s::text[]"))
-            args.append(list(skills))
-        if s.page:
-            where.append(sql.SQL("c.page_id = %s"))
-            args.append(s.page)
-        if s.agent:
-            where.append(sql.SQL("c.agents @> ARRAY[%s]::text[]"))
-            args.append(s.agent)
-        if s.from_ms is not None:
-            where.append(sql.SQL("c.started_at >= to_timestamp(%s / 1000.0)"))
-            args.append(s.from_ms)
-        if s.to_ms is not None:
-            where.append(sql.SQL("c.started_at < to_timestamp(%s / 1000.0)"))
-            args.append(s.to_ms)
-        if s.closed_by:
-            where.append(sql.SQL("c.closed_by = %s"))
-            args.append(s.closed_by)
-        if s.close_reason:
-            where.append(sql.SQL("c.close_reason = %s"))
-            args.append(s.close_reason)
-        if s.csat_min is not None:
-            where.append(sql.SQL("c.csat_score >= %s"))
-            args.append(s.csat_min)
-        if s.csat_max is not None:
-            where.append(sql.SQL("c.csat_score <= %s"))
-            args.append(s.csat_max)
+        conditions: list[tuple[Any, LiteralString]] = [
+            (s.skill, "c.skills @> ARRAY[%s]::text[]"),
+            (list(skills) or None, "c.skills && %s::text[]"),
+            (s.page, "c.page_id = %s"),
+            (s.agent, "c.agents @> ARRAY[%s]::text[]"),
+            (s.from_ms, "c.started_at >= to_timestamp(%s / 1000.0)"),
+            (s.to_ms, "c.started_at < to_timestamp(%s / 1000.0)"),
+            (s.closed_by, "c.closed_by = %s"),
+            (s.close_reason, "c.close_reason = %s"),
+            (s.csat_min, "c.csat_score >= %s"),
+            (s.csat_max, "c.csat_score <= %s"),
+        ]
+        for value, clause in conditions:
+            if value is not None:
+                where.append(sql.SQL(clause))
+                args.append(value)
         if s.q:
             # each conversation's messages are indexed in its own language: ask each language in use
             per_config = sql.SQL(" OR ").join(

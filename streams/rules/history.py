@@ -439,6 +439,7 @@ class Batch:
             agents=sorted({str(x) for x in s.get("agents") or [] if x}),
             opened_at=opened_at, closed_at=closed_at,
             closed_by=_str(s.get("closed_by")), close_reason=_str(s.get("close_reason")),
+            opened_by=_str(s.get("opened_by")),
             csat_score=_int(score, "csat_score") if score is not None else None,
             figures={k: s.get(k) for k in SUMMARY_FIGURES},
             summary=clean if isinstance(clean, dict) else None,

@@ -6,6 +6,9 @@
 - `GET /conversations/{id}`: the conversation and its whole transcript, in order.
 - `POST /admin/forget` (`{"page_id", "psid"}`, admin password): erase one person.
 
+With `MESSENGER_STREAMS_ADMIN_PASSWORD` set, the reading pages need it too (transcripts are personal
+data); without it they are open to whoever reaches the web port, like /metrics (fine for make run).
+
 Bad parameters answer 400 `{"error": "...", "param": "<name>"}`. Without
 `MESSENGER_STREAMS_HISTORY_DSN` the pages answer 503. The store is opened on the first request
 (`embedded` starts or joins the local pgserver then).
@@ -87,6 +90,13 @@ def register(pipe: Pipeline) -> None:
     password = settings.admin_password.get_secret_value() if settings.admin_password else None
     actions_topic = settings.topics.name("actions")
 
+    def refused(view: faust.web.View, request: Any) -> Any:
+        """Transcripts are personal data: with an admin password set, reading needs it too."""
+        if password and not admin_authorized(request.headers.get("Authorization"), password):
+            return _error(view, 401, "admin password required", headers={
+                "WWW-Authenticate": 'Basic realm="messenger-streams admin"'})
+        return None
+
     async def call(view: faust.web.View, use: Any) -> Any:
         try:
             store = await holder.get()
@@ -100,6 +110,8 @@ def register(pipe: Pipeline) -> None:
     @app.page("/conversations")
     class Conversations(faust.web.View):
         async def get(self, request: Any) -> Any:
+            if (denied := refused(self, request)) is not None:
+                return denied
             try:
                 search = parse_search({k: request.query.getone(k) for k in request.query})
             except BadParam as exc:
@@ -113,6 +125,8 @@ def register(pipe: Pipeline) -> None:
     @app.page("/conversations/{conversation_id}")
     class Transcript(faust.web.View):
         async def get(self, request: Any, conversation_id: str) -> Any:
+            if (denied := refused(self, request)) is not None:
+                return denied
             if not conversation_id or len(conversation_id) > MAX_ID:
                 return _error(self, 400, "bad conversation id", "conversation_id")
             if request.query:

@@ -38,9 +38,14 @@ def body(psid: str, mid: str, text: str) -> bytes:
     return orjson.dumps({"object": "page", "entry": [{"id": PAGE, "time": now_ms(), "messaging": [item]}]})
 
 
+BEARER = {"Authorization": f"Bearer {PASSWORD}"}
+
+
 def http(w: Worker, path: str, *, method: str = "GET", data: bytes | None = None,
          headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(w.web_url + path, data=data, method=method, headers=headers or {})  # noqa: S310
+    """A request; with the admin password unless `headers` says otherwise."""
+    req = urllib.request.Request(w.web_url + path, data=data, method=method,  # noqa: S310
+                                 headers=BEARER if headers is None else headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - a local worker
             return resp.status, json.loads(resp.read())
@@ -103,8 +108,10 @@ async def test_search_read_and_forget_through_the_worker(
             assert status == 400 and err["param"] == param and param in err["error"], (query, err)
         assert http(w, "/conversations/c-nope")[0] == 404
 
+        assert http(w, "/conversations?q=refund", headers={})[0] == 401  # transcripts need the password too
+        assert http(w, f"/conversations/{cid}", headers={"Authorization": "Bearer nope"})[0] == 401
         forget = orjson.dumps({"page_id": PAGE, "psid": "24680135792468013"})
-        assert http(w, "/admin/forget", method="POST", data=forget)[0] == 401
+        assert http(w, "/admin/forget", method="POST", data=forget, headers={})[0] == 401
         wrong = {"Authorization": "Bearer nope"}
         assert http(w, "/admin/forget", method="POST", data=forget, headers=wrong)[0] == 401
         basic = {"Authorization": "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode()}
@@ -130,7 +137,7 @@ async def test_search_read_and_forget_through_the_worker(
 
 async def test_history_pages_without_a_store_answer_503(make_worker: Callable[..., Worker]) -> None:
     w = make_worker(BASE_CONFIG)
-    status, err = http(w, "/conversations")
+    status, err = http(w, "/conversations", headers={})
     assert status == 503 and "MESSENGER_STREAMS_HISTORY_DSN" in err["error"]
-    status, err = http(w, "/admin/forget", method="POST", data=b"{}")
+    status, err = http(w, "/admin/forget", method="POST", data=b"{}", headers={})
     assert status == 403 and "MESSENGER_STREAMS_ADMIN_PASSWORD" in err["error"]
