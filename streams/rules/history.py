@@ -110,9 +110,14 @@ def conversation_digest(conversation_id: str) -> str:
     return hashlib.sha256(f"conversation:{conversation_id}".encode()).hexdigest()
 
 
+LOCK_BUCKETS = 256
+LOCK_BASE = 7_316_411_028_000
+
+
 def subject_lock(subject_digest: str) -> int:
-    """A PostgreSQL advisory lock key (signed 64-bit) for one person."""
-    return int.from_bytes(bytes.fromhex(subject_digest[:16]), "big", signed=True)
+    """The PostgreSQL advisory lock key of one person: one of `LOCK_BUCKETS` keys, so a batch about
+    thousands of people takes at most 256 locks (PostgreSQL's shared lock table is small)."""
+    return LOCK_BASE + int(subject_digest[:8], 16) % LOCK_BUCKETS
 
 
 def admin_authorized(authorization: str | None, password: str | None) -> bool:

@@ -9,6 +9,8 @@ from functools import reduce
 import pytest
 
 from streams.rules.history import (
+    LOCK_BASE,
+    LOCK_BUCKETS,
     BadParam,
     Batch,
     ConversationRow,
@@ -24,6 +26,7 @@ from streams.rules.history import (
     scrub,
     skill_rank,
     subject,
+    subject_lock,
     ts_config_for,
 )
 
@@ -167,3 +170,9 @@ def test_admin_password_check() -> None:
     assert not admin_authorized("Token s3cret", "s3cret")
     assert not admin_authorized(None, "s3cret")
     assert not admin_authorized("Bearer ", "")  # no password configured: nobody is admin
+
+
+def test_people_share_a_bounded_set_of_lock_keys() -> None:
+    keys = {subject_lock(subject("p", f"u{i}")) for i in range(5000)}
+    assert len(keys) == LOCK_BUCKETS and min(keys) >= LOCK_BASE and max(keys) < LOCK_BASE + LOCK_BUCKETS
+    assert subject_lock(subject("p", "u1")) == subject_lock(subject("p", "u1"))
