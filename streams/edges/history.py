@@ -33,7 +33,7 @@ from typing import Literal, TypeAlias
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from psycopg_pool import PoolTimeout
 
 from schemas.events import Source
@@ -216,21 +216,6 @@ class HistorySink:
                 log.info("history sink: commit after a rebalance failed (%s); records will be re-read", exc)
             self.stats.records += len(records)
             self.stats.batches += 1
-
-    async def lag(self) -> int:
-        """Records not yet written on this sink's partitions (for tests and the progress log)."""
-        consumer = self.consumer
-        if consumer is None:
-            return 0
-        parts: set[TopicPartition] = set(consumer.assignment())
-        if not parts:
-            return 0
-        ends = await consumer.end_offsets(list(parts))
-        total = 0
-        for tp in parts:
-            committed = await consumer.committed(tp)
-            total += max(0, ends[tp] - (committed or 0))
-        return total
 
 
 async def retention_loop(store: HistoryStore, config: ConnectorConfig, stop: asyncio.Event) -> None:
