@@ -16,6 +16,8 @@ DeadLetterReason = Literal[
     "invalid_item",
     "invalid_action",
     "processing_error",
+    "history_invalid_record",  # the history sink: a skill/history/CSAT record it cannot read
+    "history_write_error",  # the history sink: a record the database refuses
 ]
 
 
