@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 ActionType = Literal[
     "accept", "message", "typing", "read", "transfer", "close", "open",
     "join", "leave", "return_to_queue", "set_response_time", "forget",
+    "to_bot",  # #15: the thread goes to the page's bot (optional `metadata`)
 ]
 Role = Literal["agent", "manager", "admin"]
 Origin = Literal["agent", "system", "csat"]
@@ -48,6 +49,7 @@ class AgentAction(BaseModel):
     to_agent_nickname: str | None = Field(default=None, max_length=200)
     seconds: int | None = Field(default=None, gt=0, le=MAX_RESPONSE_SECONDS)
     reason: str | None = Field(default=None, max_length=64)
+    metadata: str | None = Field(default=None, max_length=1000, description="#15 `to_bot`: what the bot is told")
     timestamp: int | None = None
 
 
@@ -57,9 +59,12 @@ CONSOLE_EVENT_TYPES = (
     "manager_joined", "manager_left", "agent_not_responding", "response_time_set", "urgency_changed",
     "csat_requested", "csat_received", "action_rejected", "send_failed", "postback", "referral", "reaction",
     "message_edit", "standby_event", "context_event",
+    # #15: bots and the checkout opt-in
+    "handover_context", "thread_control", "purchase", "order_update", "order_unmatched", "conversation_relinked",
 )
 REJECTION_REASONS = (
     "invalid_action", "text_too_long", "window_closed", "unknown_conversation", "not_owner", "not_assigned",
+    "thread_not_owned",
 )
 
 
@@ -93,6 +98,11 @@ class OutboundRequest(BaseModel):
     skill: str | None = None
     agent_id: str | None = None
     created_at: int | None = None
+    endpoint: str | None = Field(
+        default=None,
+        description="the Graph edge: absent or `messages` = the Send API; #15: `pass_thread_control`, "
+        "`take_thread_control`, `request_thread_control`, `release_thread_control` (`request` is its body)",
+    )
 
 
 class SendResult(BaseModel):
@@ -114,6 +124,7 @@ class SendResult(BaseModel):
     retryable: bool = False
     attempts: int = 1
     timestamp: int
+    endpoint: str | None = Field(default=None, description="as on the outbound record (#15: thread control)")
 
 
 class CsatResponse(BaseModel):
@@ -175,7 +186,7 @@ class ConversationSummary(BaseModel):
     external_messages: int = 0
     system_messages: int = 0
     csat_score: int | None = None
-    opened_by: Literal["consumer", "agent"] | None = None
+    opened_by: Literal["consumer", "agent", "bot", "optin"] | None = None  # bot, optin: #15
     first_agent_response_ms: int | None = Field(
         default=None, description="open → first agent message; null if no agent wrote"
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter
 
+from schemas.commerce import Order, UnmatchedOrder
 from schemas.dlq import DeadLetter
 from schemas.events import NormalizedEvent
 
@@ -21,6 +22,8 @@ OUT = Path(__file__).parent / "json"
 EXPORTS: dict[str, type[BaseModel] | TypeAdapter[object]] = {
     "messenger.dlq": DeadLetter,
     "messenger.events": NormalizedEvent,
+    "commerce.orders": Order,  # #15
+    "commerce.orders.unmatched": UnmatchedOrder,
 }
 
 

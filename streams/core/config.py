@@ -26,6 +26,7 @@ from streams.core.automessages import (
     check_templates,
     check_text,
 )
+from streams.core.config_bots import Bots, Optin
 
 
 class ConfigError(ValueError):
@@ -258,6 +259,8 @@ class ConnectorConfig(_Section):
     retention: Retention = Retention()
     words: dict[str, Words] = Field(default_factory=dict, description="locale or language → words")
     history: History = History()
+    bots: Bots = Bots()  # #15: config_bots.py
+    optin: Optin = Optin()
 
     @model_validator(mode="after")
     def _checks(self) -> ConnectorConfig:
@@ -328,6 +331,7 @@ class ConnectorConfig(_Section):
         """Every skill the processor may route to: declared as topics at start-up."""
         names = {self.routing.default_skill, *self.skills}
         names.update(p.skill for p in self.pages if p.skill)
+        names.update(self.bots.skills.values())  # #15: hand-over metadata may name a skill
         return sorted(names)
 
 

@@ -102,6 +102,19 @@ def _kind_of(item: MessagingItem, doc: dict[str, Any]) -> EventKind:
     return "unknown"
 
 
+def _prior_message(doc: dict[str, Any]) -> dict[str, str] | None:
+    """`prior_message` of a reply (`{"source": "checkbox_plugin", "identifier": <user_ref>}`): on the
+    item, or inside `message` (accepted too)."""
+    message = doc.get("message")
+    prior = doc.get("prior_message") or (message.get("prior_message") if isinstance(message, dict) else None)
+    if not isinstance(prior, dict):
+        return None
+    source, ident = prior.get("source"), prior.get("identifier")
+    if not isinstance(source, str) or not isinstance(ident, str) or not ident or len(ident) > 256:
+        return None
+    return {"source": source, "identifier": ident}
+
+
 def _digest(doc: Any) -> str:
     return hashlib.sha1(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS), usedforsecurity=False).hexdigest()[:16]
 
@@ -136,6 +149,8 @@ def normalize_item(
         raise ValueError(f"{kind} without sender.id")
 
     key = f"{page_id}:{psid}" if psid else page_id
+    if psid is None and kind == "optin" and item.optin is not None and item.optin.user_ref:
+        key = f"{page_id}:uref:{item.optin.user_ref}"  # #15: a checkbox checkout's own key (no sender)
     mid: str | None = None
     text: str | None = None
     attachments: list[AttachmentRef] = []
@@ -158,6 +173,9 @@ def normalize_item(
             attachments.append(AttachmentRef(type=att.type, url=url if isinstance(url, str) else None, title=att.title))
         if msg.reply_to and msg.reply_to.mid:
             data["reply_to_mid"] = msg.reply_to.mid
+        prior = _prior_message(doc)
+        if prior is not None:
+            data["prior_message"] = prior  # #15: the reply to a checkbox checkout names its user_ref
         idem = f"msg:{page_id}:{mid}"
     elif kind == "delivery":
         assert item.delivery is not None  # noqa: S101

@@ -227,7 +227,8 @@ def test_other_kinds_reach_the_console() -> None:
     assert types(c.event("reaction", data={"mid": "m1", "reaction": "love", "action": "react"})) == ["reaction"]
     assert types(c.event("message_edit", mid="m1", text="fixed", data={"num_edit": 1})) == ["message_edit"]
     assert types(c.event("referral", data={"referral": {"ref": "r", "source": "SHORTLINK"}})) == ["referral"]
-    assert types(c.event("handover", data={"type": "pass_thread_control"})) == ["context_event"]
+    # #15: a pass to another app is shown as `thread_control` (tests/rules/test_bots.py has the rest)
+    assert types(c.event("handover", data={"type": "pass_thread_control"})) == ["thread_control"]
     pb = Convo()
     out = pb.event("postback", data={"title": "Get Started", "payload": "GET_STARTED"})
     assert types(out) == ["conversation_opened", "system_message", "postback"]

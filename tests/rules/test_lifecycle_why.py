@@ -158,11 +158,14 @@ def test_windows_run_on_metas_timestamp_not_on_receive_time() -> None:
 
 
 def test_standby_consumer_messages_refresh_the_window() -> None:
-    c = Convo()
+    # #15: a standby message means another app owns the thread: the agent's message takes it first
+    c = Convo(cfg("\n[bots]\ntake_thread_on_agent_message = true\n"))
     c.msg("hello", at=T0)
     c.act("accept", at=T0 + SECOND)
     c.msg("talking to the other app", at=T0 + 20 * HOUR, standby=True)
-    (req,) = [o["request"] for o in outbound(c.act("message", at=T0 + 30 * HOUR, text="Back to us"))]
+    take, sent = outbound(c.act("message", at=T0 + 30 * HOUR, text="Back to us"))
+    assert take["endpoint"] == "take_thread_control"
+    req = sent["request"]
     assert req["messaging_type"] == "RESPONSE" and "tag" not in req
 
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from schemas.contract import AgentAction
 from streams.core.automessages import clamp
-from streams.rules.conversation import held, lifecycle, routing, turns
+from streams.rules.conversation import bots, held, lifecycle, routing, thread, turns
 from streams.rules.conversation.context import Ctx, remember
 from streams.rules.conversation.state import Agent, Conv
 from streams.rules.conversation.system import say
@@ -160,6 +160,7 @@ def _message(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     mode = send_mode(ctx.st["consumer_at"], ctx.now, ctx.config.messaging, ctx.config.account.human_agent_tag)
     if mode is None:
         ctx.reject(raw, "window_closed", "outside Meta's messaging window for this person")
+    if mode is None or not bots.thread_ready(ctx, raw, action.agent_id):  # #15: or another app's thread
         return
     if verdict == "take":
         lifecycle.take(ctx, agent_of(action))
@@ -168,7 +169,8 @@ def _message(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
 
 def _sender_action(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     conv = ctx.st["conv"]
-    if conv is None or not in_response_window(ctx.st["consumer_at"], ctx.now, ctx.config.messaging):
+    if conv is None or not in_response_window(ctx.st["consumer_at"], ctx.now, ctx.config.messaging) \
+            or thread.others_own(ctx):  # #15: not into another app's thread either
         ctx.note("dropped", action.type)
         return  # typing / read for no open conversation, or outside the window: dropped
     verdict = _authorized(ctx, conv, action, raw)
@@ -291,9 +293,15 @@ def _open(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
                      inside="UPDATE")
     if mode is None:
         ctx.reject(raw, "window_closed", "outside Meta's messaging window for this person")
+    if mode is None or not bots.thread_ready(ctx, raw, action.agent_id):  # #15: or another app's thread
         return
     lifecycle.open_by_agent(ctx, agent_of(action))
     _send_text(ctx, action, text, mode)
+
+
+def _to_bot(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:  # #15: the thread goes to the bot
+    if ctx.st["conv"] is None or _authorized(ctx, ctx.st["conv"], action, raw) is not None:
+        bots.to_bot(ctx, raw, action.agent_id, action.metadata)
 
 
 _HANDLERS = {
@@ -308,4 +316,5 @@ _HANDLERS = {
     "join": _join_leave,
     "leave": _join_leave,
     "open": _open,
+    "to_bot": _to_bot,
 }

@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from streams.core.config import ExternalUser, Page, Routing
 
-Source = Literal["event", "action", "result", "timer"]
-Dest = Literal["skill", "outbound", "history", "csat_responses", "csat_facts"]
+# "relay" (#15): a record one conversation key sends another (`conversations.relay`, keyed by the target)
+Source = Literal["event", "action", "result", "timer", "relay"]
+Dest = Literal["skill", "outbound", "history", "csat_responses", "csat_facts", "relay", "orders_unmatched"]
 
 
 @dataclass(frozen=True, slots=True)

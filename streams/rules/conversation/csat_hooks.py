@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from streams.core.automessages import render
 from streams.rules import csat
+from streams.rules.conversation import thread
 from streams.rules.conversation.api import Output
 from streams.rules.conversation.context import Ctx
 from streams.rules.conversation.state import Conv, Survey
@@ -34,6 +35,9 @@ def survey_on_close(ctx: Ctx, conv: Conv, summary: dict[str, Any],
                     closed_by: Literal["agent", "consumer", "system"]) -> None:
     """Send the survey after a close when CSAT asks for one and Meta's 24 h window is open."""
     if not csat.should_survey(ctx.config, closed_by, conv["skill"]):
+        return
+    if not thread.may_send(ctx):  # #15: another app (the bot) owns the thread now
+        ctx.note("csat", "thread_not_owned")
         return
     if not in_response_window(ctx.st["consumer_at"], ctx.now, ctx.config.messaging):
         ctx.note("csat", "window_closed")
@@ -59,6 +63,7 @@ def end_survey(ctx: Ctx, why: str) -> None:
     if ctx.st["survey"] is not None:
         ctx.st["survey"] = None
         ctx.note("csat", why)
+    thread.cancel_handback(ctx)  # #15: the consumer wrote again, or a new conversation opens: we keep the thread
 
 
 def on_consumer_line(ctx: Ctx, text: str | None, payload: str | None) -> bool:
@@ -96,3 +101,4 @@ def _answer(ctx: Ctx, survey: Survey, score: int) -> None:
     ctx.outputs.append(Output("history", cid, {**survey["summary"], "csat_score": score}))
     say(ctx, "csat_thanks", skill=survey["skill"], locale=survey["locale"], conversation_id=cid)
     ctx.note("csat_answer", f"{survey['skill']}:{score}")
+    thread.survey_answered(ctx)  # #15: now the thread may go back to the bot

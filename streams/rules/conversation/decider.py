@@ -13,7 +13,7 @@ from typing import Any
 
 from streams.core.config import ConnectorConfig
 from streams.core.settings import Settings
-from streams.rules.conversation import actions, events, held, retention, timers
+from streams.rules.conversation import actions, events, held, optin, orders, retention, thread, timers
 from streams.rules.conversation.api import Decision, Env, Input
 from streams.rules.conversation.context import Ctx, Rules
 from streams.rules.conversation.state import migrate
@@ -46,13 +46,19 @@ class Decider:
             if events.on_event(ctx, inp.data):
                 return Decision(dict(stored), notes=ctx.notes, duplicate=True)
         elif inp.source == "action":
-            if actions.on_action(ctx, inp.data):
+            if optin.forwards_action(ctx, inp.data):  # #15: a checkout key whose person answered
+                pass
+            elif actions.on_action(ctx, inp.data):
                 return _forget(ctx)
         elif inp.source == "result":
             events.on_result(ctx, inp.data)
+        elif inp.source == "relay":  # #15: from another key (orders, claims, handoffs)
+            optin.on_relay(ctx, inp.data)
         else:
             timers.fire(ctx)
             held.expire_held(ctx)
+            thread.on_timer(ctx)  # #15: a survey expired: the thread goes back to the bot
+            orders.on_timer(ctx)  # #15: orders that met no opt-in are reported
             st = ctx.st
             if st["conv"] is None and st["expire_at"] is not None and st["expire_at"] <= ctx.now:
                 kept = retention.compact(st, ctx.now, self.config, self.rules.horizon_ms)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.rules.conversation import csat_hooks, lifecycle, turns
+from streams.rules.conversation import bots, csat_hooks, lifecycle, optin, thread, turns
 from streams.rules.conversation.context import Ctx, remember
 from streams.rules.conversation.hours import off_hours_end
 from streams.rules.conversation.state import SEEN_MAX, short_hash
@@ -38,6 +38,10 @@ def on_event(ctx: Ctx, ev: dict[str, Any]) -> bool:
     if standby:
         if kind in ("message", "postback"):
             ctx.st["consumer_at"] = newest(ctx.st["consumer_at"], meta_time(ev, received))
+        if kind == "handover":  # #15: hand-over events may come on either channel
+            bots.on_handover(ctx, ev)
+            return False
+        bots.on_standby(ctx, ev)  # #15: the owner and the bot transcript
         # another app holds the thread: shown as context, never answered automatically
         ctx.console("standby_event", timestamp=ev["timestamp"], kind=kind, mid=ev.get("mid"), text=ev.get("text"),
                     data=ev.get("data") or {})
@@ -53,6 +57,10 @@ def on_event(ctx: Ctx, ev: dict[str, Any]) -> bool:
     elif kind == "message_edit":
         ctx.console("message_edit", timestamp=ev["timestamp"], mid=ev.get("mid"), text=ev.get("text"),
                     num_edit=(ev.get("data") or {}).get("num_edit"))
+    elif kind == "handover":  # #15
+        bots.on_handover(ctx, ev)
+    elif kind == "optin":  # #15: checkout opt-ins
+        optin.on_optin(ctx, ev)
     elif kind == "referral":
         d = (ev.get("data") or {}).get("referral") or {}
         ctx.console("referral", timestamp=ev["timestamp"], ref=d.get("ref"), source=d.get("source"),
@@ -92,6 +100,7 @@ def learn_mid(ctx: Ctx, outbox_id: str, mid: str | None, via: str) -> None:
 def on_result(ctx: Ctx, res: dict[str, Any]) -> None:
     """A dispatcher result: `sent` gives the mid; `failed` becomes `send_failed`, once."""
     outbox_id = str(res.get("outbox_id") or "")
+    thread.on_result(ctx, res)  # #15: results of thread-control calls move the owner
     if res.get("status") == "sent":
         learn_mid(ctx, outbox_id, res.get("mid"), via="send_result")
         return
@@ -133,10 +142,12 @@ def _consumer_line(ctx: Ctx, ev: dict[str, Any], received: int) -> None:
     payload: str | None = ev.get("quick_reply_payload")
     if ev["kind"] == "postback":
         payload = payload or (ev.get("data") or {}).get("payload")
+    bots.on_messaging(ctx)  # #15: a line on the messaging channel: the thread is ours
     if csat_hooks.on_consumer_line(ctx, text, payload):
         return
     opened = st["conv"] is None
-    if opened:
+    # #15: a reply to a checkout (`prior_message`) continues that conversation under this PSID
+    if not optin.claim_on_reply(ctx, ev, opened) and opened:
         lifecycle.open_by_consumer(ctx, timestamp=ev["timestamp"])
     conv = st["conv"]
     assert conv is not None  # noqa: S101 - opened above

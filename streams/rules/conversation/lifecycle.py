@@ -8,9 +8,9 @@ move the open-conversation and queue-depth figures; `abandoned` by skill; figure
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from streams.rules.conversation import csat_hooks, turns
+from streams.rules.conversation import csat_hooks, thread, turns
 from streams.rules.conversation.api import Output
 from streams.rules.conversation.context import Ctx, id_hash
 from streams.rules.conversation.hours import off_hours_end
@@ -20,7 +20,7 @@ from streams.rules.conversation.system import say
 ClosedBy = Literal["agent", "consumer", "system"]
 
 
-def _open(ctx: Ctx, conv: Conv, *, timestamp: int) -> bool:
+def _open(ctx: Ctx, conv: Conv, *, timestamp: int, **extra: Any) -> bool:
     """Make `conv` the open conversation; True when the person had conversations here before."""
     st = ctx.st
     person = st["person"]
@@ -34,7 +34,7 @@ def _open(ctx: Ctx, conv: Conv, *, timestamp: int) -> bool:
     if conv["owner"] is None:
         ctx.note("queue+", conv["skill"])
     ctx.console("conversation_opened", timestamp=timestamp, locale=conv["locale"], opened_by=conv["opened_by"],
-                returning=returning)
+                returning=returning, **extra)
     return returning
 
 
@@ -55,6 +55,23 @@ def open_by_consumer(ctx: Ctx, *, timestamp: int) -> None:
     off = off_hours_end(ctx.config.skill(skill).hours, ctx.now)
     trigger = "welcome_returning" if returning else "welcome_first"
     say(ctx, trigger + ("_off_hours" if off is not None else ""))
+    if off is not None:
+        opened = ctx.st["conv"]
+        assert opened is not None  # noqa: S101 - opened just above
+        ctx.st["conv"] = {**opened, "off_hours_until": off}
+
+
+def open_with(ctx: Ctx, skill: str, opened_by: str, *, timestamp: int, conversation_id: str | None = None,
+              welcome: bool = True, **extra: Any) -> None:
+    """#15: a conversation opened for the consumer by a bot's hand-over (`bot`) or a checkout
+    (`optin`): into `skill`'s queue, with the welcome (in or out of hours) when `welcome`."""
+    locale = ctx.env.page.locale if ctx.env.page else "en_US"
+    conv = turns.new_conv(conversation_id or new_conversation_id(ctx), skill, locale, ctx.now, opened_by)
+    returning = _open(ctx, conv, timestamp=timestamp, **extra)
+    off = off_hours_end(ctx.config.skill(skill).hours, ctx.now)
+    if welcome:
+        trigger = "welcome_returning" if returning else "welcome_first"
+        say(ctx, trigger + ("_off_hours" if off is not None else ""))
     if off is not None:
         opened = ctx.st["conv"]
         assert opened is not None  # noqa: S101 - opened just above
@@ -139,4 +156,8 @@ def close(ctx: Ctx, *, closed_by: ClosedBy, reason: str, agent_id: str | None, n
     st["conv"] = None
     st["last_closed"] = conv["id"]
     st["expire_at"] = ctx.now + ctx.config.retention.closed_state_seconds * 1000
+    survey = st["survey"]  # #15: the thread goes back to the bot once the survey is over
+    surveyed = survey is not None and survey["conversation_id"] == conv["id"]
+    until = survey["sent_at"] + ctx.config.csat.expire_after_seconds * 1000 if survey and surveyed else None
+    thread.on_close(ctx, conv["id"], skill, closed_by, reason, until)
 

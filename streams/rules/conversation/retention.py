@@ -10,6 +10,7 @@ expired yet, a survey still answerable, held actions. When none of these is left
 from __future__ import annotations
 
 from streams.core.config import ConnectorConfig
+from streams.rules.conversation import orders, thread
 from streams.rules.conversation.state import State, new_state
 from streams.rules.conversation.windows import window_end
 
@@ -41,6 +42,9 @@ def compact(st: State, now: int, config: ConnectorConfig, horizon_ms: int) -> St
             kept["survey"] = survey
             expiries.append(until)
     kept["held"] = st["held"]
+    expiries.extend(thread.compact(st, kept, now, config.bots.transcript_minutes * 60_000))  # #15
+    expiries.extend(orders.compact(st, kept, now, config.optin.match_window_seconds * 1000,
+                                  config.optin.relink_days * DAY_MS))
     if not expiries and not kept["held"]:
         return None
     kept["wm"] = st["wm"]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Literal, NotRequired, TypedDict, cast
 
+from streams.rules.conversation.state_bots import Checkout, Thread
+
 STATE_VERSION = 2
 STATE_BUDGET = 16_384  # bytes of the serialized state, whatever the conversation's length
 
@@ -123,6 +125,8 @@ class State(TypedDict):
     armed: list[int]  # wake-ups handed to the stage and not fired yet
     expire_at: int | None  # when a state without an open conversation is compacted or deleted
     last_closed: str | None  # the conversation closed last: actions naming it are rejected at once
+    thread: NotRequired[Thread]  # #15: the thread's owner and the bot transcript (state_bots.py)
+    checkout: NotRequired[Checkout]  # #15: checkout opt-ins and their orders
     o: NotRequired[dict[str, Any]]  # the stage's own fields (offset guard, pending outputs): kept as is
     pending: NotRequired[Any]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from streams.core.config import ConnectorConfig, Skill
-from streams.rules.conversation import lifecycle, turns
+from streams.rules.conversation import lifecycle, orders, thread, turns
 from streams.rules.conversation.context import Ctx
 from streams.rules.conversation.hours import add_open_time
 from streams.rules.conversation.state import ARMED_MAX, Conv, State, migrate
@@ -54,6 +54,8 @@ def next_wake(st: State, config: ConnectorConfig) -> int | None:
         candidates.extend(conv_dues(conv, config.skill(conv["skill"])).values())
     if st["expire_at"] is not None:
         candidates.append(st["expire_at"])
+    candidates.extend(thread.wakes(st))  # #15
+    candidates.extend(orders.wakes(st, config.optin.match_window_seconds * 1000))
     return min(candidates) if candidates else None
 
 

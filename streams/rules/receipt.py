@@ -1,0 +1,115 @@
+"""Merchant orders as the conversation keeps them, and Messenger's receipt template built from them.
+
+`compact_order` keeps what the receipt and the agent need within `budget` bytes (items in order,
+as many as fit; the count of the others in `items_omitted`), so an order fits the conversation
+state's size budget. `receipt_message` builds the Send API `message` of a receipt template within
+Meta's limits: at most 100 elements, texts cut at a word boundary, amounts as decimal numbers,
+`timestamp` in seconds. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+
+from schemas.commerce import ITEMS_MAX, Order
+from streams.core.automessages import clamp
+
+ORDER_BUDGET = 2_900  # bytes of one compact order in the state
+TEXT_MAX = 80  # element titles and subtitles, like the generic template's
+FIELD_MAX = 128  # recipient and merchant names, order number, payment method
+URL_MAX = 1000
+
+
+def digest(order: dict[str, Any]) -> str:
+    """A short digest of an order's content: a changed digest under the same `order_id` is an update."""
+    raw = orjson.dumps(order, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(raw, digest_size=6).hexdigest()
+
+
+def _size(doc: dict[str, Any]) -> int:
+    return len(orjson.dumps(doc))
+
+
+def compact_order(order: Order, budget: int = ORDER_BUDGET) -> dict[str, Any]:
+    """The order as kept: `None` fields left out, texts cut, items while they fit in `budget` bytes."""
+    doc = order.model_dump(exclude_none=True)
+    doc["order_number"] = clamp(order.order_number or order.order_id, FIELD_MAX)
+    items: list[dict[str, Any]] = doc.pop("items", [])
+    doc["items"] = []
+    doc["items_total"] = len(items)
+    for key in ("order_url", "billing_address", "note"):
+        if _size(doc) > budget // 2:
+            doc.pop(key, None)
+    base = _size(doc)
+    used = base
+    for item in items:
+        item = {**item, "title": clamp(item["title"], TEXT_MAX)}
+        if "subtitle" in item:
+            item["subtitle"] = clamp(item["subtitle"], TEXT_MAX)
+        size = _size(item) + 1
+        if used + size > budget:
+            item.pop("image_url", None)
+            item.pop("subtitle", None)
+            size = _size(item) + 1
+            if used + size > budget:
+                break
+        doc["items"].append(item)
+        used += size
+    omitted = len(items) - len(doc["items"])
+    if omitted:
+        doc["items_omitted"] = omitted
+    return doc
+
+
+def _money(value: Any) -> float:
+    return round(float(value), 2)
+
+
+def receipt_message(order: dict[str, Any], payment_method_default: str) -> dict[str, Any]:
+    """The Send API `message` of a receipt template for a compact order."""
+    payload: dict[str, Any] = {
+        "template_type": "receipt",
+        "recipient_name": clamp(str(order["recipient_name"]), FIELD_MAX),
+        "order_number": clamp(str(order.get("order_number") or order["order_id"]), FIELD_MAX),
+        "currency": str(order["currency"]).upper(),
+        "payment_method": clamp(str(order.get("payment_method") or payment_method_default), FIELD_MAX),
+    }
+    if order.get("merchant_name"):
+        payload["merchant_name"] = clamp(str(order["merchant_name"]), FIELD_MAX)
+    if order.get("order_url") and len(order["order_url"]) <= URL_MAX:
+        payload["order_url"] = order["order_url"]
+    if order.get("created_at"):
+        payload["timestamp"] = str(int(order["created_at"]) // 1000)
+    elements = []
+    for item in order.get("items", [])[:ITEMS_MAX]:
+        el: dict[str, Any] = {"title": clamp(str(item["title"]), TEXT_MAX), "quantity": int(item.get("quantity", 1)),
+                              "price": _money(item["price"]),
+                              "currency": str(item.get("currency") or order["currency"]).upper()}
+        if item.get("subtitle"):
+            el["subtitle"] = clamp(str(item["subtitle"]), TEXT_MAX)
+        if item.get("image_url"):
+            el["image_url"] = item["image_url"]
+        elements.append(el)
+    if elements:
+        payload["elements"] = elements
+    address = order.get("shipping_address")
+    if address:
+        payload["address"] = {k: str(address.get(k) or "") for k in
+                              ("street_1", "street_2", "city", "postal_code", "state", "country")
+                              if address.get(k) or k != "street_2"}
+    totals = order["totals"]
+    payload["summary"] = {k: _money(totals[k]) for k in ("subtotal", "shipping_cost", "total_tax", "total_cost")
+                          if totals.get(k) is not None}
+    adjustments = [{"name": clamp(str(a["name"]), TEXT_MAX), "amount": _money(a["amount"])}
+                   for a in order.get("adjustments", [])]
+    if adjustments:
+        payload["adjustments"] = adjustments
+    return {"attachment": {"type": "template", "payload": payload}}
+
+
+def purchase_summary(order: dict[str, Any]) -> dict[str, Any]:
+    """What the agent sees of a purchase (the compact order without the routing ids)."""
+    return {k: v for k, v in order.items() if k not in ("page_id", "psid", "user_ref", "ref")}
