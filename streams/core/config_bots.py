@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PAGE_INBOX_APP_ID = "263902037430900"  # Meta's Page Inbox (Business Suite): a human at the page
 METADATA_MAX = 1000  # Meta: thread-control `metadata` is at most 1,000 characters
-TRANSCRIPT_LINES_MAX = 30
+TRANSCRIPT_LINES_MAX = 20
 _APP_ID = re.compile(r"^[0-9]{1,32}$")
 
 

@@ -17,7 +17,7 @@ import orjson
 from schemas.commerce import ITEMS_MAX, Order
 from streams.core.automessages import clamp
 
-ORDER_BUDGET = 2_900  # bytes of one compact order in the state
+ORDER_BUDGET = 2_200  # bytes of one compact order in the state
 TEXT_MAX = 80  # element titles and subtitles, like the generic template's
 FIELD_MAX = 128  # recipient and merchant names, order number, payment method
 URL_MAX = 1000
@@ -34,33 +34,56 @@ def _size(doc: dict[str, Any]) -> int:
 
 
 def compact_order(order: Order, budget: int = ORDER_BUDGET) -> dict[str, Any]:
-    """The order as kept: `None` fields left out, texts cut, items while they fit in `budget` bytes."""
-    doc = order.model_dump(exclude_none=True)
-    doc["order_number"] = clamp(order.order_number or order.order_id, FIELD_MAX)
-    items: list[dict[str, Any]] = doc.pop("items", [])
+    """The order as kept, at most `budget` bytes: ids, names (cut), totals; then, while they fit, the
+    shipping address, the items in order (the count of the others in `items_omitted`), the note,
+    adjustments, the order URL. The billing address is not kept (the receipt has none)."""
+    full = order.model_dump(mode="json", exclude_none=True)
+    doc: dict[str, Any] = {k: full[k] for k in ("order_id", "page_id", "user_ref", "psid", "ref", "status",
+                                               "currency", "created_at", "totals") if k in full}
+    doc["order_number"] = clamp(order.order_number or order.order_id, FIELD_MAX // 2)
+    for key in ("recipient_name", "merchant_name", "payment_method"):
+        if key in full:
+            doc[key] = clamp(full[key], TEXT_MAX)
+    items: list[dict[str, Any]] = full.get("items", [])
     doc["items"] = []
     doc["items_total"] = len(items)
-    for key in ("order_url", "billing_address", "note"):
-        if _size(doc) > budget // 2:
-            doc.pop(key, None)
-    base = _size(doc)
-    used = base
+    used = _size(doc) + 24  # room for `"items_omitted":100`
+    address = full.get("shipping_address")
+    if address:
+        short = {k: clamp(str(v), 60) for k, v in address.items()}
+        if used + _size(short) + 22 <= budget:
+            doc["shipping_address"] = short
+            used += _size(short) + 22
     for item in items:
         item = {**item, "title": clamp(item["title"], TEXT_MAX)}
         if "subtitle" in item:
             item["subtitle"] = clamp(item["subtitle"], TEXT_MAX)
-        size = _size(item) + 1
-        if used + size > budget:
+        if used + _size(item) + 1 > budget:
             item.pop("image_url", None)
             item.pop("subtitle", None)
-            size = _size(item) + 1
-            if used + size > budget:
+            if used + _size(item) + 1 > budget:
                 break
         doc["items"].append(item)
-        used += size
+        used += _size(item) + 1
+    if order.note and used + len(order.note.encode()) + 10 <= budget:
+        doc["note"] = order.note
+        used += len(order.note.encode()) + 10
+    adjustments = []
+    for adj in full.get("adjustments", []):
+        adj = {"name": clamp(adj["name"], 40), "amount": adj["amount"]}
+        if used + _size(adj) + 18 > budget:
+            break
+        adjustments.append(adj)
+        used += _size(adj) + 1
+    if adjustments:
+        doc["adjustments"] = adjustments
+        used += 16
     omitted = len(items) - len(doc["items"])
     if omitted:
         doc["items_omitted"] = omitted
+    url = full.get("order_url")
+    if url and used + len(url) + 16 <= budget:
+        doc["order_url"] = url
     return doc
 
 

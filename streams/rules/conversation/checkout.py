@@ -22,6 +22,7 @@ from streams.rules.conversation.context import Ctx, id_hash
 from streams.rules.conversation.state import SEEN_MAX, State, short_hash
 from streams.rules.conversation.state_bots import ORDERS_MAX, Checkout, KnownOrder, new_checkout
 from streams.rules.dedupe import dedupe
+from streams.rules.receipt import digest
 
 UREF = "uref:"
 REF = "ref:"
@@ -44,6 +45,16 @@ def key_of(page_id: str, *, psid: str | None = None, user_ref: str | None = None
 def order_key(order: Order) -> str:
     """Where an order meets its opt-in: the key its ids name."""
     return key_of(order.page_id, psid=order.psid, user_ref=order.user_ref, ref=order.ref)
+
+
+def order_relay(order: Order) -> tuple[str, dict[str, Any]]:
+    """(key, relay record) of a merchant order: what the orders router writes to `conversations.relay`.
+    The `relay_id` is the order's content, so a merchant's repeated record is applied once."""
+    full = order.model_dump(mode="json", exclude_none=True)
+    h = digest(full)
+    value = {"type": "order", "relay_id": f"order:{order.order_id}:{h}", "from": None, "order": full,
+             "via": "merchant", "hash": h}
+    return order_key(order), value
 
 
 def kind_of(key: str) -> str:
@@ -96,7 +107,8 @@ def seen_before(ctx: Ctx, ident: str) -> bool:
 
 
 def known_order(co: Checkout, order_id: str) -> KnownOrder | None:
-    return next((o for o in co["orders"] if o["id"] == order_id), None)
+    h = short_hash(order_id)
+    return next((o for o in co["orders"] if o["id"] == h), None)
 
 
 def with_order(co: Checkout, entry: KnownOrder) -> Checkout:
@@ -120,7 +132,7 @@ def size(order: dict[str, Any] | None) -> int:
 
 
 def recent_optin(ctx: Ctx, co: Checkout) -> bool:
-    return any(ctx.now - o["at"] <= window_ms(ctx) for o in co["optins"])
+    return any(ctx.now - at <= window_ms(ctx) for at in co["optins"])
 
 
 def as_order(compact: dict[str, Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from streams.rules.conversation.checkout import (
 )
 from streams.rules.conversation.context import Ctx, remember
 from streams.rules.conversation.state import AGENTS_MAX, SKILLS_MAX, Conv, short_hash
-from streams.rules.conversation.state_bots import HOMES_MAX, LINKED_MAX, OPTINS_MAX, Home, KnownOrder, SeenOptin
+from streams.rules.conversation.state_bots import HOMES_MAX, LINKED_MAX, OPTINS_MAX, Home, KnownOrder
 from streams.rules.conversation.windows import meta_time, newest
 from streams.rules.receipt import digest, purchase_summary
 
@@ -56,9 +56,7 @@ def on_optin(ctx: Ctx, ev: dict[str, Any]) -> None:
     if kind == "psid":  # Send to Messenger: the person acted, Meta's window opens
         ctx.st["consumer_at"] = newest(ctx.st["consumer_at"], meta_time(ev, int(ev.get("received_at") or ctx.now)))
     co = checkout_of(ctx.st)
-    seen: SeenOptin = {"id": short_hash(str(ev.get("idempotency_key"))), "at": ctx.now, "ref": ref,
-                       "user_ref": user_ref}
-    co = {**co, "optins": [*co["optins"], seen][-OPTINS_MAX:]}
+    co = {**co, "optins": [*co["optins"], ctx.now][-OPTINS_MAX:]}
     put(ctx, co)
     ctx.note("optin", "checkbox" if kind == "uref" else "send_to_messenger")
     if ref:
@@ -228,10 +226,9 @@ def _adopt(ctx: Ctx, order: dict[str, Any], h: str | None) -> None:
     conv = ctx.st["conv"]
     co = checkout_of(ctx.st)
     full = as_order(order)
-    entry: KnownOrder = {"id": str(order["order_id"]), "hash": h or digest(full), "at": ctx.now,
-                         "number": str(order.get("order_number") or order["order_id"]),
-                         "status": order.get("status"), "matched": True, "order": None,
-                         "conversation_id": conv["id"] if conv else None, "to": None}
+    entry: KnownOrder = {"id": short_hash(str(order["order_id"])), "hash": h or digest(full), "at": ctx.now,
+                         "matched": True, "order": None, "conversation_id": conv["id"] if conv else None,
+                         "to": None}
     put(ctx, with_order(co, entry))
     ctx.console("purchase", order=purchase_summary(order), receipt_sent=False, outbox_id=None,
                 reason="sent_before_reply", user_ref=order.get("user_ref"), relinked=True)

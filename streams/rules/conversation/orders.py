@@ -34,10 +34,16 @@ from streams.rules.conversation.checkout import (
     with_order,
 )
 from streams.rules.conversation.context import Ctx
-from streams.rules.conversation.state import State
-from streams.rules.conversation.state_bots import ORDERS_MAX, PENDING_ORDER_BYTES, Checkout, KnownOrder
+from streams.rules.conversation.state import State, short_hash
+from streams.rules.conversation.state_bots import (
+    ORDERS_MAX,
+    PENDING_CHECKOUT_BYTES,
+    PENDING_ORDER_BYTES,
+    Checkout,
+    KnownOrder,
+)
 from streams.rules.conversation.windows import in_response_window
-from streams.rules.receipt import compact_order, digest, purchase_summary, receipt_message
+from streams.rules.receipt import ORDER_BUDGET, compact_order, digest, purchase_summary, receipt_message
 
 
 def on_order(ctx: Ctx, raw: dict[str, Any], via: str, h: str | None = None) -> None:
@@ -56,14 +62,13 @@ def on_order(ctx: Ctx, raw: dict[str, Any], via: str, h: str | None = None) -> N
         ctx.note("order", "forwarded")
         return
     known = known_order(co, order.order_id)
-    compact = compact_order(order)
+    compact = compact_order(order, PENDING_ORDER_BYTES if kind_of(ctx.key) == "psid" else ORDER_BUDGET)
     if known is not None:
         _again(ctx, co, known, order, compact, full, h)
         return
     ctx.note("order", "received")
-    entry: KnownOrder = {"id": order.order_id, "hash": h, "at": ctx.now, "number": compact["order_number"],
-                         "status": order.status, "matched": False, "order": compact, "conversation_id": None,
-                         "to": None}
+    entry: KnownOrder = {"id": short_hash(order.order_id), "hash": h, "at": ctx.now, "matched": False,
+                         "order": compact, "conversation_id": None, "to": None}
     if kind_of(ctx.key) == "ref":
         homes = [hm for hm in co["homes"] if ctx.now - hm["at"] <= window_ms(ctx)]
         if homes:
@@ -84,14 +89,14 @@ def _again(ctx: Ctx, co: Checkout, known: KnownOrder, order: Order, compact: dic
         return
     if known["to"] is not None:
         relay(ctx, known["to"], "order", order=full, via="ref", hash=h)
-        put(ctx, with_order(co, {**known, "hash": h, "status": order.status}))
+        put(ctx, with_order(co, {**known, "hash": h}))
         ctx.note("order", "forwarded")
         return
     if not known["matched"]:  # still waiting: the newer version waits instead
-        put(ctx, with_order(co, {**known, "hash": h, "status": order.status, "order": compact}))
+        put(ctx, with_order(co, {**known, "hash": h, "order": compact}))
         return
     kept = compact if known["order"] is not None else None
-    put(ctx, with_order(co, {**known, "hash": h, "status": order.status, "order": kept}))
+    put(ctx, with_order(co, {**known, "hash": h, "order": kept}))
     _update_message(ctx, known, compact)
 
 
@@ -105,8 +110,8 @@ def forward(ctx: Ctx, co: Checkout, entry: KnownOrder, full: dict[str, Any], hom
 def _wait(ctx: Ctx, co: Checkout, entry: KnownOrder) -> None:
     """An order waits for its opt-in for the match window, if the key has room (else it is reported)."""
     waiting = waiting_orders(co)
-    if len(waiting) >= ORDERS_MAX - 1 or sum(size(o["order"]) for o in waiting) + size(entry["order"]) \
-            > PENDING_ORDER_BYTES:
+    budget = PENDING_ORDER_BYTES if kind_of(ctx.key) == "psid" else PENDING_CHECKOUT_BYTES
+    if len(waiting) >= ORDERS_MAX - 1 or sum(size(o["order"]) for o in waiting) + size(entry["order"]) > budget:
         _report(ctx, entry, "too_many_orders")
         return
     put(ctx, with_order(co, entry))
@@ -150,7 +155,7 @@ def match(ctx: Ctx, entry: KnownOrder) -> None:
 
 def _update_message(ctx: Ctx, known: KnownOrder, order: dict[str, Any]) -> None:
     """A matched order changed: a message to the customer under the window rules, and the console."""
-    values = {"order_number": known["number"], "status": order.get("status") or "updated",
+    values = {"order_number": order["order_number"], "status": order.get("status") or "updated",
               "note": order.get("note") or ""}
     text = ctx.config.optin.update_text.format_map(values).strip()
     outbox_id = None
@@ -166,7 +171,7 @@ def _update_message(ctx: Ctx, known: KnownOrder, order: dict[str, Any]) -> None:
                                             "message": {"text": text}}, None, text)
     conv = ctx.st["conv"]
     cid = conv["id"] if conv is not None else known["conversation_id"]
-    ctx.console("order_update", conversation_id=cid, order_id=known["id"], order_number=known["number"],
+    ctx.console("order_update", conversation_id=cid, order_id=order["order_id"], order_number=order["order_number"],
                 status=order.get("status"), note=order.get("note"), text=text, sent=sent, reason=reason,
                 outbox_id=outbox_id)
     ctx.note("order", "update_sent" if sent else "update_held")
@@ -176,19 +181,23 @@ def _report(ctx: Ctx, entry: KnownOrder, reason: str) -> None:
     """An order that met no opt-in: kept on `commerce.orders.unmatched` and shown on the console."""
     order = entry["order"] or {}
     totals = order.get("totals") or {}
-    value = {"order_id": entry["id"], "page_id": ctx.page_id, "reason": reason, "key": ctx.key,
+    order_id = str(order.get("order_id"))
+    value = {"order_id": order_id, "page_id": ctx.page_id, "reason": reason, "key": ctx.key,
              "user_ref": order.get("user_ref"), "psid": order.get("psid"), "ref": order.get("ref"),
-             "order_number": entry["number"], "total_cost": totals.get("total_cost"),
+             "order_number": order.get("order_number"), "total_cost": totals.get("total_cost"),
              "currency": order.get("currency"), "received_at": entry["at"], "reported_at": ctx.now, "order": order}
-    ctx.outputs.append(Output("orders_unmatched", entry["id"], value))
-    ctx.console("order_unmatched", conversation_id=None, order_id=entry["id"], order_number=entry["number"],
+    ctx.outputs.append(Output("orders_unmatched", order_id, value))
+    ctx.console("order_unmatched", conversation_id=None, order_id=order_id, order_number=order.get("order_number"),
                 reason=reason, received_at=entry["at"])
     ctx.note("order", "unmatched")
 
 
 # time --------------------------------------------------------------------------------------------
 def on_timer(ctx: Ctx) -> None:
-    """Orders whose match window passed are reported; stale opt-ins and homes are forgotten."""
+    """Orders whose match window passed are reported; stale opt-ins and homes are forgotten. A
+    checkout or ref key remembers no person (nobody "returns" to it): compaction does not keep one."""
+    if kind_of(ctx.key) != "psid" and ctx.st["conv"] is None:
+        ctx.st["person"] = None
     co = ctx.st.get("checkout")
     if co is None:
         return
@@ -197,7 +206,7 @@ def on_timer(ctx: Ctx) -> None:
         if waiting["at"] + window <= ctx.now:
             _report(ctx, waiting, "no_optin")
             co = {**co, "orders": [o for o in co["orders"] if o["id"] != waiting["id"]]}
-    co = {**co, "optins": [o for o in co["optins"] if o["at"] + window > ctx.now],
+    co = {**co, "optins": [at for at in co["optins"] if at + window > ctx.now],
           "homes": [hm for hm in co["homes"] if hm["at"] + window > ctx.now]}
     if co["moved_until"] is not None and co["moved_until"] <= ctx.now:
         co = {**co, "moved_to": None, "moved_until": None}
@@ -224,11 +233,11 @@ def compact(st: State, kept: State, now: int, match_window_ms: int, relink_ms: i
         return o["at"] + (match_window_ms if not o["matched"] and o["to"] is None else relink_ms)
 
     orders = [o for o in co["orders"] if end(o) > now]
-    optins = [o for o in co["optins"] if o["at"] + match_window_ms > now]
+    optins = [at for at in co["optins"] if at + match_window_ms > now]
     homes = [hm for hm in co["homes"] if hm["at"] + match_window_ms > now]
     moved = co["moved_until"] is not None and co["moved_until"] > now
     ends = [end(o) for o in orders]
-    ends += [o["at"] + match_window_ms for o in optins] + [hm["at"] + match_window_ms for hm in homes]
+    ends += [at + match_window_ms for at in optins] + [hm["at"] + match_window_ms for hm in homes]
     if moved and co["moved_until"] is not None:
         ends.append(co["moved_until"])
     if not ends:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-LINES_BYTES = 1_500  # the bot transcript's texts together (the line count is `bots.transcript_messages`)
+LINES_BYTES = 1_000  # the bot transcript's texts together (the line count is `bots.transcript_messages`)
 LINE_TEXT_MAX = 200  # one transcript line's text, cut at a word boundary
 OPTINS_MAX = 2  # opt-ins remembered per key (newest)
 ORDERS_MAX = 4  # orders known per key: waiting for their opt-in, or matched (for their updates)
-PENDING_ORDER_BYTES = 3_000  # the compact orders waiting at one key, together
+PENDING_ORDER_BYTES = 1_800  # the compact orders waiting at a PSID key, together (one order of at most this)
+PENDING_CHECKOUT_BYTES = 6_000  # the same at a checkout or ref key (no conversation history there)
 LINKED_MAX = 4  # user_refs a PSID key has claimed
 HOMES_MAX = 3  # opt-ins a `ref` key points to
 
@@ -44,25 +45,14 @@ class Thread(TypedDict):
     requested_at: int | None  # our last `request_thread_control`
 
 
-class SeenOptin(TypedDict):
-    """A checkout opt-in as its key remembers it."""
-
-    id: str
-    at: int
-    ref: str | None
-    user_ref: str | None
-
-
 class KnownOrder(TypedDict):
     """An order this key knows: waiting for its opt-in (`order` kept, compact), matched (its
     conversation; `order` kept only where a handoff may still need it), or forwarded (`to`: the key
     it went to, so its updates follow it)."""
 
-    id: str  # the merchant's order id
+    id: str  # the merchant's order id, hashed (`state.short_hash`)
     hash: str  # digest of its content: a changed order is an update
     at: int  # when it reached this key
-    number: str
-    status: str | None
     matched: bool
     order: dict[str, Any] | None
     conversation_id: str | None
@@ -77,7 +67,7 @@ class Home(TypedDict):
 
 
 class Checkout(TypedDict):
-    optins: list[SeenOptin]
+    optins: list[int]  # when checkout opt-ins reached this key (within the match window)
     orders: list[KnownOrder]
     moved_to: str | None  # a checkbox key whose person replied: their PSID
     moved_until: int | None
