@@ -15,6 +15,7 @@ DeadLetterReason = Literal[
     "invalid_envelope",
     "invalid_item",
     "invalid_action",
+    "invalid_outbound",
     "processing_error",
 ]
 

@@ -102,6 +102,8 @@ async def harness(kafka_bootstrap: str, kafka: KafkaIO) -> AsyncIterator[Harness
         bootstrap_servers=kafka_bootstrap,
         outbound_topic=f"t{tag}.messenger.outbound",
         results_topic=f"t{tag}.messenger.send.results",
+        sent_topic=f"t{tag}.messenger.dispatch.sent",
+        dlq_topic=f"t{tag}.messenger.dlq",
         group_id=f"ms-test-{tag}-dispatch",
         tokens=dict(TOKENS),
         graph_url=graph.url,
@@ -183,17 +185,30 @@ async def test_551_fails_without_retry(harness: Harness) -> None:
     assert len(harness.graph.sent_to("u5")) == 1 and len(harness.graph.sent_to("u6")) == 1
 
 
-async def test_retryable_errors_give_up_after_max_attempts_and_timeouts_are_retried(harness: Harness) -> None:
+async def test_retryable_errors_give_up_after_max_attempts_and_timeouts_are_in_doubt(harness: Harness) -> None:
     await harness.start()
     harness.graph.script("u7", *[Answer(500, TEMPORARY)] * 4)
-    harness.graph.script("u8", Answer(200, delay=1.5))  # over request_timeout=1.0
+    harness.graph.script("u8", Answer(200, delay=1.5))  # over request_timeout=1.0: it did reach Graph
     await harness.send(outbound("u7", "o-7"))
     await harness.send(outbound("u8", "o-8"))
     res = {r["outbox_id"]: r for r in await harness.results(2)}
     assert res["o-7"]["status"] == "failed" and res["o-7"]["retryable"] is True and res["o-7"]["attempts"] == 4
     assert res["o-7"]["code"] == 1200
-    assert res["o-8"]["status"] == "sent" and res["o-8"]["attempts"] == 2
+    # a timeout after the request was written may have delivered it: reported in doubt, never resent
+    assert res["o-8"]["status"] == "failed" and res["o-8"]["reason"] == "in_doubt" and res["o-8"]["attempts"] == 1
+    assert res["o-8"]["retryable"] is True and "echo" in res["o-8"]["message"]
     assert len(harness.graph.sent_to("u7")) == 4
+    await asyncio.sleep(1.0)  # the fake answers u8 late; nothing else may arrive
+    assert len(harness.graph.sent_to("u8")) == 1
+
+
+async def test_connection_refused_is_retried(harness: Harness) -> None:
+    """No connection: the request cannot have reached Graph, so it is retried (then fails retryable)."""
+    await harness.start(graph_url=f"http://127.0.0.1:{free_port()}")
+    await harness.send(outbound("u9", "o-9"))
+    res = (await harness.results(1))[0]
+    assert res["status"] == "failed" and res["reason"] == "connection_error"
+    assert res["retryable"] is True and res["attempts"] == 4
 
 
 async def test_long_text_is_split_in_order(harness: Harness) -> None:
@@ -261,7 +276,8 @@ async def test_190_marks_page_for_reauth_via_the_command(harness: Harness, tmp_p
     env = worker_env(harness.opts.bootstrap_servers, tmp_path, BASE_CONFIG, partitions=2)
     prefix = env["MESSENGER_STREAMS_TOPIC_PREFIX"]
     opts = dataclasses.replace(harness.opts, outbound_topic=f"{prefix}messenger.outbound",
-                               results_topic=f"{prefix}messenger.send.results")
+                               results_topic=f"{prefix}messenger.send.results",
+                               sent_topic=f"{prefix}messenger.dispatch.sent", dlq_topic=f"{prefix}messenger.dlq")
     harness.opts = opts
     web_port = free_port()
     tokens_file = tmp_path / "tokens.json"
@@ -329,7 +345,8 @@ async def test_agent_reply_through_the_conversation_stage(
     worker → `agent_message` with the mid on the skill topic (and `send_failed` for a 551)."""
     w = make_worker()
     harness.opts = dataclasses.replace(harness.opts, outbound_topic=w.topic("messenger.outbound"),
-                                       results_topic=w.topic("messenger.send.results"))
+                                       results_topic=w.topic("messenger.send.results"),
+                                       sent_topic=w.topic("messenger.dispatch.sent"), dlq_topic=w.topic("messenger.dlq"))
     await harness.start()
     harness.graph.script("psid-blocked", Answer(400, PERSON_UNAVAILABLE), Answer(400, PERSON_UNAVAILABLE))
     now = int(time.time() * 1000)
