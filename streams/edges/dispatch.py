@@ -305,6 +305,11 @@ class Dispatcher:
             auto_offset_reset="earliest",
             max_poll_interval_ms=600_000,
             metadata_max_age_ms=5_000,
+            # a dead dispatcher's partitions move within ~10 s; a rebalance is noticed within ~1 s
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            # the group waits this long for our revoke (in-flight sends finish, then are recorded)
+            rebalance_timeout_ms=int((o.shutdown_timeout + 2 * o.kafka_timeout + 10) * 1000),
         )
         try:
             await asyncio.wait_for(self.producer.start(), timeout)
@@ -903,9 +908,11 @@ async def serve(
     stop: asyncio.Event,
     on_ready: Callable[[], Awaitable[None]] | None = None,
     tokens: PageTokens | None = None,
+    dispatcher: Dispatcher | None = None,
 ) -> None:
-    """Run a dispatcher (and its /metrics server) until `stop` is set."""
-    d = Dispatcher(opts, tokens)
+    """Run a dispatcher (and its /metrics server) until `stop` is set. `tokens`: where page tokens come
+    from (default: `opts.tokens`); `dispatcher`: run this one (a test can watch its state)."""
+    d = dispatcher if dispatcher is not None else Dispatcher(opts, tokens)
     with quiet_kafka_startup():
         await ensure_topics(
             opts.bootstrap_servers,

@@ -59,11 +59,16 @@ async def ensure_sent_log_topic(
     try:
         try:
             await asyncio.wait_for(admin.start(), timeout)
-            existing = set(await admin.list_topics())  # describing a missing topic could auto-create it
-            described = await admin.describe_topics([t for t in (outbound_topic, topic) if t in existing])
+            deadline = time.monotonic() + timeout
+            while True:  # a topic created a moment ago may not be in every broker's metadata yet
+                existing = set(await admin.list_topics())  # describing a missing topic could auto-create it
+                described = await admin.describe_topics([t for t in (outbound_topic, topic) if t in existing])
+                counts = {d["topic"]: len(d.get("partitions") or []) for d in described if not d.get("error_code")}
+                if counts.get(outbound_topic) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
         except (TimeoutError, KafkaError, OSError) as exc:
             raise SentLogError(f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}") from None
-        counts = {d["topic"]: len(d.get("partitions") or []) for d in described if not d.get("error_code")}
         wanted = counts.get(outbound_topic, 0)
         if not wanted:
             raise SentLogError(f"topic {outbound_topic} does not exist")
