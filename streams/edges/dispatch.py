@@ -295,8 +295,9 @@ class Dispatcher:
 
     async def start(self, timeout: float = 30.0) -> None:
         o = self.opts
+        # linger 0: a send waits for three acks in a row (marker, outcome, result), each would pay the linger
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=o.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=2
+            bootstrap_servers=o.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=0
         )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=o.bootstrap_servers,
@@ -594,7 +595,9 @@ class Dispatcher:
         lg = ledger.log(p)
         verdict = after_marker(lg, lg.get(conv, out.outbox_id), own.token)
         if verdict == SUPERSEDED:
-            await ledger.write(p, key, None)  # our marker: nothing was sent
+            mine = lg.get(conv, out.outbox_id)
+            if mine is not None and mine.only_marked_by(own.token):
+                await ledger.write(p, key, None)  # release our marker: nothing was sent
             self._superseded(own)
             raise _Released
         if verdict != SEND:

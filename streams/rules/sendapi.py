@@ -404,9 +404,14 @@ class SentEntry:
     outbox_id: str
     state: str
     at: int
-    by: str
+    by: str  # the writer of the latest record
     granted: str | None
     result: bytes | None = None  # the SendResult JSON of a `sent` / `failed` entry
+    first_by: str = ""  # the writer of the first record
+
+    def only_marked_by(self, token: str) -> bool:
+        """True when the only thing the log holds about this id is `token`'s in_flight marker."""
+        return self.state == IN_FLIGHT and self.first_by == token and self.by == token
 
 
 class SentLog:
@@ -451,7 +456,7 @@ class SentLog:
         entry = self.entries.get(key)
         if entry is None:
             granted = by if state == IN_FLIGHT and self.claim == by else None
-            self.entries[key] = SentEntry(conv, oid, state, at, by, granted, result)
+            self.entries[key] = SentEntry(conv, oid, state, at, by, granted, result, first_by=by)
             ids = self.by_conversation.setdefault(conv, [])
             ids.append(key)
             if len(ids) > self.bounds.per_conversation:
@@ -463,6 +468,8 @@ class SentLog:
             return
         if entry.state != IN_FLIGHT and state == IN_FLIGHT:
             return  # a stale marker after the outcome (a zombie's): the outcome stands
+        if entry.by != by:
+            entry.first_by = ""  # several writers: nobody may release it alone
         entry.state, entry.by = state, by
         if result is not None:
             entry.result = result

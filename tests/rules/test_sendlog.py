@@ -111,6 +111,18 @@ def test_a_zombie_owner_is_fenced_by_the_new_claim() -> None:
     lg.mark("ob-1", "B")
     assert lg.verdict_after_marker("ob-1", "A") == SUPERSEDED
     assert lg.verdict_after_marker("ob-1", "B") == IN_DOUBT_AGAIN
+    entry = lg.log.get(CONV, "ob-1")
+    assert entry is not None and not entry.only_marked_by("A")  # A may not release what B marked too
+
+
+def test_a_superseded_owner_may_release_only_its_own_lone_marker() -> None:
+    lg = Log()
+    lg.claim("A")
+    lg.claim("B")
+    lg.mark("ob-1", "A")
+    entry = lg.log.get(CONV, "ob-1")
+    assert lg.verdict_after_marker("ob-1", "A") == SUPERSEDED
+    assert entry is not None and entry.only_marked_by("A") and not entry.only_marked_by("B")
 
 
 def test_the_first_marker_wins_a_race() -> None:
