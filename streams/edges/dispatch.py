@@ -563,7 +563,7 @@ class Dispatcher:
         if verdict == REPLAY and seen is not None and seen.result is not None:
             metrics.SEND_RESULTS.labels("deduplicated").inc()
             log.info("outbox %s was handled before (%s): its result again, no Graph call", out.outbox_id, seen.state)
-            await self._emit(result_key, seen.result, None)
+            await self._emit(result_key, serde.dumps(_restored(out, seen.result)), None)
             return True
         result = self._failed(out, IN_DOUBT, IN_DOUBT_MESSAGE, retryable=True, attempts=0)
         log.warning("outbox %s is in doubt (a marker without outcome): reported, not resent", out.outbox_id)
@@ -734,12 +734,23 @@ def _common(out: OutboundRequest) -> dict[str, Any]:
             "conversation_id": out.conversation_id, "origin": out.origin}
 
 
+_COMMON = frozenset({"outbox_id", "page_id", "psid", "conversation_id", "origin"})
+
+
 def _stored(result: SendResult) -> dict[str, Any]:
-    """A SendResult as kept in the sent log (its message bounded)."""
-    data: dict[str, Any] = result.model_dump(mode="json")
+    """A SendResult as kept in the sent log: without what the outbound record repeats and without
+    defaults (the log holds many), its message bounded."""
+    data: dict[str, Any] = result.model_dump(mode="json", exclude=set(_COMMON), exclude_defaults=True)
+    data["status"] = result.status
     if isinstance(data.get("message"), str):
         data["message"] = data["message"][:1000]
     return data
+
+
+def _restored(out: OutboundRequest, stored: str) -> SendResult:
+    """The SendResult of a stored outcome, for a redelivery of `out` (the same outbox id)."""
+    fields = {k: v for k, v in orjson.loads(stored).items() if k not in _COMMON}
+    return SendResult(**_common(out), **fields)
 
 
 def _describe_invalid(exc: Exception) -> str:

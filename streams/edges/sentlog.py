@@ -21,7 +21,6 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -120,6 +119,7 @@ class SentLedger:
         self._applied = asyncio.Condition()
         self._has_work = asyncio.Event()
         self._known: set[int] = set()
+        self._evicted = 0  # evictions counted so far (over the folds held)
 
     # life cycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -286,6 +286,10 @@ class SentLedger:
             if batch:
                 async with self._applied:
                     self._applied.notify_all()
+                evicted = sum(lg.evicted for lg in self.logs.values())
+                if evicted > self._evicted:
+                    metrics.SENT_LOG_EVICTED.inc(evicted - self._evicted)
+                self._evicted = evicted
             if time.monotonic() - last_prune >= self.prune_every:
                 last_prune = time.monotonic()
                 now = _now_ms()
@@ -302,12 +306,3 @@ class SentLedger:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def describe(ledger: SentLedger) -> dict[str, Any]:
-    """Sizes for logs and tests: ids in memory per partition, ids evicted by the count bounds."""
-    return {
-        "partitions": {p: len(lg) for p, lg in sorted(ledger.logs.items())},
-        "evicted": sum(lg.evicted for lg in ledger.logs.values()),
-        "skipped": sum(lg.skipped for lg in ledger.logs.values()),
-    }

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -370,7 +371,7 @@ class SentLogBounds:
     max_age_ms: int = 7 * DAY_MS
     margin_ms: int = DAY_MS
     per_conversation: int = 500
-    per_partition: int = 200_000
+    per_partition: int = 100_000
 
     @property
     def keep_ms(self) -> int:
@@ -395,7 +396,7 @@ def claim_value(by: str, at: int) -> bytes:
     return orjson.dumps({"v": SENT_LOG_VERSION, "claim": by, "at": at})
 
 
-@dataclass
+@dataclass(slots=True)
 class SentEntry:
     """What the log says about one outbox id. `granted` is the owner allowed to call Graph for it
     (the writer of the first record, if that was an in_flight written under its own claim)."""
@@ -406,7 +407,7 @@ class SentEntry:
     at: int
     by: str  # the writer of the latest record
     granted: str | None
-    result: bytes | None = None  # the SendResult JSON of a `sent` / `failed` entry
+    result: str | None = None  # the SendResult JSON of a `sent` / `failed` entry
     first_by: str = ""  # the writer of the first record
 
     def only_marked_by(self, token: str) -> bool:
@@ -452,9 +453,11 @@ class SentLog:
             self.skipped += 1
             return
         res = rec.get("result")
-        result = orjson.dumps(res) if isinstance(res, dict) else None
+        # kept as str: orjson's bytes keep a buffer of 4 KiB or more whatever their length
+        result = orjson.dumps(res).decode() if isinstance(res, dict) else None
         entry = self.entries.get(key)
         if entry is None:
+            conv, by = sys.intern(conv), sys.intern(by)  # shared by every entry of a conversation / owner
             granted = by if state == IN_FLIGHT and self.claim == by else None
             self.entries[key] = SentEntry(conv, oid, state, at, by, granted, result, first_by=by)
             ids = self.by_conversation.setdefault(conv, [])

@@ -74,7 +74,7 @@ def test_an_outcome_is_replayed_with_its_result() -> None:
     lg.outcome("ob-1", "A", SENT, mid="m_1")
     entry = lg.log.get(CONV, "ob-1")
     assert entry is not None and before_marker(entry) == REPLAY
-    assert entry.result is not None and b'"mid":"m_1"' in entry.result
+    assert entry.result is not None and '"mid":"m_1"' in entry.result
     lg.outcome("ob-2", "A", FAILED, code=551)  # a failure decided without a marker (e.g. no token)
     assert before_marker(lg.log.get(CONV, "ob-2")) == REPLAY
 
