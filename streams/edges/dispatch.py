@@ -322,7 +322,11 @@ class Dispatcher:
             await self.stop()
             raise ConnectionError(f"cannot reach Kafka at {o.bootstrap_servers}: {type(exc).__name__}") from None
         self.consumer.subscribe([o.outbound_topic], listener=_Rebalance(self))
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=o.request_timeout))
+        # a connect that times out (ConnectionTimeoutError) never reached Graph and is retried; the total
+        # timeout expiring later means the request was written: in doubt
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=o.request_timeout, connect=max(0.1, o.request_timeout / 2))
+        )
 
     async def stop(self) -> None:
         if self.session is not None:
