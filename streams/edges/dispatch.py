@@ -620,13 +620,13 @@ class Dispatcher:
             return None
         mids: list[str] = []
         last = _Outcome()
-        for body in parts:
+        for done, body in enumerate(parts):
             last = await self.send_one(out.page_id, token, body, own.releasing)
             if last.stopped:
-                if not mids:
+                if not done:
                     return None
                 return self._failed(out, "cancelled", f"the dispatcher released this conversation after "
-                                    f"{len(mids)} of {len(parts)} parts", retryable=True, attempts=last.attempts,
+                                    f"{done} of {len(parts)} parts", retryable=True, attempts=last.attempts,
                                     mids=mids, parts=len(parts))
             if last.error is not None:
                 e = last.error

@@ -30,6 +30,7 @@ from streams.rules.sendapi import (
     SEND,
     SUPERSEDED,
     Backoff,
+    Limits,
     after_marker,
     entry_key,
     entry_value,
@@ -531,6 +532,25 @@ async def test_a_send_waiting_for_a_retry_is_released_on_revoke(harness: Harness
     results = await harness.results(1, timeout=60)
     assert results[0]["status"] == "sent" and results[0]["attempts"] == 1  # a fresh send by the next owner
     assert [r.status for r in harness.graph.sent_to("slow")] == [400, 200]
+
+
+async def test_a_split_text_released_between_its_parts_is_reported_not_resent(harness: Harness) -> None:
+    """Part 1 delivered, part 2 waiting out a 613 when the dispatcher stops: it reports `cancelled`
+    with the mid of part 1; the next dispatcher replays that result and sends nothing again."""
+    harness.graph.script("split", Answer(200), Answer(400, RATE_LIMIT))
+    opts = {"backoff": Backoff(base=20.0, cap=20.0, max_attempts=3, jitter=0.0), "limits": Limits(text=12)}
+    first = await harness.start(**opts)
+    await harness.send(stage_outbound("split", "ob-split", text="first part. second part"))
+    await _until(lambda: len(harness.graph.sent_to("split")) == 2, 30)
+    await first.close()
+    res = (await harness.results(1))[0]
+    assert res["status"] == "failed" and res["reason"] == "cancelled" and res["retryable"] is True
+    assert res["parts"] == 2 and res["mids"] == [harness.graph.sent_to("split")[0].mid]
+    await harness.start(**opts)
+    await harness.send(stage_outbound("split", "ob-split", text="first part. second part"))  # the stage again
+    results = await harness.results(2)
+    assert results[1] == res
+    assert [r.text for r in harness.graph.sent_to("split")] == ["first part.", "second part"]
 
 
 async def test_sigkill_mid_batch_then_restart_sends_nothing_twice(harness: Harness, tmp_path: Path) -> None:
