@@ -28,6 +28,7 @@ class Topics(BaseSettings):
     ticks: str = "conversations.ticks"
     outbound: str = "messenger.outbound"
     send_results: str = "messenger.send.results"
+    dispatch_sent: str = "messenger.dispatch.sent"  # the dispatcher's sent log (co-partitioned with outbound)
     csat_responses: str = "csat.responses"
     csat_facts: str = "csat.facts"
     history: str = "conversations.history"
