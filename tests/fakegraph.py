@@ -66,6 +66,11 @@ class GraphRequest:
         return str(self.body.get("recipient", {}).get("id"))
 
     @property
+    def edge(self) -> str:
+        """The Graph edge called: `messages`, or a thread-control edge (#15)."""
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
     def text(self) -> str | None:
         msg = self.body.get("message")
         return msg.get("text") if isinstance(msg, dict) else None
@@ -159,6 +164,8 @@ class FakeGraph:
         finally:
             self.open_now[rec.psid] -= 1
         rec.status = answer.status
+        if answer.body is None and answer.status == 200 and not request.path.endswith("/messages"):
+            return web.json_response({"success": True})  # #15: a thread-control edge
         if answer.body is None and answer.status == 200:
             self._count += 1
             out: dict[str, Any] = {"recipient_id": rec.psid}
@@ -170,6 +177,9 @@ class FakeGraph:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/{version}/me/messages", self._handle)
+        for edge in ("pass_thread_control", "take_thread_control", "request_thread_control",
+                     "release_thread_control"):  # #15: Conversation Routing answers {"success": true}
+            app.router.add_post("/{version}/me/" + edge, self._handle)
         app.router.add_get("/_stats", self._stats)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

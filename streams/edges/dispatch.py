@@ -2,7 +2,10 @@
 
 Consumes `messenger.outbound` (OutboundRequest JSON, key `<page_id>:<psid>`) in its own consumer
 group, POSTs each request to `{graph_url}/{api_version}/me/messages?access_token=<page token>` and
-writes one `SendResult` per request to `messenger.send.results` (same key).
+writes one `SendResult` per request to `messenger.send.results` (same key). A record whose
+`endpoint` names a thread-control edge (#15: `pass_thread_control`, `take_thread_control`,
+`request_thread_control`, `release_thread_control`) is POSTed to `.../me/<endpoint>` instead, with
+the same at-most-once log; its SendResult carries the `endpoint`.
 
 - At most once per outbox id: a sent log (streams/edges/sentlog.py; the fold in
   streams/rules/sendapi.py), co-partitioned with messenger.outbound, records each outbox id
@@ -82,6 +85,9 @@ from streams.rules.sendapi import transport_error as make_transport_error
 log = logging.getLogger("messenger_streams.dispatch")
 
 DEFAULT_GRAPH_URL = "https://graph.facebook.com"
+# #15: thread-control edges (Conversation Routing) an outbound record may name in `endpoint`
+THREAD_ENDPOINTS = frozenset({"pass_thread_control", "take_thread_control", "request_thread_control",
+                              "release_thread_control"})
 DEFAULT_API_VERSION = "v21.0"
 DEFAULT_WEB_PORT = 6067
 DEAD_LETTER_MAX_PAYLOAD = 512 * 1024  # a dead letter keeps at most this much of the original value
@@ -130,6 +136,15 @@ class DispatchOptions:
     @property
     def send_url(self) -> str:
         return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}/me/messages"
+
+    def url_for(self, endpoint: str | None) -> str | None:
+        """#15: the Graph edge of an outbound record: the Send API (no `endpoint`, or `messages`), a
+        thread-control edge (Conversation Routing), or None for an endpoint this dispatcher does not know."""
+        if endpoint is None or endpoint == "messages":
+            return self.send_url
+        if endpoint in THREAD_ENDPOINTS:
+            return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}/me/{endpoint}"
+        return None
 
 
 class PageTokens:
@@ -591,6 +606,10 @@ class Dispatcher:
             log.warning("outbox %s not sent: %s", out.outbox_id, msg)
             return FAILED, self._failed(out, "reauth_required" if code == 190 else "no_token", msg,
                                         retryable=False, attempts=0, code=code)
+        url = self.opts.url_for(out.endpoint)  # #15
+        if url is None:
+            return FAILED, self._failed(out, "unknown_endpoint", f"endpoint {out.endpoint!r} is not supported",
+                                        retryable=False, attempts=0)
         parts, warnings = prepare_requests(out.request, self.opts.limits)
         for w in warnings:
             log.warning("outbox %s: %s", out.outbox_id, w)
@@ -606,14 +625,14 @@ class Dispatcher:
             raise _Released
         if verdict != SEND:
             return verdict, None
-        result = await self.send(own, out, token, parts)
+        result = await self.send(own, out, token, parts, url)
         if result is None:  # released before anything reached Graph
             await ledger.write(p, key, None)
             raise _Released
         return result.status, result
 
     async def send(self, own: Ownership, out: OutboundRequest, token: str,
-                   parts: list[dict[str, Any]]) -> SendResult | None:
+                   parts: list[dict[str, Any]], url: str | None = None) -> SendResult | None:
         """Send every part of one request in order; the SendResult of the whole, or None when the
         partition is being released and no part reached Graph."""
         if own.releasing.is_set():
@@ -621,7 +640,7 @@ class Dispatcher:
         mids: list[str] = []
         last = _Outcome()
         for done, body in enumerate(parts):
-            last = await self.send_one(out.page_id, token, body, own.releasing)
+            last = await self.send_one(out.page_id, token, body, own.releasing, url)
             if last.stopped:
                 if not done:
                     return None
@@ -639,7 +658,7 @@ class Dispatcher:
                           parts=len(parts), timestamp=_now_ms())
 
     async def send_one(self, page_id: str, token: str, body: dict[str, Any],
-                       stop: asyncio.Event | None = None) -> _Outcome:
+                       stop: asyncio.Event | None = None, url: str | None = None) -> _Outcome:
         """POST one body with retries on retryable errors; throttled per page. When `stop` is set, a
         wait (rate limit, backoff) ends the send before its next attempt (`stopped`)."""
         if self.session is None:
@@ -650,7 +669,8 @@ class Dispatcher:
             if not await self._throttle(page_id, stop):
                 return _Outcome(attempts=attempt - 1, stopped=True)
             try:
-                async with self.session.post(self.opts.send_url, params={"access_token": token}, json=body) as resp:
+                target = url or self.opts.send_url
+                async with self.session.post(target, params={"access_token": token}, json=body) as resp:
                     data = await resp.read()
                     if resp.status == 200:
                         return _Outcome(mid=_message_id(data), attempts=attempt)
@@ -735,10 +755,10 @@ class Dispatcher:
 
 def _common(out: OutboundRequest) -> dict[str, Any]:
     return {"outbox_id": out.outbox_id, "page_id": out.page_id, "psid": out.psid,
-            "conversation_id": out.conversation_id, "origin": out.origin}
+            "conversation_id": out.conversation_id, "origin": out.origin, "endpoint": out.endpoint}
 
 
-_COMMON = frozenset({"outbox_id", "page_id", "psid", "conversation_id", "origin"})
+_COMMON = frozenset({"outbox_id", "page_id", "psid", "conversation_id", "origin", "endpoint"})
 
 
 def _stored(result: SendResult) -> dict[str, Any]:
