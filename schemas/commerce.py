@@ -77,6 +77,11 @@ class Order(_Model):
     payment_method: str | None = Field(default=None, max_length=128)
     order_url: str | None = Field(default=None, max_length=1000, pattern=r"^https?://")
     created_at: int | None = Field(default=None, ge=0, description="epoch ms; the receipt's timestamp")
+    updated_at: int | None = Field(
+        default=None, ge=0,
+        description="epoch ms, the version of this order: a record older than one already applied is ignored "
+        "(key records by order_id to keep them in order anyway)",
+    )
     items: list[OrderItem] = Field(default_factory=list, max_length=ITEMS_MAX)
     totals: Totals
     adjustments: list[Adjustment] = Field(default_factory=list, max_length=20)

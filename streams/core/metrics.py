@@ -122,6 +122,35 @@ TIMERS_FIRED = Counter(
     "Conversation timers fired: idle (auto-close), warn, agent_nr (agent not responding), waiting",
     ["timer"],
 )
+# #15: bots and the checkout opt-in (counted from the rules' notes, except the router's and the listing)
+BOT_HANDOFFS = Counter(
+    "messenger_bot_handoffs",
+    "Thread hand-overs between bots and agents: in (a bot passed the thread, a conversation opened), to_bot, "
+    "released, taken (another app took it), taken_by_agent, kept (the customer wrote again), page_inbox",
+    ["direction"],
+)
+THREAD_CONTROL = Counter(
+    "messenger_thread_control_calls", "Thread-control calls written to messenger.outbound, by endpoint", ["endpoint"]
+)
+CHECKOUT_OPTINS = Counter(
+    "messenger_checkout_optins",
+    "Checkout opt-ins (checkbox, send_to_messenger) and the re-keying of checkbox conversations "
+    "(claimed, handed_off, relinked)",
+    ["event"],
+)
+ORDERS = Counter(
+    "messenger_orders",
+    "Merchant orders at conversation keys: received, waiting, matched, unmatched, forwarded, update_sent, "
+    "update_held, stale",
+    ["result"],
+)
+ORDERS_ROUTED = Counter(
+    "messenger_orders_routed", "Orders read from commerce.orders, by the key they go to (psid, uref, ref) or invalid",
+    ["via"],
+)
+ORDERS_UNMATCHED_LISTED = Gauge(
+    "messenger_orders_unmatched_listed", "Unmatched orders this worker lists at GET /orders/unmatched"
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -153,6 +182,12 @@ CATALOGUE = (
     PAGE_MESSAGES,
     AGENT_MESSAGES,
     TIMERS_FIRED,
+    BOT_HANDOFFS,
+    THREAD_CONTROL,
+    CHECKOUT_OPTINS,
+    ORDERS,
+    ORDERS_ROUTED,
+    ORDERS_UNMATCHED_LISTED,
 )
 
 
@@ -191,6 +226,7 @@ class _TopAgents:
 
 _top_agents = _TopAgents(TOP_AGENTS)
 _counters: dict[tuple[int, tuple[str, ...]], Counter] = {}
+_BOTS_NOTES = {"handoff": BOT_HANDOFFS, "thread_control": THREAD_CONTROL, "optin": CHECKOUT_OPTINS, "order": ORDERS}
 _HISTOGRAMS = {"first_response_seconds": FIRST_RESPONSE, "queue_wait_seconds": QUEUE_WAIT, "handle_seconds": HANDLE}
 
 
@@ -227,6 +263,8 @@ def record_notes(notes: Iterable[tuple[str, str]], figures: Iterable[tuple[str, 
             _inc(AGENT_MESSAGES, _top_agents.label(label))
         elif name == "timer":
             _inc(TIMERS_FIRED, label)
+        elif name in _BOTS_NOTES:  # #15
+            _inc(_BOTS_NOTES[name], label)
     for name, label, value in figures:
         histogram = _HISTOGRAMS.get(name)
         if histogram is not None:

@@ -32,6 +32,9 @@ class Topics(BaseSettings):
     csat_responses: str = "csat.responses"
     csat_facts: str = "csat.facts"
     history: str = "conversations.history"
+    relay: str = "conversations.relay"  # #15: records one conversation key sends another
+    orders: str = "commerce.orders"  # #15: merchant orders for the checkout opt-in
+    orders_unmatched: str = "commerce.orders.unmatched"  # #15: orders that met no opt-in (compacted)
     skill_prefix: str = "skill."
 
     def name(self, attr: str) -> str:

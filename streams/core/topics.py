@@ -26,6 +26,9 @@ TOPIC_SPECS: dict[str, tuple[bool, bool]] = {
     "csat_responses": (False, False),
     "csat_facts": (False, True),
     "history": (True, False),
+    "relay": (False, True),  # #15
+    "orders": (False, False),  # #15: written by merchants, any key
+    "orders_unmatched": (True, False),  # #15: key order_id
 }
 
 

@@ -39,7 +39,7 @@ def compact_order(order: Order, budget: int = ORDER_BUDGET) -> dict[str, Any]:
     adjustments, the order URL. The billing address is not kept (the receipt has none)."""
     full = order.model_dump(mode="json", exclude_none=True)
     doc: dict[str, Any] = {k: full[k] for k in ("order_id", "page_id", "user_ref", "psid", "ref", "status",
-                                               "currency", "created_at", "totals") if k in full}
+                                               "currency", "created_at", "updated_at", "totals") if k in full}
     doc["order_number"] = clamp(order.order_number or order.order_id, FIELD_MAX // 2)
     for key in ("recipient_name", "merchant_name", "payment_method"):
         if key in full:

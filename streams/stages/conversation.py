@@ -34,9 +34,11 @@ def register(pipe: Pipeline) -> None:
     """Attach the `converse` agent, the `conversations` table and the tick timer to the app."""
     app = pipe.app
     settings = pipe.settings
-    names = {attr: settings.topics.name(attr) for attr in ("split", "events", "actions", "send_results", "ticks")}
-    source_of = {names["split"]: "event", names["actions"]: "action", names["send_results"]: "result"}
-    channel = pipe.raw_topic(names["split"], names["actions"], names["send_results"], names["ticks"])
+    names = {attr: settings.topics.name(attr)
+             for attr in ("split", "events", "actions", "send_results", "ticks", "relay")}
+    source_of = {names["split"]: "event", names["actions"]: "action", names["send_results"]: "result",
+                 names["relay"]: "relay"}  # #15: relays between keys
+    channel = pipe.raw_topic(names["split"], names["actions"], names["send_results"], names["ticks"], names["relay"])
     table = app.Table("conversations", default=None, partitions=settings.partitions)
     pipe.extras["conversations"] = table
 
@@ -52,6 +54,8 @@ def register(pipe: Pipeline) -> None:
         "history": settings.topics.name("history"),
         "csat_responses": settings.topics.name("csat_responses"),
         "csat_facts": settings.topics.name("csat_facts"),
+        "relay": settings.topics.name("relay"),  # #15
+        "orders_unmatched": settings.topics.name("orders_unmatched"),
     }
     skill_names = {skill: settings.topics.skill(skill) for skill in pipe.skill_topics}
     default_skill_name = skill_names[pipe.config.routing.default_skill]
@@ -153,6 +157,8 @@ def register(pipe: Pipeline) -> None:
             elif source == "event":
                 inp = Input("event", str(data.get("idempotency_key")), int(data.get("received_at") or record_ms), data)
                 raw = event.value if publish_events else None
+            elif source == "relay":  # #15
+                inp = Input("relay", f"relay:{data.get('relay_id')}", record_ms, data)
             else:
                 inp = Input("result", f"result:{data.get('outbox_id')}", record_ms, data)
             try:

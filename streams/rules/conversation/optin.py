@@ -226,9 +226,10 @@ def _adopt(ctx: Ctx, order: dict[str, Any], h: str | None) -> None:
     conv = ctx.st["conv"]
     co = checkout_of(ctx.st)
     full = as_order(order)
+    v = order.get("updated_at")
     entry: KnownOrder = {"id": short_hash(str(order["order_id"])), "hash": h or digest(full), "at": ctx.now,
-                         "matched": True, "order": None, "conversation_id": conv["id"] if conv else None,
-                         "to": None}
+                         "v": v if isinstance(v, int) else None, "matched": True, "order": None,
+                         "conversation_id": conv["id"] if conv else None, "to": None}
     put(ctx, with_order(co, entry))
     ctx.console("purchase", order=purchase_summary(order), receipt_sent=False, outbox_id=None,
                 reason="sent_before_reply", user_ref=order.get("user_ref"), relinked=True)

@@ -67,8 +67,8 @@ def on_order(ctx: Ctx, raw: dict[str, Any], via: str, h: str | None = None) -> N
         _again(ctx, co, known, order, compact, full, h)
         return
     ctx.note("order", "received")
-    entry: KnownOrder = {"id": short_hash(order.order_id), "hash": h, "at": ctx.now, "matched": False,
-                         "order": compact, "conversation_id": None, "to": None}
+    entry: KnownOrder = {"id": short_hash(order.order_id), "hash": h, "at": ctx.now, "v": order.updated_at,
+                         "matched": False, "order": compact, "conversation_id": None, "to": None}
     if kind_of(ctx.key) == "ref":
         homes = [hm for hm in co["homes"] if ctx.now - hm["at"] <= window_ms(ctx)]
         if homes:
@@ -87,6 +87,10 @@ def _again(ctx: Ctx, co: Checkout, known: KnownOrder, order: Order, compact: dic
     if known["hash"] == h:
         ctx.note("duplicate", "order")
         return
+    if order.updated_at is not None and known["v"] is not None and order.updated_at <= known["v"]:
+        ctx.note("order", "stale")  # an older version arrived late (records not keyed by order id)
+        return
+    known = {**known, "v": order.updated_at if order.updated_at is not None else known["v"]}
     if known["to"] is not None:
         relay(ctx, known["to"], "order", order=full, via="ref", hash=h)
         put(ctx, with_order(co, {**known, "hash": h}))

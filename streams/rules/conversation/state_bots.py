@@ -53,6 +53,7 @@ class KnownOrder(TypedDict):
     id: str  # the merchant's order id, hashed (`state.short_hash`)
     hash: str  # digest of its content: a changed order is an update
     at: int  # when it reached this key
+    v: int | None  # the order's `updated_at`: an older record is stale
     matched: bool
     order: dict[str, Any] | None
     conversation_id: str | None
