@@ -21,7 +21,7 @@ from streams.core.config import ConnectorConfig
 from streams.core.deadletter import dead_letter
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
-from streams.stages import conversation, csat, history, ingest, web
+from streams.stages import conversation, csat, history, ingest, orders, web
 
 log = logging.getLogger("messenger_streams")
 
@@ -126,6 +126,7 @@ def create_pipeline(
         "ingest": ingest.register,
         "conversations": conversation.register,
         "csat": csat.register,
+        "orders": orders.register,  # #15: merchant orders to their conversation key
         "web": web.register,
         "history": history.register,
     }
