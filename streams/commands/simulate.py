@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from streams.commands.simulate_flows import Flows
 from streams.core.config import ConnectorConfig
 from streams.core.settings import Settings
 
@@ -87,6 +88,7 @@ class Simulator:
         self.invalid_ratio = invalid_ratio
         self.duplicate_ratio = duplicate_ratio
         self.app_id = config.account.app_id
+        self.flows = Flows(config, self.rng)  # #15: bot hand-offs and checkout opt-ins
         self._last_body: Record | None = None
         self._n = 0
 
@@ -132,6 +134,11 @@ class Simulator:
             return self.invalid(now)
         if roll < self.invalid_ratio + self.duplicate_ratio and self._last_body is not None:
             return self._last_body  # Meta redelivers: the very same bytes again
+        flow = self.flows.next(now) if self.agents else None  # #15
+        self._join_flows()
+        if flow is not None:
+            topic, key, value = flow
+            return Record(topic, key, value, (("received-at", str(now).encode()),) if topic == "raw" else ())
         c = self.rng.choice(self.consumers)
         page, psid = c.page_id, c.psid
         script = (
@@ -202,6 +209,12 @@ class Simulator:
         }
         return self._raw(page, [item], now)
 
+    def _join_flows(self) -> None:
+        """People whose flow ended take the place of a random consumer (their count stays fixed)."""
+        while self.flows.finished:
+            page, psid = self.flows.finished.pop()
+            self.consumers[self.rng.randrange(len(self.consumers))] = _Consumer(page, psid, step=3)
+
     def records(self, count: int) -> Iterator[Record]:
         for _ in range(count):
             yield self.step()
@@ -226,7 +239,8 @@ async def run_simulation(
     sim = Simulator(config, seed=seed, consumers=consumers, agents=agents, invalid_ratio=invalid_ratio)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, acks="all")
     await producer.start()
-    topics = {"raw": settings.topics.name("raw"), "actions": settings.topics.name("actions")}
+    topics = {"raw": settings.topics.name("raw"), "actions": settings.topics.name("actions"),
+              "orders": settings.topics.name("orders")}  # #15: the merchant's orders
     sent = 0
     start = time.monotonic()
     last_report = start

@@ -49,10 +49,24 @@ def render(m: dict[str, dict[tuple[tuple[str, str], ...], float]]) -> str:
     outbound = m.get("messenger_outbound_requests_total", {})
     if outbound:
         lines.append(f"outbound        {_fmt(_by(outbound, 'origin'))}")
+    lines.extend(bots_lines(m))  # #15
     csat = m.get("messenger_csat_percent", {})
     if csat:
         lines.append(f"CSAT %          {_fmt(_by(csat, 'skill'))}")
     return "\n".join(lines)
+
+
+def bots_lines(m: dict[str, dict[tuple[tuple[str, str], ...], float]]) -> list[str]:
+    """#15: bot hand-offs and checkout opt-ins (with their orders), when there were any."""
+    lines = []
+    handoffs = m.get("messenger_bot_handoffs_total", {})
+    if handoffs:
+        lines.append(f"bot hand-offs   {_fmt(_by(handoffs, 'direction'))}")
+    optins, orders = m.get("messenger_checkout_optins_total", {}), m.get("messenger_orders_total", {})
+    if optins or orders:
+        lines.append(f"checkout        {_fmt(_by(optins, 'event'))}")
+        lines.append(f"  orders        {_fmt(_by(orders, 'result'))}")
+    return lines
 
 
 def run_summary(url: str, *, interval: float = 2.0, once: bool = False) -> int:
