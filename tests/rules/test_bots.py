@@ -88,6 +88,7 @@ def test_hand_over_in_opens_a_conversation_with_the_transcript() -> None:
     reply = c.act("message", at=T0 + 7 * MINUTE, agent="ana", text="Hi, I'm Ana")
     (sent,) = outbound(reply)
     assert sent["request"]["messaging_type"] == "RESPONSE" and "endpoint" not in sent
+    assert ("first_response_seconds", "billing", 120.0) in reply.figures  # the customer waited since the hand-over
     assert c.state["thread"]["lines"] == []  # delivered, forgotten
 
 

@@ -18,6 +18,9 @@ from streams.rules.conversation.state import Agent, Conv
 from streams.rules.conversation.system import say
 
 ClosedBy = Literal["agent", "consumer", "system"]
+# conversations where a customer waits for an agent from the open (first response, abandoned); #15:
+# a bot's hand-over is one (a checkout's opening is not: nobody asked yet)
+_CUSTOMER_WAITS = ("consumer", "bot")
 
 
 def _open(ctx: Ctx, conv: Conv, *, timestamp: int, **extra: Any) -> bool:
@@ -121,7 +124,7 @@ def agent_wrote(ctx: Ctx, agent_id: str) -> None:
     """A human agent's message went out: turns, figures, notes."""
     conv = ctx.st["conv"]
     assert conv is not None  # noqa: S101 - callers check
-    if conv["first_agent_at"] is None and conv["opened_by"] == "consumer":
+    if conv["first_agent_at"] is None and conv["opened_by"] in _CUSTOMER_WAITS:
         ctx.figure("first_response_seconds", conv["skill"], max(0, ctx.now - conv["opened_at"]) / 1000)
     ctx.st["conv"] = turns.agent_line(conv, agent_id, ctx.now)
     ctx.note("agent_message", agent_id)
@@ -147,7 +150,7 @@ def close(ctx: Ctx, *, closed_by: ClosedBy, reason: str, agent_id: str | None, n
     ctx.note("closed", skill)
     ctx.note("open-", skill)
     leave_queue(ctx, conv)
-    if summary["abandoned"] and conv["opened_by"] == "consumer":
+    if summary["abandoned"] and conv["opened_by"] in _CUSTOMER_WAITS:
         ctx.note("abandoned", skill)
     ctx.figure("handle_seconds", skill, summary["handle_ms"] / 1000)
     csat_hooks.survey_on_close(ctx, conv, summary, closed_by)
