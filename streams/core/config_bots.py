@@ -99,6 +99,11 @@ class Optin(_Section):
         default=30, ge=1, le=365,
         description="after the person replies, a checkout key forwards later orders and actions to the PSID this long",
     )
+    close_unanswered_after_hours: int = Field(
+        default=168, ge=1, le=24 * 90,
+        description="a checkbox checkout's conversation the person never answered closes after this (reason "
+        "`no_reply`); it holds no message window, so nothing is sent",
+    )
     update_text: str = Field(
         default="Update on your order {order_number}: {status}", min_length=1, max_length=640,
         description="an order update for the customer; placeholders {order_number}, {status}, {note}",

@@ -336,3 +336,18 @@ def test_receipt_within_metas_limits_and_the_state_budget() -> None:
     assert payload["summary"]["total_cost"] == 78.35
     with pytest.raises(ValueError, match="user_ref, psid or ref"):
         Order.model_validate(order(user_ref=None))
+
+
+def test_an_unanswered_checkout_conversation_closes_by_itself() -> None:
+    c = Cluster()
+    c.d = Decider(cfg(OPTIN.replace("match_window_seconds = 600",
+                                    "match_window_seconds = 600\nclose_unanswered_after_hours = 48")))
+    c.checkbox_optin(T0)
+    c.order(order(), T0 + SECOND)
+    # the wake-up armed at the opt-in (its key's retention) comes first; then the close is armed
+    assert c.tick(H, T0 + 3_600_000).arms == [T0 + SECOND + 48 * 3_600_000]
+    assert c.conv(H) is not None
+    out = c.tick(H, T0 + SECOND + 48 * 3_600_000)
+    closed = [o.value for o in out.outputs if o.dest == "skill" and o.value["type"] == "conversation_closed"]
+    assert [(v["closed_by"], v["reason"]) for v in closed] == [("system", "no_reply")] and c.conv(H) is None
+    assert [o.dest for o in out.outputs if o.dest == "outbound"] == []  # no window: nothing is sent

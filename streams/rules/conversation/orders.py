@@ -200,6 +200,9 @@ def _report(ctx: Ctx, entry: KnownOrder, reason: str) -> None:
 def on_timer(ctx: Ctx) -> None:
     """Orders whose match window passed are reported; stale opt-ins and homes are forgotten. A
     checkout or ref key remembers no person (nobody "returns" to it): compaction does not keep one."""
+    unanswered = unanswered_until(ctx.st, ctx.key, ctx.config.optin.close_unanswered_after_hours)
+    if unanswered is not None and unanswered <= ctx.now:
+        lifecycle.close(ctx, closed_by="system", reason="no_reply", agent_id=None)
     if kind_of(ctx.key) != "psid" and ctx.st["conv"] is None:
         ctx.st["person"] = None
     co = ctx.st.get("checkout")
@@ -217,12 +220,23 @@ def on_timer(ctx: Ctx) -> None:
     put(ctx, co)
 
 
-def wakes(st: State, match_window_ms: int) -> list[int]:
-    """When this part needs the stage: the end of each waiting order's match window."""
+def unanswered_until(st: State, key: str, hours: int) -> int | None:
+    """When a checkbox checkout's conversation closes if the person never answers (None: no such)."""
+    conv = st["conv"]
+    if conv is None or kind_of(key) != "uref":
+        return None
+    return conv["opened_at"] + hours * 3_600_000
+
+
+def wakes(st: State, key: str, match_window_ms: int, unanswered_hours: int) -> list[int]:
+    """When this part needs the stage: the end of each waiting order's match window, the close of
+    an unanswered checkout conversation."""
     co = st.get("checkout")
-    if co is None:
-        return []
-    return [o["at"] + match_window_ms for o in waiting_orders(co)]
+    ends = [o["at"] + match_window_ms for o in waiting_orders(co)] if co is not None else []
+    until = unanswered_until(st, key, unanswered_hours)
+    if until is not None:
+        ends.append(until)
+    return ends
 
 
 def compact(st: State, kept: State, now: int, match_window_ms: int, relink_ms: int) -> list[int]:

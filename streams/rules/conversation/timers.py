@@ -46,7 +46,7 @@ def conv_dues(conv: Conv, skill: Skill) -> dict[str, int]:
     return dues
 
 
-def next_wake(st: State, config: ConnectorConfig) -> int | None:
+def next_wake(st: State, config: ConnectorConfig, key: str = "") -> int | None:
     """The earliest time anything of this state is due: a timer, a held action, the retention."""
     candidates: list[int] = [h["until"] for h in st["held"]]
     conv = st["conv"]
@@ -55,7 +55,8 @@ def next_wake(st: State, config: ConnectorConfig) -> int | None:
     if st["expire_at"] is not None:
         candidates.append(st["expire_at"])
     candidates.extend(thread.wakes(st))  # #15
-    candidates.extend(orders.wakes(st, config.optin.match_window_seconds * 1000))
+    candidates.extend(orders.wakes(st, key, config.optin.match_window_seconds * 1000,
+                                   config.optin.close_unanswered_after_hours))
     return min(candidates) if candidates else None
 
 
@@ -69,7 +70,7 @@ def arm(armed: list[int], due: int) -> list[int] | None:
 
 def schedule(ctx: Ctx) -> None:
     """Hand the stage the next wake-up of the new state, if none pending covers it."""
-    due = next_wake(ctx.st, ctx.config)
+    due = next_wake(ctx.st, ctx.config, ctx.key)
     if due is None:
         return
     armed = arm(ctx.st["armed"], due)
