@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import orjson
-
 from schemas.commerce import Order
 from streams.commands.simulate import Simulator
 from streams.rules.normalize import split_body

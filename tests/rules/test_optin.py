@@ -351,3 +351,17 @@ def test_an_unanswered_checkout_conversation_closes_by_itself() -> None:
     closed = [o.value for o in out.outputs if o.dest == "skill" and o.value["type"] == "conversation_closed"]
     assert [(v["closed_by"], v["reason"]) for v in closed] == [("system", "no_reply")] and c.conv(H) is None
     assert [o.dest for o in out.outputs if o.dest == "outbound"] == []  # no window: nothing is sent
+
+
+def test_an_older_version_of_an_order_arriving_late_is_ignored() -> None:
+    c = Cluster()
+    c.checkbox_optin(T0)
+    c.order(order(updated_at=T0 + 1), T0 + SECOND)
+    c.reply(T0 + MINUTE)
+    c.settle(T0 + MINUTE)
+    c.order(order(status="delivered", updated_at=T0 + 300), T0 + 2 * MINUTE)
+    c.settle(T0 + 2 * MINUTE)
+    stale = c.order(order(status="shipped", updated_at=T0 + 200), T0 + 3 * MINUTE)  # keyed apart: came late
+    c.settle(T0 + 3 * MINUTE)
+    assert [u["status"] for u in c.console(P, "order_update")] == ["delivered"]
+    assert ("order", "forwarded") in stale.notes
