@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from streams.core.config import ConnectorConfig
+from streams.core.process import start_client
 from streams.core.settings import Settings
 
 PAGE_INBOX_APP_ID = "263902037430900"
@@ -224,7 +225,7 @@ async def run_simulation(
 
     sim = Simulator(config, seed=seed, consumers=consumers, agents=agents, invalid_ratio=invalid_ratio)
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, acks="all")
-    await producer.start()
+    await start_client(producer)
     topics = {"raw": settings.topics.name("raw"), "actions": settings.topics.name("actions")}
     sent = 0
     start = time.monotonic()

@@ -22,6 +22,7 @@ from streams.core.deadletter import dead_letter
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
 from streams.stages import conversation, csat, ingest, web
+from streams.stages.supervision import supervise
 
 log = logging.getLogger("messenger_streams")
 
@@ -113,6 +114,7 @@ def create_app(settings: Settings) -> faust.App:
     # Table changelog records queue in faust's producer buffer; at its default of 100 the conductor
     # stalls on every table-heavy burst ("producer buffer full"). Commits still flush it first.
     app.producer.buffer.max_messages = settings.producer_buffer_max
+    supervise(app)  # a crashed agent stops the worker (exit 1); a stop never takes over 8 s
     return app
 
 
