@@ -12,6 +12,7 @@ closest known variable for a misspelt one. A new variable is a new field here.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Annotated, Any
@@ -187,16 +188,16 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 
 def _describe(exc: ValidationError, model: type[BaseSettings], prefix: str) -> str:
     err = exc.errors()[0]
-    field = str(err["loc"][0]) if err["loc"] else ""
+    loc = str(err["loc"][0]) if err["loc"] else ""
     names = _field_variables(model, prefix)
-    variable = names.get(field) or next((v for v in names.values() if field in v.split(" or ")), field)
-    msg = err["msg"].removeprefix("Value error, ")
-    info = model.model_fields.get(field) or next(
-        (model.model_fields[f] for f, v in names.items() if field in v.split(" or ")), None
-    )
+    field = loc if loc in names else next((f for f, v in names.items() if loc in v.split(" or ")), loc)
+    choices = names.get(field, loc).split(" or ")
+    present = {k.upper() for k in os.environ}
+    variable = next((c for c in choices if c.upper() in present), choices[0])  # the one that was set
+    info = model.model_fields.get(field)
     secret = info is not None and "SecretStr" in str(info.annotation)
     shown = "" if secret or "input" not in err else f"={str(err['input'])[:80]!r}"
-    return f"{variable.split(' or ')[0]}{shown}: {msg}"
+    return f"{variable}{shown}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def load_settings() -> Settings:

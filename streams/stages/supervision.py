@@ -44,6 +44,10 @@ class StreamsWorker(faust.Worker):
 
     stop_deadline: float = STOP_DEADLINE_SECONDS
 
+    @property
+    def shortlabel(self) -> str:
+        return "Worker"  # the log says "[^Worker]: Ready" as with Faust's own worker (tests and bench wait for it)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failure: str | None = None
