@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from types import FrameType
 from typing import Any
 
 
@@ -59,6 +60,18 @@ def start_deadline(seconds: float, why: str, status: int = 1) -> threading.Timer
     return timer
 
 
+def arm_on_stop_signals(arm: Callable[[str], None]) -> None:
+    """Call `arm(signal name)` from the Python-level handler of SIGINT and SIGTERM, after the event
+    loop registered its own: the loop still learns of the signal through its wakeup fd, and `arm`
+    runs even while the loop is blocked (a stuck call), so a stop deadline starts in every state."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        arm(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def run_until_signalled(
     serve: Callable[[asyncio.Event], Awaitable[None]],
     *,
@@ -72,6 +85,10 @@ def run_until_signalled(
     process still alive `deadline` seconds after it exits at once with status 1 (`start_deadline`)."""
     timers: list[threading.Timer] = []
 
+    def arm(why: str) -> None:
+        if not timers:
+            timers.append(start_deadline(deadline, why))
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -81,11 +98,12 @@ def run_until_signalled(
             if stop.is_set():
                 return
             stop.set()
-            timers.append(start_deadline(deadline, sig.name))
+            arm(sig.name)
             loop.call_later(cancel_after, task.cancel)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        arm_on_stop_signals(arm)
         try:
             await task
         except asyncio.CancelledError:

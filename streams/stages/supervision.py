@@ -26,7 +26,7 @@ import faust
 from mode.supervisors import OneForOneSupervisor
 from mode.utils.futures import maybe_cancel
 
-from streams.core.process import STOP_DEADLINE_SECONDS, start_deadline
+from streams.core.process import STOP_DEADLINE_SECONDS, arm_on_stop_signals, start_deadline
 
 log = logging.getLogger("messenger_streams")
 
@@ -73,6 +73,10 @@ class StreamsWorker(faust.Worker):
         maybe_cancel(self._starting_fut)
 
     # --- stopping --------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        super().install_signal_handlers()
+        arm_on_stop_signals(self._arm_deadline)  # also when the loop is blocked and mode never hears it
+
     def _schedule_shutdown(self, signal: Any) -> None:  # mode calls it on SIGINT and SIGTERM
         self._arm_deadline(f"{getattr(signal, 'name', signal)}")
         super()._schedule_shutdown(signal)

@@ -135,6 +135,24 @@ async def test_a_crash_stops_the_worker_with_status_1(
     assert w.log_text().count(line) == 1, w.log_text()[-3000:]
 
 
+async def test_a_blocked_event_loop_still_stops_within_10_s(make_worker: Callable[..., Worker], kafka: KafkaIO) -> None:
+    """The last resort: the loop is stuck in a synchronous call, Faust never hears SIGTERM; the
+    deadline armed from the signal handler ends the process with status 1 and one line."""
+    w = make_worker(start=False)
+    proc = crash_worker(w, "block")
+    try:
+        await asyncio.to_thread(wait_for_log, w, proc, "[^Worker]: Ready")
+        await kafka.send(w.topic("crash.me"), b"stuck")
+        await asyncio.to_thread(wait_for_log, w, proc, "blocking the event loop")
+        code, took = await asyncio.to_thread(stopped_within, proc, signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 1 and 7.5 < took < STOP_PROMISE
+    assert w.log_text().count("messenger-streams: did not stop within 8s after SIGTERM (worker); exiting now\n") == 1
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_stops_the_worker_while_starting(make_worker: Callable[..., Worker], sig: int) -> None:
     w = make_worker(start=False)
