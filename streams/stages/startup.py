@@ -12,6 +12,7 @@ turns a mismatch Faust would only find on the first record into one line at star
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from typing import Any
 
@@ -68,10 +69,24 @@ async def remove_topics(pipe: Pipeline, timeout: float = 30.0) -> list[str]:
     return await delete_topics(pipe.settings.bootstrap_servers, sorted(required_topics(pipe)), timeout)
 
 
+def check_web_port(host: str, port: int) -> None:
+    """Refuse, with one line, a web port another process listens on: Faust would crash on it
+    after joining the group. (A process taking the port in between still crashes the worker.)"""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise CliError(f"cannot listen on {host}:{port} (MESSENGER_STREAMS_WEB_PORT): {exc.strerror}") from None
+
+
 def run_worker(pipe: Pipeline, *, loop: str, extra_args: list[str]) -> int:
     """Prepare the topics, then run the Faust worker until it stops; returns its exit status.
 
     `loop` is Faust's `-L` (aio or uvloop); `extra_args` are more Faust worker options."""
+    check_web_port(pipe.settings.web_host, pipe.settings.web_port)
     try:
         asyncio.run(prepare_topics(pipe))
     except TopicError as exc:

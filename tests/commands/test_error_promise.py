@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,3 +190,12 @@ def test_env_defaults_of_the_commands_are_validated(tmp_path: Path) -> None:
     res = run(["inspect", SAMPLE], base_env(MESSENGER_STREAMS_PAGE_TOKENS="not json"))
     assert_one_line(res, "MESSENGER_STREAMS_PAGE_TOKENS: must be a JSON object")
     assert "not json" not in res.stderr
+
+
+def test_worker_with_its_web_port_taken_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run(["worker"], base_env(MESSENGER_STREAMS_WEB_HOST="127.0.0.1", MESSENGER_STREAMS_WEB_PORT=str(port)))
+    assert_one_line(res, f"cannot listen on 127.0.0.1:{port} (MESSENGER_STREAMS_WEB_PORT)")
