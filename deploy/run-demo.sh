@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: topics, a worker on the example config, demo traffic and a live summary until Ctrl-C.
+# `make run`: topics, a worker on the example config, the history sink, demo traffic and a live summary
+# until Ctrl-C.
 #
 #   deploy/run-demo.sh          run the demo (Ctrl-C or SIGTERM stops everything it started)
 #   deploy/run-demo.sh reset    delete the demo's topics (its conversations, offsets, tables) and local data
@@ -19,6 +20,8 @@ export MESSENGER_STREAMS_TOPIC_PREFIX="${MESSENGER_STREAMS_TOPIC_PREFIX-demo.}"
 export KAFKA_BOOTSTRAP_SERVERS="${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:${KAFKA_PORT:-9092}}"
 DEMO_DIR="${DEMO_DIR:-.messenger-streams-data/demo}"
 export MESSENGER_STREAMS_DATADIR="${MESSENGER_STREAMS_DATADIR:-$DEMO_DIR/worker}"
+# history store (issue 16): the embedded PostgreSQL (pgserver) under the data dir unless a DSN is given
+export MESSENGER_STREAMS_HISTORY_DSN="${MESSENGER_STREAMS_HISTORY_DSN:-embedded}"
 STOP_SECONDS="${STOP_SECONDS:-10}"
 
 if [[ "${1:-}" == "reset" ]]; then
@@ -60,9 +63,13 @@ echo "topics ready (prefix '$MESSENGER_STREAMS_TOPIC_PREFIX', app id $MESSENGER_
 $BIN/messenger-streams worker >"$DEMO_DIR/worker.log" 2>&1 &
 worker=$!
 pids+=("$worker")
+$BIN/messenger-streams history sink >"$DEMO_DIR/history.log" 2>&1 &
+pids+=($!)
 $BIN/messenger-streams simulate --rate "${RATE:-20}" >"$DEMO_DIR/simulate.log" 2>&1 &
 pids+=($!)
-echo "worker (pid $worker, log $DEMO_DIR/worker.log), demo traffic at ${RATE:-20} records/s; Ctrl-C stops"
+echo "worker (pid $worker, log $DEMO_DIR/worker.log), history sink (log $DEMO_DIR/history.log), demo traffic at \
+${RATE:-20} records/s; Ctrl-C stops"
+echo "history: http://127.0.0.1:$MESSENGER_STREAMS_WEB_PORT/conversations?q=refund"
 $BIN/messenger-streams summary --url "http://127.0.0.1:$MESSENGER_STREAMS_WEB_PORT/metrics" --interval "${SUMMARY_INTERVAL:-3}" &
 pids+=($!)
 
@@ -76,5 +83,5 @@ if ! alive "$worker"; then
   tail -n 15 "$DEMO_DIR/worker.log"
   exit 1
 fi
-echo; echo "a demo process exited; see $DEMO_DIR/simulate.log"
+echo; echo "a demo process exited; see $DEMO_DIR/history.log and $DEMO_DIR/simulate.log"
 exit 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
-from streams.commands import dlq, simulate, summary
+from streams.commands import dlq, history, simulate, summary
 from streams.core import serde
 from streams.core.config import ConfigError, ConnectorConfig, load_config
 from streams.core.process import CliError
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dlq", help="show the dead letters, or replay their original bytes")
     dlq.add_arguments(p)
 
+    p = sub.add_parser("history", help="conversation history in PostgreSQL: sink, export, forget, migrate, retain")
+    history.add_arguments(p)
+
     p = sub.add_parser("summary", help="a live summary from a worker's /metrics (redrawn in place on a terminal)")
     p.add_argument("--url", default=None, help="the worker's metrics URL (default: env MESSENGER_STREAMS_SUMMARY_URL, "
                    "else http://127.0.0.1:$MESSENGER_STREAMS_WEB_PORT/metrics)")
@@ -228,6 +231,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         return dispatch.run(args)
     if args.command == "dlq":
         return dlq.run(args)
+    if args.command == "history":
+        return history.run(args)
     return cmd_worker(args, extra)
 
 

@@ -82,7 +82,7 @@ def render(m: Samples, prev: Samples | None = None, elapsed: float = 0.0, url: s
 
     lines = [f"messenger-streams summary  {time.strftime('%H:%M:%S')}   Ctrl-C to stop"]
     if url:
-        lines.append(f"metrics {url}   CSAT {sibling_url(url, '/csat')}")
+        lines.append(f"metrics {url}   CSAT {sibling_url(url, '/csat')}   history {sibling_url(url, '/conversations')}")
     lines += ["", f"{'':28}{'total':>10}{'per s':>10}"]
     for title, name, label in COUNTERS:
         samples = m.get(name, {})

@@ -46,6 +46,7 @@ class Topics(BaseSettings):
     ticks: TopicName = "conversations.ticks"
     outbound: TopicName = "messenger.outbound"
     send_results: TopicName = "messenger.send.results"
+    dispatch_sent: TopicName = "messenger.dispatch.sent"  # the dispatcher's sent log (co-partitioned with outbound)
     csat_responses: TopicName = "csat.responses"
     csat_facts: TopicName = "csat.facts"
     history: TopicName = "conversations.history"
@@ -93,6 +94,12 @@ class Settings(BaseSettings):
     stream_buffer_maxsize: int = Field(default=16_384, gt=0)
     producer_buffer_max: int = Field(default=10_000, gt=0, description="table changelog records queued before a stall")
     log_level: str = "warn"
+    # history store (issue 16): a PostgreSQL URI / conninfo, or `embedded[:dir]` for the pgserver of make run
+    history_dsn: SecretStr | None = Field(default=None, description="PostgreSQL of the history store")
+    history_group: str = Field(default="", description="consumer group of the history sink (default <app_id>-history)")
+    history_batch_size: int = Field(default=2000, gt=0, le=50_000, description="records per sink transaction")
+    history_topic_refresh_ms: int = Field(default=10_000, gt=0, description="new skill topics are found this fast")
+    admin_password: SecretStr | None = Field(default=None, description="password of the admin HTTP endpoints")
 
     # Read by one command each (their defaults live there); declared here to be validated up front.
     config_path: str | None = Field(

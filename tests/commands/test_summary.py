@@ -34,7 +34,8 @@ def samples(messages: float, letters: float) -> dict[str, dict[tuple[tuple[str, 
 def test_render_shows_totals_rates_skills_and_urls() -> None:
     lines = render(samples(120, 6), samples(100, 2), 4.0, "http://127.0.0.1:6066/metrics")
     text = "\n".join(lines)
-    assert "metrics http://127.0.0.1:6066/metrics   CSAT http://127.0.0.1:6066/csat" in text
+    assert ("metrics http://127.0.0.1:6066/metrics   CSAT http://127.0.0.1:6066/csat   "
+            "history http://127.0.0.1:6066/conversations") in text
     row = {line.split()[0]: line.split()[1:] for line in lines if line.strip()}
     assert row["message"] == ["120", "5.0"]  # (120 - 100) / 4 s
     assert row["invalid_json"] == ["6", "1.0"]
