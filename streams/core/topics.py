@@ -225,3 +225,12 @@ async def _delete(bootstrap: str, names: list[str], timeout: float) -> list[str]
     finally:
         with contextlib.suppress(Exception):
             await admin.close()
+
+
+async def ensure_contract_topics(settings: Settings, *attrs: str, timeout: float = 30.0) -> list[str]:
+    """Create the named topics of TOPIC_SPECS if they are missing (a command that only writes to
+    them: `simulate`, `history forget`); the broker never creates a topic on its own."""
+    wanted = {settings.topics.name(attr): TOPIC_SPECS[attr][0] for attr in attrs}
+    return await ensure_topics(
+        settings.bootstrap_servers, wanted, settings.partitions, settings.replication_factor, timeout
+    )

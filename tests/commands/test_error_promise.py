@@ -28,19 +28,25 @@ from tests.kafkatools import ROOT, free_port
 CLI = str(ROOT / ".venv" / "bin" / "messenger-streams")
 SAMPLE = str(ROOT / "tests" / "samples" / "01_text_message.json")
 
-# How to run each leaf command against an unreachable broker: extra arguments, and what it does
-# then ("kafka": one line naming Kafka; "worker": one line about the worker's metrics; "ok": exit 0).
-HOW_TO_RUN: dict[tuple[str, ...], tuple[list[str], str]] = {
-    ("worker",): ([], "kafka"),
-    ("inspect",): ([SAMPLE], "ok"),  # offline: needs no broker
-    ("topics", "create"): ([], "kafka"),
-    ("topics", "delete"): (["--yes"], "kafka"),
-    ("simulate",): (["--count", "1"], "kafka"),
-    ("summary",): (["--once"], "worker"),  # reads the worker's /metrics, not Kafka
-    ("webhook",): ([], "kafka"),
-    ("dispatch",): ([], "kafka"),
-    ("dlq", "show"): ([], "kafka"),
-    ("dlq", "replay"): ([], "kafka"),
+# How to run each leaf command against an unreachable broker (and an unreachable history database):
+# extra arguments, and the one line it then prints (None: it needs neither and exits 0).
+NO_DB = "host=/nonexistent dbname=x connect_timeout=2"
+HOW_TO_RUN: dict[tuple[str, ...], tuple[list[str], str | None]] = {
+    ("worker",): ([], "cannot reach Kafka at "),
+    ("inspect",): ([SAMPLE], None),  # offline
+    ("topics", "create"): ([], "cannot reach Kafka at "),
+    ("topics", "delete"): (["--yes"], "cannot reach Kafka at "),
+    ("simulate",): (["--count", "1"], "cannot reach Kafka at "),
+    ("summary",): (["--once"], "cannot read the worker's metrics at "),  # reads the worker, not Kafka
+    ("webhook",): ([], "cannot reach Kafka at "),
+    ("dispatch",): ([], "cannot reach Kafka at "),
+    ("dlq", "show"): ([], "cannot reach Kafka at "),
+    ("dlq", "replay"): ([], "cannot reach Kafka at "),
+    ("history", "sink"): ([], "cannot reach the history database: "),
+    ("history", "export"): (["--from", "2026-01-01", "--to", "2026-02-01"], "cannot reach the history database: "),
+    ("history", "forget"): (["--page", "1", "--psid", "2"], "cannot reach the history database: "),
+    ("history", "migrate"): ([], "cannot reach the history database: "),
+    ("history", "retain"): ([], "cannot reach the history database: "),
 }
 
 
@@ -52,7 +58,7 @@ def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -
     return [leaf for name, sub in subs[0].choices.items() for leaf in leaf_commands(sub, (*path, name))]
 
 
-def base_env(**extra: str) -> dict[str, str]:
+def base_env(command: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESSENGER_STREAMS_") and k != "KAFKA_BOOTSTRAP_SERVERS"}
     env.update({
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",  # nothing listens there
@@ -64,6 +70,8 @@ def base_env(**extra: str) -> dict[str, str]:
         "MESSENGER_STREAMS_WEBHOOK_PORT": str(free_port()),
         "MESSENGER_STREAMS_DISPATCH_WEB_PORT": str(free_port()),
     })
+    if command[:1] == ("history",):
+        env["MESSENGER_STREAMS_HISTORY_DSN"] = NO_DB
     env.update(extra)
     return env
 
@@ -84,25 +92,27 @@ def test_every_command_has_a_way_to_run_here() -> None:
 
 
 def test_every_command_with_the_broker_unreachable() -> None:
-    env = base_env()
+    def one(command: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        return run([*command, *HOW_TO_RUN[command][0]], base_env(command))
+
     with ThreadPoolExecutor(4) as pool:
-        results = dict(zip(HOW_TO_RUN, pool.map(lambda c: run([*c, *HOW_TO_RUN[c][0]], env), HOW_TO_RUN), strict=True))
+        results = dict(zip(HOW_TO_RUN, pool.map(one, HOW_TO_RUN), strict=True))
     for command, res in results.items():
-        outcome = HOW_TO_RUN[command][1]
-        if outcome == "ok":
+        line = HOW_TO_RUN[command][1]
+        if line is None:
             assert res.returncode == 0 and res.stderr == "", (command, res.stderr)
-        elif outcome == "kafka":
-            assert_one_line(res, f"cannot reach Kafka at {env['KAFKA_BOOTSTRAP_SERVERS']}")
         else:
-            assert_one_line(res, "cannot read the worker's metrics")
+            assert_one_line(res, line)
 
 
 def test_a_bad_variable_stops_every_command_with_one_line() -> None:
     """The issue's example: MESSENGER_STREAMS_WEBHOOK_PORT=x used to break every command with a traceback."""
-    env = base_env(MESSENGER_STREAMS_WEBHOOK_PORT="x")
+    def one(command: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+        return run([*command, *HOW_TO_RUN[command][0]], base_env(command, MESSENGER_STREAMS_WEBHOOK_PORT="x"))
+
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda c: run([*c, *HOW_TO_RUN[c][0]], env), HOW_TO_RUN))
-    for res in [*results, run(["--help"], env)]:
+        results = list(pool.map(one, HOW_TO_RUN))
+    for res in [*results, run(["--help"], base_env(MESSENGER_STREAMS_WEBHOOK_PORT="x"))]:
         assert_one_line(res, "MESSENGER_STREAMS_WEBHOOK_PORT='x': Input should be a valid integer")
 
 
