@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     page_tokens_file: str | None = Field(default=None, description="dispatch: file of page tokens")
     rate_per_page: float | None = Field(default=None, gt=0, description="dispatch: sends per second per page")
     dispatch_web_port: Port | None = Field(default=None, description="dispatch: port of /metrics and /healthz")
-    sent_log_days: float | None = Field(default=None, gt=0, description="dispatch: outbound older than this is not sent")
+    sent_log_days: float | None = Field(default=None, gt=0, description="dispatch: older outbound is not sent")
 
     @field_validator("bootstrap_servers")
     @classmethod

@@ -65,8 +65,11 @@ async def prepare_topics(pipe: Pipeline, timeout: float = 30.0) -> list[str]:
 
 
 async def remove_topics(pipe: Pipeline, timeout: float = 30.0) -> list[str]:
-    """Delete every topic of `required_topics` that exists (`topics delete`); the names deleted."""
-    return await delete_topics(pipe.settings.bootstrap_servers, sorted(required_topics(pipe)), timeout)
+    """Delete every topic of `required_topics` and every other named topic of the settings (the
+    dispatcher's sent log, …) that exists (`topics delete`); the names deleted."""
+    topics = pipe.settings.topics
+    named = {topics.name(attr) for attr in type(topics).model_fields if attr not in ("prefix", "skill_prefix")}
+    return await delete_topics(pipe.settings.bootstrap_servers, sorted(set(required_topics(pipe)) | named), timeout)
 
 
 def check_web_port(host: str, port: int) -> None:

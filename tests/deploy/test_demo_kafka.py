@@ -42,6 +42,19 @@ def descendants(root: int) -> set[int]:
     return found
 
 
+def started_in(directory: Path) -> set[int]:
+    """Live processes whose command line names `directory` (the embedded PostgreSQL the worker and
+    the history sink start there is a daemon, not a child)."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(directory).encode() in cmdline.read_bytes():
+                found.add(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return {p for p in found if running(p)}
+
+
 def running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -94,9 +107,10 @@ def test_newcomer_demo_shows_traffic_and_stops_on_ctrl_c(kafka_bootstrap: str, t
             assert first_answer is None or now - first_answer < TRAFFIC, f"no traffic in {TRAFFIC}s:\n{text[-3000:]}"
             time.sleep(0.5)
         print(f"worker answered after {first_answer - start:.1f}s, CSAT % shown after {time.monotonic() - start:.1f}s")
-        seen |= descendants(proc.pid)
+        seen |= descendants(proc.pid) | started_in(tmp_path / "demo")
         names = {Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode() for p in seen if running(p)}
-        for command in ("messenger-streams worker", "messenger-streams simulate", "messenger-streams summary"):
+        for command in ("messenger-streams worker", "messenger-streams history sink", "messenger-streams simulate",
+                        "messenger-streams summary", "postgres"):
             assert any(command in n for n in names), (command, names)
 
         stop = time.monotonic()
