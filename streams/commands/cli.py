@@ -109,7 +109,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise CliError("--interval must be > 0")
-    url = args.url or load_settings().summary_url or f"http://127.0.0.1:{load_settings().web_port}/metrics"
+    settings = load_settings()
+    url = args.url or settings.summary_url or f"http://127.0.0.1:{settings.web_port}/metrics"
     return summary.run_summary(url, interval=args.interval, once=args.once)
 
 
