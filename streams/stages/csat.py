@@ -129,38 +129,47 @@ class CellsWriter:
     """A producer of its own: one partition's writes as one record batch, and the stage's outputs."""
 
     def __init__(self, bootstrap_servers: str) -> None:
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
-            linger_ms=0,
-            max_batch_size=512 * 1024,
-            max_request_size=1024 * 1024,
-        )
-        self._started = False
+        self.bootstrap_servers = bootstrap_servers
+        self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        if not self._started:
-            await self._producer.start()
-            self._started = True
+        """Start the producer (in the worker's loop; again after `stop`)."""
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap_servers,
+                acks="all",
+                linger_ms=0,
+                max_batch_size=512 * 1024,
+                max_request_size=1024 * 1024,
+            )
+            await producer.start()
+            self._producer = producer
 
     async def stop(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise WriteFailed("the csat writer is not started")
+        return self._producer
 
     async def write(self, topic: str, partition: int, writes: Mapping[str, Any]) -> asyncio.Future[Any]:
         """Queue one partition's writes (None: a tombstone) as one record batch; the future is its ack."""
-        batch = self._producer.create_batch()
+        producer = self.producer
+        batch = producer.create_batch()
         for key, value in writes.items():
             raw = None if value is None else serde.dumps(value)
             if batch.append(key=key.encode(), value=raw, timestamp=None) is None:
                 raise WriteFailed(f"{len(writes)} writes do not fit one record batch")
-        fut: asyncio.Future[Any] = await self._producer.send_batch(batch, topic, partition=partition)
+        fut: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
         return fut
 
     async def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None) -> asyncio.Future[Any]:
         """Queue one record; the future is its ack."""
-        fut: asyncio.Future[Any] = await self._producer.send(topic, value, key=key, partition=partition)
+        fut: asyncio.Future[Any] = await self.producer.send(topic, value, key=key, partition=partition)
         return fut
 
 
@@ -302,9 +311,8 @@ def register(pipe: Pipeline) -> None:
     app = pipe.app
     settings = pipe.settings
     window_seconds = pipe.config.csat.window_seconds
-    table = app.Table(
-        TABLE_NAME, default=None, partitions=settings.partitions, key_serializer="raw", value_serializer="raw"
-    )
+    # keys and values are bytes (raw serializers): what the stage writes is what recovery reads back
+    table = app.Table(TABLE_NAME, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
     writer = CellsWriter(settings.bootstrap_servers)
     runner = CellsRunner(pipe, table, writer)
     mirror = CellsMirror(settings.bootstrap_servers, runner.changelog)
