@@ -57,7 +57,7 @@ BATCH_MAX = 256  # facts per batch: bounds the `pending` figures kept per partit
 BATCH_WITHIN = 0.05  # seconds a batch waits to fill
 CATCH_UP_SECONDS = 2.0  # how long GET /csat waits for the mirror to reach the changelog's end
 GAUGE_REFRESH_SECONDS = 1.0
-EXIT_WRITE_FAILED = 75  # exit status when a write to Kafka failed (EX_TEMPFAIL: restart me)
+EXIT_WRITE_FAILED = 70  # a write to Kafka failed (EX_SOFTWARE; the same status as the runtime runner's)
 REPORT_PREFIXES = ("T|", "W|", "S|")
 
 
