@@ -36,7 +36,7 @@ log = logging.getLogger("messenger_streams.orders")
 
 MAX_LISTED = 10_000  # unmatched orders a worker keeps for GET /orders/unmatched (the newest)
 LIST_LIMIT = 1_000  # the most one request returns
-READY_SECONDS = 2.0  # how long GET /orders/unmatched waits for the mirror's start-up read
+READY_SECONDS = 2.0  # how long GET /orders/unmatched waits for the mirror to catch up
 
 
 def summary_of(value: bytes) -> dict[str, Any]:
@@ -123,7 +123,7 @@ def register(pipe: Pipeline) -> None:
                 raise ValueError(f"limit must be 1 to {LIST_LIMIT}")
         except ValueError as exc:
             return web.json({"error": f"bad query: {exc}", "param": "limit"}, status=400)
-        complete = await mirror.wait_ready(READY_SECONDS)
+        complete = await mirror.wait_caught_up(READY_SECONDS)  # every report written so far is listed
         metrics.ORDERS_UNMATCHED_LISTED.set(len(mirror))
         return web.json({"orders": mirror.listing(query.get("page") or None, limit), "count": len(mirror),
                          "evicted": mirror.evicted, "complete": complete})
