@@ -76,6 +76,31 @@ CSAT_FACTS_SKIPPED = Counter(
     "CSAT facts not counted: redelivered, duplicate (fact id already counted), expired or invalid",
     ["reason"],
 )
+QUEUE_DEPTH = Gauge(
+    "messenger_queue_depth",
+    "Open conversations waiting for an agent (unassigned) on this worker's partitions, by skill",
+    ["skill"],
+)
+PROCESSING_ERRORS = Counter(
+    "messenger_processing_errors",
+    "Records whose processing raised (dead-lettered, traceback in the log), by stage and exception type",
+    ["stage", "error"],
+)
+REDELIVERED = Counter(
+    "messenger_redelivered_records",
+    "Records skipped as already applied (redelivered after a crash or rebalance; pending outputs re-sent)",
+    ["stage"],
+)
+UNITS_FLUSHED = Counter(
+    "messenger_state_units_flushed",
+    "Write/ack/send cycles of the state-first runner (state durable, then outputs acknowledged), by stage",
+    ["stage"],
+)
+STREAM_TIME_LAG = Gauge(
+    "messenger_stream_time_lag_seconds",
+    "Wall clock minus the stream time timers fire on, per partition of the conversation stage",
+    ["partition"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -98,6 +123,11 @@ CATALOGUE = (
     CSAT_AGGREGATE_ANSWERS,
     CSAT_AGGREGATE_SURVEYS,
     CSAT_FACTS_SKIPPED,
+    QUEUE_DEPTH,
+    PROCESSING_ERRORS,
+    REDELIVERED,
+    UNITS_FLUSHED,
+    STREAM_TIME_LAG,
 )
 
 

@@ -1,0 +1,864 @@
+"""The state-first batch runner: a stage's state and outputs land together, whatever crashes.
+
+Decision B of the team plan; the argument is in docs/architecture.md, "Delivery guarantees".
+
+A stage agent takes a batch of records (`Stream.noack_take`: faust acks nothing by itself) and
+hands it to `StateFirstRunner.run_batch`. For each record, in order, the runner decodes it
+(`Stage.parse`), skips what the key's state already includes (the offset guard,
+`streams.rules.guard`), decides (`Stage.decide`, the pure rules behind it) and keeps the outcome in
+a *unit*: the new value of every key touched (coalesced: one write per key per unit) carrying
+`pending`, the outputs of this unit's inputs of that key tagged by input, and the outputs
+themselves. A record whose processing raises goes to the dead-letter topic and the batch moves on.
+
+A unit is flushed in two steps: (1) every dirty key is written once (the table's local store plus
+one changelog record on the input's partition) and the changelog acks are awaited: the state is
+durable; (2) the outputs are sent and their acks awaited. Only after the last unit of a batch does
+the agent ack the batch's records, and faust commits only acked offsets. A redelivered record (its
+offset at or below the key's applied offset for its topic-partition) is not decided again: the
+outputs pending for it are sent again, with the same ids. Any failed write raises `WriteFailed`
+and the agent ends the process (`crash_worker`): nothing continues on state that may differ from
+the changelog.
+
+Timers (decision D) run on each partition's stream time: a tick record proves that the inputs
+written before its wall time have been consumed (`streams.rules.wheel.StreamClock`); the wheel's
+due buckets are then fired as `timer` inputs whose `now` is the stream time. Per partition the
+runner keeps one small meta value (`\\0part:<partition>`): stream time, the wheel's cursor and the
+plan of the firing in progress, the durable counters fed by decision notes (open conversations and
+queue depth per skill) and the offsets those counters include.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol
+
+import orjson
+from aiokafka.errors import MessageSizeTooLargeError
+from faust.streams import _current_event
+from faust.types import TP
+
+from schemas.events import Source
+from streams.core import deadletter, metrics, serde
+from streams.rules import guard, wheel
+from streams.rules.conversation.api import Input
+from streams.rules.wheel import Tick
+
+log = logging.getLogger("messenger_streams.runtime")
+
+EXIT_WRITE_FAILED = 70  # EX_SOFTWARE: a write to Kafka failed; state may differ from the changelog
+META_PREFIX = "\x00part:"
+LEGACY_CURSOR_PREFIX = "\x00cursor:"
+PURGE_AFTER_MS = 300_000  # a deleted key's guard is kept this long (stream time) before its tombstone
+UNIT_MAX_KEYS = 1_000  # dirty keys and wheel slots per unit
+UNIT_MAX_OUTPUTS = 5_000
+KEY_MAX_PENDING_BYTES = 262_144  # a key's pending outputs per unit; the unit is flushed beyond
+MAX_STATE_BYTES = 262_144  # a bigger state is refused (dead letter): its write would fail
+MAX_INPUT_OUTPUT_BYTES = 262_144  # the outputs of one input
+MAX_BUCKETS_PER_TICK = 86_400  # a day of wheel buckets per tick; the rest on the next ticks
+
+TICK_KEY = b"\x00tick"
+
+
+class WriteFailed(RuntimeError):
+    """A changelog or output record was not acknowledged by Kafka: the process must end."""
+
+
+class BadRecord(ValueError):
+    """A record that cannot be processed, with the dead-letter reason to file it under."""
+
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+
+
+def crash_worker(exc: BaseException) -> NoReturn:
+    """End the worker at once, without committing anything: what was not acked is redelivered.
+
+    A graceful faust shutdown would wait for the unacked records of the failed batch and commit
+    what it can; a hard exit is what the state-first argument is proven against (SIGKILL)."""
+    log.critical("a write to Kafka failed, exiting so that nothing continues on unwritten state: %r", exc,
+                 exc_info=exc)
+    logging.shutdown()
+    os._exit(EXIT_WRITE_FAILED)
+
+
+def is_too_large(exc: BaseException) -> bool:
+    """True when a send failed because the record is over the producer's or broker's size limit
+    (a property of that record, not of the producer: dead-letter it and go on)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, MessageSizeTooLargeError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# records, outputs, steps
+
+
+@dataclass(slots=True)
+class Record:
+    """One consumed record, independent of faust (`event` is faust's, for the agent's ack)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+    headers: Sequence[tuple[str, bytes]] = ()
+    event: Any = None
+
+    @property
+    def src(self) -> str:
+        return guard.src_id(self.topic, self.partition, self.offset)
+
+    @classmethod
+    def of_event(cls, event: Any) -> Record:
+        """The record of a faust event."""
+        msg = event.message
+        value = event.value
+        ts = msg.timestamp
+        return cls(
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key if isinstance(msg.key, bytes) else None,
+            value=value if isinstance(value, bytes) else None,
+            timestamp_ms=int(ts * 1000) if ts else int(time.time() * 1000),
+            headers=list(msg.headers or ()),
+            event=event,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    """One record to produce: to `topic`, keyed by `key`, JSON `value`."""
+
+    topic: str
+    key: str | bytes | None
+    value: bytes
+
+
+@dataclass(slots=True)
+class Step:
+    """What one input did, as the stage turned the rules' decision into records.
+
+    `deltas` are changes of the per-partition counters: (counter, label, +n/-n)."""
+
+    state: dict[str, Any] | None
+    state_bytes: bytes | None
+    outputs: list[Out]
+    arms: list[int]
+    deltas: list[tuple[str, str, int]] = field(default_factory=list)
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """A decoded input for one key."""
+
+    key: str
+    inp: Input
+
+
+@dataclass(frozen=True, slots=True)
+class TickIn:
+    """A decoded tick."""
+
+    tick: Tick
+
+
+class FactSeq:
+    """Numbers the facts that one consumed record produces (`index` of decision C)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+
+    def next(self) -> int:
+        n = self.n
+        self.n += 1
+        return n
+
+
+class Stage(Protocol):
+    """What a stage plugs into the runner."""
+
+    facts_topic: str | None  # outputs to this topic are numbered by FactSeq
+
+    def parse(self, rec: Record) -> Keyed | TickIn:
+        """Decode a record; raises BadRecord (or any exception: then `processing_error`)."""
+        ...
+
+    def decide(self, state: dict[str, Any] | None, inp: Input, key: str, rec: Record, facts: FactSeq) -> Step:
+        """The outcome of one input (pure but for metrics of the decision itself)."""
+        ...
+
+    def sent(self, out: Out) -> None:
+        """Called for every output once Kafka acknowledged it (metrics)."""
+        ...
+
+
+class Store(Protocol):
+    """A table as the runner uses it: local reads, and writes that return the changelog ack."""
+
+    def get(self, key: str) -> Any: ...
+
+    def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]: ...
+
+    def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]: ...
+
+
+class Producer(Protocol):
+    """Enqueue one record; the returned awaitable resolves when Kafka acknowledged it."""
+
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes, partition: int | None = None
+    ) -> Awaitable[Any]: ...
+
+
+# --------------------------------------------------------------------------------------------
+# stored values
+
+
+def meta_key(partition: int) -> str:
+    return f"{META_PREFIX}{partition}"
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=serde.OPTIONS)
+
+
+@dataclass(slots=True)
+class Entry:
+    """The stored value of one key: the rules' state plus what the runner needs.
+
+    Stored form `{"v": 2, "s": state, "g": applied, "t": armed due times, "x": purge time,
+    "p": pending}`; `pending` is a list of `[src, [[topic, key, value], ...], [[counter, label, n],
+    ...]]`. A stored value without `"v": 2` is a state written before this runner (legacy)."""
+
+    state: dict[str, Any] | None = None
+    applied: dict[str, int] = field(default_factory=dict)
+    timers: list[int] = field(default_factory=list)
+    purge_at: int | None = None
+    pending: list[list[Any]] = field(default_factory=list)
+    legacy: bool = False
+    state_bytes: bytes | None = None
+
+    @classmethod
+    def load(cls, value: Any) -> Entry | None:
+        if value is None:
+            return None
+        if isinstance(value, dict) and value.get("v") == 2:
+            return cls(
+                state=value.get("s"),
+                applied=dict(value.get("g") or {}),
+                timers=list(value.get("t") or []),
+                purge_at=value.get("x"),
+                pending=list(value.get("p") or []),
+            )
+        return cls(state=value if isinstance(value, dict) else None, legacy=True)
+
+    def stored(self) -> dict[str, Any]:
+        return {"v": 2, "s": self.state, "g": self.applied, "t": self.timers, "x": self.purge_at, "p": self.pending}
+
+    def encode(self) -> bytes:
+        state = self.state_bytes if self.state_bytes is not None else _dumps(self.state)
+        pending = b",".join(_pending_bytes(p) for p in self.pending)
+        return b"".join((
+            b'{"v":2,"s":', state, b',"g":', _dumps(self.applied), b',"t":', _dumps(self.timers),
+            b',"x":', _dumps(self.purge_at), b',"p":[', pending, b"]}",
+        ))
+
+    def pending_for(self, src: str) -> list[Any] | None:
+        for p in self.pending:
+            if p[0] == src:
+                return p
+        return None
+
+
+def _value_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else _dumps(value)
+
+
+def _pending_bytes(p: list[Any]) -> bytes:
+    src, outs, deltas = p
+    outs_b = b",".join(
+        b"[" + _dumps(topic) + b"," + _dumps(key) + b"," + _value_bytes(value) + b"]" for topic, key, value in outs
+    )
+    return b"[" + _dumps(src) + b",[" + outs_b + b"]," + _dumps(deltas) + b"]"
+
+
+def new_meta(legacy_cursor: Any = None) -> dict[str, Any]:
+    """A partition's meta value before anything was stored for it."""
+    return {
+        "v": 1,
+        "clock": 0,  # stream time, epoch ms
+        "cursor": legacy_cursor if isinstance(legacy_cursor, int) else None,  # last bucket planned
+        "low": None,  # lowest bucket armed while no cursor exists yet
+        "firing": None,  # {"src", "upto", "done", "sent", "n"}: the plan of the last firing
+        "gc": None,  # last bucket whose slots were deleted
+        "g": {},  # applied offsets whose counter deltas `counts` includes (ticks: plan made)
+        "counts": {},  # counter → label → value
+    }
+
+
+def _copy(value: Any) -> Any:
+    return orjson.loads(orjson.dumps(value))
+
+
+# --------------------------------------------------------------------------------------------
+# the unit of work: what is written (and awaited) before outputs go out
+
+
+class Unit:
+    """The keys, slots, metas and outputs of one write/ack/send cycle."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.entries: dict[str, Entry | None] = {}
+        self.dirty: dict[str, int] = {}  # key → partition
+        self.deleted: dict[str, int] = {}
+        self.events: dict[int, Any] = {}  # partition → an event of it (made current for store writes)
+        self.slot_values: dict[str, Any] = {}
+        self.slot_parts: dict[str, int] = {}
+        self.metas: dict[int, dict[str, Any]] = {}
+        self.dirty_metas: set[int] = set()
+        self.outputs: list[Out] = []
+        self.resent: dict[str, list[list[Any]]] = {}  # key → pending entries re-sent in this unit
+        self.touched: set[str] = set()  # keys whose pending was reset in this unit
+        self.pending_bytes: dict[str, int] = {}
+        self.visited: set[str] = set()  # keys visited by a wheel walk in this unit
+        self.cut = False
+
+    # reads ------------------------------------------------------------------------------------
+    def entry(self, key: str) -> Entry | None:
+        if key in self.entries:
+            return self.entries[key]
+        e = Entry.load(self.store.get(key))
+        self.entries[key] = e
+        return e
+
+    def meta(self, partition: int) -> dict[str, Any]:
+        m = self.metas.get(partition)
+        if m is None:
+            stored = self.store.get(meta_key(partition))
+            m = _copy(stored) if isinstance(stored, dict) else new_meta(
+                self.store.get(f"{LEGACY_CURSOR_PREFIX}{partition}"))
+            self.metas[partition] = m
+        return m
+
+    def slots(self, partition: int) -> _SlotView:
+        return _SlotView(self, partition)
+
+    # writes -----------------------------------------------------------------------------------
+    def touch(self, key: str, partition: int, event: Any) -> Entry:
+        """The working entry of `key` for a change: on first change in this unit its pending is
+        reset to what this unit re-sent (their acks are still to come)."""
+        e = self.entry(key)
+        if e is None:
+            e = Entry()
+        if key not in self.touched:
+            e = Entry(e.state, dict(e.applied), list(e.timers), e.purge_at, list(self.resent.get(key, [])),
+                      False, e.state_bytes)
+            self.touched.add(key)
+            self.pending_bytes[key] = 0
+        self.entries[key] = e
+        self.dirty[key] = partition
+        self.deleted.pop(key, None)
+        if event is not None:
+            self.events.setdefault(partition, event)
+        return e
+
+    def delete(self, key: str, partition: int, event: Any) -> None:
+        self.entries[key] = None
+        self.dirty.pop(key, None)
+        self.deleted[key] = partition
+        if event is not None:
+            self.events.setdefault(partition, event)
+
+    def meta_dirty(self, partition: int, event: Any = None) -> dict[str, Any]:
+        m = self.meta(partition)
+        self.dirty_metas.add(partition)
+        if event is not None:
+            self.events.setdefault(partition, event)
+        return m
+
+    def full(self) -> bool:
+        return (
+            self.cut
+            or len(self.dirty) + len(self.deleted) + len(self.slot_values) >= UNIT_MAX_KEYS
+            or len(self.outputs) >= UNIT_MAX_OUTPUTS
+        )
+
+    def empty(self) -> bool:
+        return not (self.dirty or self.deleted or self.slot_values or self.dirty_metas or self.outputs)
+
+
+class _SlotView:
+    """The wheel's view of one partition's slots: unit overlay first, then the store."""
+
+    def __init__(self, unit: Unit, partition: int) -> None:
+        self.unit = unit
+        self.partition = partition
+
+    def get(self, name: str) -> Any:
+        if name in self.unit.slot_values:
+            return self.unit.slot_values[name]
+        return self.unit.store.get(name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.unit.slot_values[name] = value
+        self.unit.slot_parts[name] = self.partition
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+
+
+class StateFirstRunner:
+    """Runs batches of a stage's records state-first (see the module docstring)."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        store: Store,
+        producer: Producer,
+        *,
+        dlq_topic: str,
+        ticks_topic: str | None = None,
+        dead_letter_max_bytes: int = deadletter.MAX_LETTER_BYTES,
+        committed: Callable[[str, int], int | None] = lambda topic, partition: None,
+        stage_name: str = "conversation",
+    ) -> None:
+        self.stage = stage
+        self.store = store
+        self.producer = producer
+        self.dlq_topic = dlq_topic
+        self.ticks_topic = ticks_topic
+        self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.committed = committed
+        self.stage_name = stage_name
+        self.clock = wheel.StreamClock()
+        self.consumed: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset not consumed
+        self._errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
+
+    # public -----------------------------------------------------------------------------------
+    async def run_batch(self, records: Sequence[Record]) -> None:
+        """Process records in order; returns once every output is acknowledged by Kafka.
+        Raises WriteFailed when a write failed (the caller must end the process)."""
+        unit = Unit(self.store)
+        for rec in records:
+            unit = await self._one(unit, rec)
+            tp = (rec.topic, rec.partition)
+            if rec.offset + 1 > self.consumed.get(tp, 0):
+                self.consumed[tp] = rec.offset + 1
+            if unit.full():
+                unit = await self._flush(unit)
+        await self._flush(unit)
+
+    def progress(self, topic: str, partition: int) -> int:
+        """The next offset of `topic`/`partition` not yet consumed (what faust last committed,
+        or what this runner processed since)."""
+        return max(self.consumed.get((topic, partition), 0), self.committed(topic, partition) or 0)
+
+    # one record -------------------------------------------------------------------------------
+    async def _one(self, unit: Unit, rec: Record) -> Unit:
+        try:
+            parsed = self.stage.parse(rec)
+        except BadRecord as exc:
+            self._dead(unit, rec, exc.reason, exc.error)
+            return unit
+        except Exception as exc:  # noqa: BLE001 - one record must never stop the stage; logged with traceback
+            self._failed(rec, exc, "decoding")
+            self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
+            return unit
+        if isinstance(parsed, TickIn):
+            return await self._tick(unit, rec, parsed.tick)
+        self._input(unit, rec, parsed.key, parsed.inp)
+        return unit
+
+    def _input(self, unit: Unit, rec: Record, key: str, inp: Input) -> None:
+        p = rec.partition
+        entry = unit.entry(key)
+        if entry is not None and guard.is_applied(entry.applied, rec.topic, p, rec.offset):
+            self._redeliver(unit, key, entry, rec)
+            return
+        try:
+            step = self.stage.decide(entry.state if entry else None, inp, key, rec, FactSeq())
+            self._check(step)
+        except Exception as exc:  # noqa: BLE001 - dead-lettered with reason, logged with traceback
+            self._failed(rec, exc, f"key {key!r}")
+            self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
+            return
+        if step.duplicate:
+            return
+        self._apply(unit, key, p, rec, rec.src, step, guarded=True)
+
+    def _check(self, step: Step) -> None:
+        if step.state_bytes is not None and len(step.state_bytes) > MAX_STATE_BYTES:
+            raise ValueError(f"state of {len(step.state_bytes)} bytes, over {MAX_STATE_BYTES}")
+        size = sum(len(o.value) for o in step.outputs)
+        if size > MAX_INPUT_OUTPUT_BYTES:
+            raise ValueError(f"outputs of {size} bytes, over {MAX_INPUT_OUTPUT_BYTES}")
+
+    def _apply(self, unit: Unit, key: str, p: int, rec: Record, src: str, step: Step, *, guarded: bool) -> None:
+        """Put one input's outcome in the unit. `guarded`: the input is the record itself (its
+        offset goes in the key's guard and, with counter deltas, in the meta's); a timer fired by a
+        tick is not (its plan in the meta says what was fired)."""
+        e = unit.touch(key, p, rec.event)
+        e.state = step.state
+        e.state_bytes = step.state_bytes
+        if guarded:
+            guard.mark_applied(e.applied, rec.topic, p, rec.offset)
+        if step.outputs or step.deltas:
+            e.pending.append([src, [[o.topic, o.key, o.value] for o in step.outputs],
+                              [list(d) for d in step.deltas]])
+            unit.pending_bytes[key] = unit.pending_bytes.get(key, 0) + sum(len(o.value) for o in step.outputs)
+            if unit.pending_bytes[key] >= KEY_MAX_PENDING_BYTES:
+                unit.cut = True
+        unit.outputs.extend(step.outputs)
+        meta = unit.meta(p)
+        if step.deltas:
+            meta = unit.meta_dirty(p, rec.event)
+            self._add(meta, step.deltas)
+            if guarded:
+                guard.mark_applied(meta["g"], rec.topic, p, rec.offset)
+        if step.state is None:
+            e.timers = []
+            e.purge_at = max(meta["clock"], rec.timestamp_ms) + PURGE_AFTER_MS
+            self._arm(unit, p, key, e.purge_at, rec.event)
+            return
+        e.purge_at = None
+        for due in step.arms:
+            e.timers = wheel.add_armed(e.timers, due)
+            self._arm(unit, p, key, due, rec.event)
+
+    def _arm(self, unit: Unit, p: int, key: str, due: int, event: Any) -> None:
+        meta = unit.meta(p)
+        cursor = meta["cursor"]
+        bucket = wheel.arm(unit.slots(p), p, cursor, key, due)
+        if cursor is None and (meta["low"] is None or bucket < meta["low"]):
+            unit.meta_dirty(p, event)["low"] = bucket
+        if event is not None:
+            unit.events.setdefault(p, event)
+
+    @staticmethod
+    def _add(meta: dict[str, Any], deltas: Sequence[Sequence[Any]]) -> None:
+        counts: dict[str, dict[str, int]] = meta["counts"]
+        for name, label, n in deltas:
+            by_label = counts.setdefault(name, {})
+            by_label[label] = by_label.get(label, 0) + int(n)
+
+    def _redeliver(self, unit: Unit, key: str, entry: Entry, rec: Record) -> None:
+        """A record the key's state already includes: send its pending outputs again (same ids),
+        and put its counter deltas in the partition's meta if the meta missed them."""
+        found = entry.pending_for(rec.src)
+        metrics.REDELIVERED.labels(self.stage_name).inc()
+        if found is None:
+            return  # its outputs were acknowledged before a later unit replaced `pending`
+        self._resend(unit, key, found)
+        meta = unit.meta(rec.partition)
+        if found[2] and not guard.is_applied(meta["g"], rec.topic, rec.partition, rec.offset):
+            meta = unit.meta_dirty(rec.partition, rec.event)
+            self._add(meta, found[2])
+            guard.mark_applied(meta["g"], rec.topic, rec.partition, rec.offset)
+
+    def _resend(self, unit: Unit, key: str, pending: list[Any]) -> None:
+        for topic, out_key, value in pending[1]:
+            unit.outputs.append(Out(topic, out_key, _value_bytes(value)))
+        unit.resent.setdefault(key, []).append(pending)
+        if key in unit.touched:  # its pending was reset in this unit: keep this one until acked
+            e = unit.entries[key]
+            if e is not None and all(p[0] != pending[0] for p in e.pending):
+                e.pending.append(pending)
+
+    # ticks and the wheel ----------------------------------------------------------------------
+    async def _tick(self, unit: Unit, rec: Record, tick: Tick) -> Unit:
+        p = rec.partition
+        meta = unit.meta(p)
+        firing = meta["firing"]
+        if guard.is_applied(meta["g"], rec.topic, p, rec.offset):
+            # redelivered: if its firing was interrupted, finish it (nothing else to do)
+            if firing is not None and firing["src"] == rec.src and firing["sent"] < firing["upto"]:
+                return await self._fire(unit, p, rec, recovering=True)
+            return unit
+        if firing is not None and firing["done"] < firing["upto"]:
+            # an earlier tick's firing was interrupted by a crash and that tick is gone
+            # (committed): finish it first, then plan this one
+            unit = await self._fire(unit, p, rec, recovering=True, src=firing["src"])
+            meta = unit.meta(p)
+        proven = self.clock.offer(p, tick, lambda topic: self.progress(topic, p))
+        if proven is None or proven <= meta["clock"]:
+            if meta["cursor"] is None or wheel.last_due_bucket(meta["clock"]) <= meta["cursor"]:
+                return unit
+            stream_time = meta["clock"]  # buckets left over by the per-tick limit
+        else:
+            stream_time = proven
+        cursor = meta["cursor"]
+        if cursor is None:
+            cursor = meta["low"] - 1 if meta["low"] is not None else wheel.last_due_bucket(stream_time)
+        upto = min(wheel.last_due_bucket(stream_time), cursor + MAX_BUCKETS_PER_TICK)
+        meta = unit.meta_dirty(p, rec.event)
+        meta["clock"] = stream_time
+        metrics.STREAM_TIME_LAG.labels(str(p)).set(max(0.0, time.time() - stream_time / 1000))
+        if upto <= cursor:
+            meta["cursor"] = cursor
+            guard.mark_applied(meta["g"], rec.topic, p, rec.offset)
+            return unit
+        meta["cursor"] = upto
+        meta["firing"] = {"src": rec.src, "lo": cursor + 1, "upto": upto, "done": cursor, "sent": cursor, "n": 0}
+        guard.mark_applied(meta["g"], rec.topic, p, rec.offset)
+        # the plan is durable (and everything before it acked) before any key fires
+        unit = await self._flush(unit)
+        return await self._fire(unit, p, rec, recovering=False)
+
+    async def _fire(self, unit: Unit, p: int, rec: Record, *, recovering: bool, src: str | None = None) -> Unit:
+        """Fire the planned buckets of partition `p`, flushing at bucket boundaries when the unit
+        is full. The plan (`meta["firing"]`) says what is done: `sent` ≤ `done` ≤ `upto`."""
+        src = src or rec.src
+        first = True
+        while True:
+            meta = unit.meta_dirty(p, rec.event)
+            f = meta["firing"]
+            if first and recovering:
+                # what the last durable unit of this plan fired may not have been acked: again
+                for b in range(f["sent"] + 1, f["done"] + 1):
+                    for key in self._bucket(unit, p, b):
+                        self._visit_fired(unit, p, key, src, b, rec, reapply=False)
+            else:
+                f["sent"] = f["done"]  # the previous unit of this plan was flushed: acked
+            first = False
+            self._collect(unit, p, meta)
+            facts = FactSeq(f["n"])
+            done0 = f["done"]
+            while f["done"] < f["upto"]:
+                b = f["done"] + 1
+                for key in self._bucket(unit, p, b):
+                    self._visit(unit, p, key, src, b, done0, meta["clock"], rec, facts)
+                f["done"] = b
+                f["n"] = facts.n
+                if unit.full():
+                    break
+            unit = await self._flush(unit)
+            if f["done"] >= f["upto"]:
+                return unit
+
+    def _bucket(self, unit: Unit, p: int, b: int) -> list[str]:
+        keys, _ = wheel.bucket_keys(unit.slots(p), p, b)
+        return keys
+
+    def _collect(self, unit: Unit, p: int, meta: dict[str, Any]) -> None:
+        """Delete the slots of buckets whose firing was acknowledged (deferred by one unit, so a
+        restarted worker can still walk what may need sending again)."""
+        f = meta["firing"]
+        start = meta["gc"] + 1 if meta["gc"] is not None else f["lo"]
+        for b in range(start, f["sent"] + 1):
+            _, names = wheel.bucket_keys(unit.slots(p), p, b)
+            for name in names:
+                unit.slot_values[name] = None
+                unit.slot_parts[name] = p
+        if f["sent"] >= start:
+            meta["gc"] = f["sent"]
+
+    def _visit_fired(self, unit: Unit, p: int, key: str, src: str, b: int, rec: Record, *, reapply: bool) -> None:
+        if key in unit.visited:
+            return
+        entry = unit.entry(key)
+        if entry is None:
+            return
+        found = entry.pending_for(f"{src}#{b}")
+        if found is None:
+            return
+        unit.visited.add(key)
+        self._resend(unit, key, found)
+        if reapply and found[2]:
+            self._add(unit.meta_dirty(p, rec.event), found[2])
+
+    def _visit(
+        self, unit: Unit, p: int, key: str, src: str, b: int, done0: int, now: int, rec: Record, facts: FactSeq
+    ) -> None:
+        if key in unit.visited:
+            return
+        entry = unit.entry(key)
+        if entry is None:
+            return
+        for pend in entry.pending:
+            tag, _, bucket = str(pend[0]).partition("#")
+            if tag == src and bucket and int(bucket) > done0:
+                # fired by this plan in a unit whose meta was lost in a crash: send again, count again
+                unit.visited.add(key)
+                self._resend(unit, key, pend)
+                if pend[2]:
+                    self._add(unit.meta_dirty(p, rec.event), pend[2])
+                facts.n += sum(1 for o in pend[1] if o[0] == self.stage.facts_topic)
+                return
+        unit.visited.add(key)
+        if entry.state is None:
+            if entry.purge_at is not None and entry.purge_at <= now:
+                unit.delete(key, p, rec.event)
+            return
+        due, rest = wheel.split_due(entry.timers, now)
+        if not due and not entry.legacy:
+            return  # re-armed or cancelled since: a stale wheel entry (lazy deletion)
+        inp = Input("timer", f"timer:{key}:{','.join(map(str, due)) or now}", now, {})
+        try:
+            step = self.stage.decide(entry.state, inp, key, rec, facts)
+            self._check(step)
+        except Exception as exc:  # noqa: BLE001 - one key's timer must not stop the partition's clock
+            self._failed(rec, exc, f"timer of key {key!r}")
+            self._dead(unit, rec, "processing_error", f"timer of {key}: {type(exc).__name__}: {exc}")
+            e = unit.touch(key, p, rec.event)
+            e.timers = rest
+            return
+        e = unit.touch(key, p, rec.event)
+        e.timers = rest
+        self._apply(unit, key, p, rec, f"{src}#{b}", step, guarded=False)
+
+    # dead letters, errors ---------------------------------------------------------------------
+    def _dead(self, unit: Unit, rec: Record, reason: str, error: str) -> None:
+        letter = deadletter.dead_letter(
+            rec.value or b"", reason, error, Source(topic=rec.topic, partition=rec.partition, offset=rec.offset),
+            max_bytes=self.dead_letter_max_bytes,
+        )
+        unit.outputs.append(Out(self.dlq_topic, rec.key, serde.dumps(letter)))
+        metrics.DEAD_LETTERS.labels(reason).inc()
+
+    def _failed(self, rec: Record, exc: BaseException, what: str) -> None:
+        log.exception("cannot process %s record %s (%s): dead-lettered", rec.topic, rec.src, what, exc_info=exc)
+        self._errors.inc(self.stage_name, type(exc).__name__)
+
+    # flush ------------------------------------------------------------------------------------
+    async def _flush(self, unit: Unit) -> Unit:
+        """Write every dirty value and await the changelog acks, then send the outputs and await
+        theirs. Per partition the order is: wheel slots, keys, meta, so that a durable meta implies
+        durable keys and a durable key implies its wheel entries (Kafka keeps one partition's
+        records in order)."""
+        if unit.empty():
+            return Unit(self.store)
+        store = self.store
+        acks: list[Awaitable[Any]] = []
+        try:
+            for name, value in unit.slot_values.items():
+                p = unit.slot_parts[name]
+                ev = unit.events.get(p)
+                if value is None:
+                    acks.append(store.delete(name, p, ev))
+                else:
+                    acks.append(store.put(name, value, _dumps(value), p, ev))
+            for key, p in unit.dirty.items():
+                e = unit.entries[key]
+                assert e is not None  # noqa: S101 - dirty entries are never None
+                acks.append(store.put(key, e.stored(), e.encode(), p, unit.events.get(p)))
+            for key, p in unit.deleted.items():
+                acks.append(store.delete(key, p, unit.events.get(p)))
+            for p in sorted(unit.dirty_metas):
+                m = unit.metas[p]
+                acks.append(store.put(meta_key(p), m, _dumps(m), p, unit.events.get(p)))
+        except Exception as exc:
+            raise WriteFailed(f"cannot write table values: {exc!r}") from exc
+        await _all(acks, "changelog")
+        sends: list[Awaitable[Any]] = []
+        try:
+            for out in unit.outputs:
+                out_key = out.key.encode() if isinstance(out.key, str) else out.key
+                sends.append(await self.producer.send(out.topic, out_key, out.value))
+        except Exception as exc:
+            raise WriteFailed(f"cannot send output: {exc!r}") from exc
+        await _all(sends, "output")
+        for out in unit.outputs:
+            self.stage.sent(out)
+        metrics.UNITS_FLUSHED.labels(self.stage_name).inc()
+        return Unit(self.store)
+
+
+async def _all(acks: Sequence[Awaitable[Any]], what: str) -> None:
+    if not acks:
+        return
+    try:
+        await asyncio.gather(*acks)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise WriteFailed(f"a {what} record was not acknowledged: {exc!r}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# faust adapters
+
+
+@contextlib.contextmanager
+def current_event(event: Any) -> Iterator[None]:
+    """Make `event` faust's current event while a store is written: the RocksDB store picks the
+    partition's database from it (`faust/stores/rocksdb.py` `_set`); the memory store ignores it."""
+    if event is None:
+        yield
+        return
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+class TableStore:
+    """A faust Table written outside `table[key] = value`: the local store through `table.data`,
+    the changelog through `table.send_changelog(partition, key, value)` with the input's partition
+    and the value already serialized (`value_serializer="raw"`; recovery decodes it with the
+    table's JSON serializer into the same dict). `send_changelog` returns the FutureMessage that
+    resolves on Kafka's ack and registers `table._on_changelog_sent`, which records the persisted
+    offset for RocksDB stores (faust 0.15.3 `tables/base.py`)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, key: str) -> Any:
+        return self.table.data.get(key)
+
+    def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
+        with current_event(event):
+            self.table.data[key] = value
+        fut: Awaitable[Any] = self.table.send_changelog(partition, key, data, value_serializer="raw")
+        return fut
+
+    def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
+        with current_event(event):
+            self.table.data.pop(key, None)
+        fut: Awaitable[Any] = self.table.send_changelog(partition, key, None, value_serializer="raw")
+        return fut
+
+
+class AppProducer:
+    """The app's producer, keeping the delivery future that faust's `Topic.send` hides."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> Awaitable[Any]:
+        fut: Awaitable[Any] = await self.app.producer.send(topic, key, value, partition, None, None)
+        return fut
+
+
+def committed_offsets(app: Any) -> Callable[[str, int], int | None]:
+    """What faust last committed (or found committed at assignment) for a topic-partition.
+
+    faust 0.15.3 keeps it in `Consumer._committed_offset` (set in `perform_seek` on assignment and
+    after every commit, dropped on revocation); there is no public accessor."""
+    def committed(topic: str, partition: int) -> int | None:
+        offsets: Mapping[Any, int | None] = getattr(app.consumer, "_committed_offset", {})
+        value = offsets.get(TP(topic, partition))
+        return value if isinstance(value, int) else None
+
+    return committed
+
