@@ -35,12 +35,15 @@ import logging
 import os
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 import orjson
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.structs import TopicPartition
 from faust.streams import _current_event
 from faust.types import TP
 
@@ -144,11 +147,13 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Out:
-    """One record to produce: to `topic`, keyed by `key`, JSON `value`."""
+    """One record to produce: to `topic`, keyed by `key`, JSON `value`; `label` is for the
+    stage's metrics when it is acknowledged (not stored: re-sent outputs are not counted again)."""
 
     topic: str
     key: str | bytes | None
     value: bytes
+    label: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -862,3 +867,98 @@ def committed_offsets(app: Any) -> Callable[[str, int], int | None]:
 
     return committed
 
+
+
+class TickSource:
+    """Writes the tick records of the partitions this worker owns (decision D).
+
+    A tick for partition p says "all input written before `now` has been consumed once the stage
+    has consumed its input partitions p up to `ends`". Input that enters through an upstream stage
+    of the same app (raw webhook bodies, split by `split_webhooks` before they reach the
+    conversation stage) is covered too: the wall time T is taken together with the upstream
+    topic's end offsets, and the tick is written only once the group's committed offsets of the
+    upstream topic have passed them — every record split from those bodies was acknowledged
+    before that commit, so it lies below the input end offsets read afterwards. After an outage
+    the ticks therefore lag until the upstream backlog is split; stream time never runs ahead of
+    a body that is still queued."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        ticks_topic: str,
+        input_topics: Sequence[str],
+        upstream_topic: str | None,
+        group_id: str,
+        bootstrap_servers: str,
+        partitions: int,
+        max_waiting: int = 64,
+    ) -> None:
+        self.app = app
+        self.ticks_topic = ticks_topic
+        self.input_topics = list(input_topics)
+        self.upstream_topic = upstream_topic
+        self.group_id = group_id
+        self.bootstrap_servers = bootstrap_servers
+        self.partitions = partitions
+        self._waiting: deque[tuple[int, dict[int, int]]] = deque(maxlen=max_waiting)
+        self._admin: AIOKafkaAdminClient | None = None
+        self._last_warning = 0.0
+
+    async def run_once(self) -> int:
+        """Write one tick per owned partition if the upstream allows; returns how many."""
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a missed tick only delays timers; the next one retries
+            if time.monotonic() - self._last_warning > 60:
+                self._last_warning = time.monotonic()
+                log.warning("cannot write ticks (timers wait for the next ones): %r", exc)
+            return 0
+
+    async def close(self) -> None:
+        if self._admin is not None:
+            admin, self._admin = self._admin, None
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    async def _run(self) -> int:
+        owned = sorted({tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.ticks_topic})
+        now = int(time.time() * 1000)
+        stamp: int | None = now
+        if self.upstream_topic is not None:
+            stamp = await self._upstream_time(now)
+        if stamp is None or not owned:
+            return 0
+        tps = [TP(t, p) for p in owned for t in self.input_topics]
+        ends = await self.app.consumer.highwaters(*tps)
+        for p in owned:
+            value = wheel.tick_value(stamp, {t: int(ends[TP(t, p)]) for t in self.input_topics})
+            await self.app.producer.send(self.ticks_topic, TICK_KEY, _dumps(value), p, None, None)
+        return len(owned)
+
+    async def _upstream_time(self, now: int) -> int | None:
+        """The newest wall time whose upstream end offsets the group has committed past."""
+        topic = self.upstream_topic
+        assert topic is not None  # noqa: S101 - checked by the caller
+        n = self.app.consumer.topic_partitions(topic) or self.partitions
+        tps = [TP(topic, i) for i in range(n)]
+        ends = await self.app.consumer.highwaters(*tps)
+        self._waiting.append((now, {tp.partition: int(ends[tp]) for tp in tps}))
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+            await admin.start()
+            self._admin = admin
+        offsets = await self._admin.list_consumer_group_offsets(
+            self.group_id, partitions=[TopicPartition(topic, i) for i in range(n)]
+        )
+        committed = {tp.partition: om.offset for tp, om in offsets.items()}
+        stamp: int | None = None
+        while self._waiting:
+            t, want = self._waiting[0]
+            if not all(end <= 0 or committed.get(part, -1) >= end for part, end in want.items()):
+                break
+            stamp = t
+            self._waiting.popleft()
+        return stamp
