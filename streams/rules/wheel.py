@@ -123,10 +123,12 @@ def add_armed(armed: Iterable[int], due_ms: int) -> list[int]:
 @dataclass(frozen=True, slots=True)
 class Tick:
     """A tick for one partition: wall time `now` (epoch ms) at which it was made, and `ends`: for
-    each input topic of the stage, its end offset on this partition at that time."""
+    each input topic of the stage, its end offset on this partition at that time. `src` names the
+    tick record (set by the stage that consumed it)."""
 
     now: int
     ends: Mapping[str, int]
+    src: str = ""
 
 
 def parse_tick(data: Any) -> Tick:
@@ -159,29 +161,33 @@ def caught_up(tick: Tick, progress: Callable[[str], int]) -> bool:
 class StreamClock:
     """Ticks that arrived ahead of their data, per partition, until their data has been consumed.
 
-    `offer` returns the newest `now` among the partition's ticks (the new one included) whose
-    inputs have all been consumed, and forgets those and every older tick; None when no tick is
-    proven yet. Bounded: at most `MAX_PENDING_TICKS` per partition (the oldest are dropped, which
-    only makes the clock coarser). Nothing here needs resetting on a rebalance: a tick's claim
-    ("all input written before `now` has offsets below `ends`") stays true forever."""
+    `offer` adds a tick and `poll` (after more input was consumed) returns the newest of the
+    partition's ticks whose inputs have all been consumed, forgetting it and every older tick;
+    None when no tick is proven yet. Bounded: at most `MAX_PENDING_TICKS` per partition (the
+    oldest are dropped, which only makes the clock coarser). Nothing here needs resetting on a
+    rebalance: a tick's claim ("all input written before `now` has offsets below `ends`") stays
+    true forever."""
 
     def __init__(self, max_pending: int = MAX_PENDING_TICKS) -> None:
         self._pending: dict[int, deque[Tick]] = {}
         self._max = max_pending
 
-    def offer(self, partition: int, tick: Tick, progress: Callable[[str], int]) -> int | None:
+    def offer(self, partition: int, tick: Tick, progress: Callable[[str], int]) -> Tick | None:
         waiting = self._pending.get(partition)
         if waiting is None:
             waiting = self._pending[partition] = deque(maxlen=self._max)
         waiting.append(tick)
-        proven: int | None = None
-        newest_proven = -1
-        for i, t in enumerate(waiting):
-            if caught_up(t, progress):
-                newest_proven = i
-                proven = t.now if proven is None else max(proven, t.now)
-        for _ in range(newest_proven + 1):
-            waiting.popleft()
+        return self.poll(partition, progress)
+
+    def poll(self, partition: int, progress: Callable[[str], int]) -> Tick | None:
+        waiting = self._pending.get(partition)
+        if not waiting or not caught_up(waiting[0], progress):
+            return None  # offsets only grow: if the oldest is not proven, a newer one rarely is
+        proven = waiting.popleft()
+        while waiting and caught_up(waiting[0], progress):
+            newer = waiting.popleft()
+            if newer.now >= proven.now:
+                proven = newer
         return proven
 
     def waiting(self, partition: int) -> int:

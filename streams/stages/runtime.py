@@ -34,10 +34,11 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Protocol
 
 import orjson
@@ -65,6 +66,7 @@ KEY_MAX_PENDING_BYTES = 262_144  # a key's pending outputs per unit; the unit is
 MAX_STATE_BYTES = 262_144  # a bigger state is refused (dead letter): its write would fail
 MAX_INPUT_OUTPUT_BYTES = 262_144  # the outputs of one input
 MAX_BUCKETS_PER_TICK = 86_400  # a day of wheel buckets per tick; the rest on the next ticks
+UNIT_MAX_JOURNAL = 500  # keys whose counter share changed, per partition and unit
 
 TICK_KEY = b"\x00tick"
 
@@ -250,8 +252,10 @@ class Entry:
     """The stored value of one key: the rules' state plus what the runner needs.
 
     Stored form `{"v": 2, "s": state, "g": applied, "t": armed due times, "x": purge time,
-    "p": pending}`; `pending` is a list of `[src, [[topic, key, value], ...], [[counter, label, n],
-    ...]]`. A stored value without `"v": 2` is a state written before this runner (legacy)."""
+    "r": the runner incarnation that wrote it, "c": the key's share of the partition's counters,
+    "p": pending}`; `pending` is a list of
+    `[src, [[topic, key, value], ...], [[counter, label, n], ...]]`. A stored value without
+    `"v": 2` is a state written before this runner (legacy)."""
 
     state: dict[str, Any] | None = None
     applied: dict[str, int] = field(default_factory=dict)
@@ -260,6 +264,8 @@ class Entry:
     pending: list[list[Any]] = field(default_factory=list)
     legacy: bool = False
     state_bytes: bytes | None = None
+    run: str | None = None  # the runner incarnation that wrote `pending`
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # this key's share of the counters
 
     @classmethod
     def load(cls, value: Any) -> Entry | None:
@@ -272,18 +278,22 @@ class Entry:
                 timers=list(value.get("t") or []),
                 purge_at=value.get("x"),
                 pending=list(value.get("p") or []),
+                run=value.get("r"),
+                counts=value.get("c") or {},
             )
         return cls(state=value if isinstance(value, dict) else None, legacy=True)
 
     def stored(self) -> dict[str, Any]:
-        return {"v": 2, "s": self.state, "g": self.applied, "t": self.timers, "x": self.purge_at, "p": self.pending}
+        return {"v": 2, "s": self.state, "g": self.applied, "t": self.timers, "x": self.purge_at,
+                "p": self.pending, "r": self.run, "c": self.counts}
 
     def encode(self) -> bytes:
         state = self.state_bytes if self.state_bytes is not None else _dumps(self.state)
         pending = b",".join(_pending_bytes(p) for p in self.pending)
         return b"".join((
             b'{"v":2,"s":', state, b',"g":', _dumps(self.applied), b',"t":', _dumps(self.timers),
-            b',"x":', _dumps(self.purge_at), b',"p":[', pending, b"]}",
+            b',"x":', _dumps(self.purge_at), b',"r":', _dumps(self.run), b',"c":', _dumps(self.counts),
+            b',"p":[', pending, b"]}",
         ))
 
     def pending_for(self, src: str) -> list[Any] | None:
@@ -310,12 +320,14 @@ def new_meta(legacy_cursor: Any = None) -> dict[str, Any]:
     return {
         "v": 1,
         "clock": 0,  # stream time, epoch ms
+        "tick": -1,  # offset of the tick that moved it last (each tick plans at most once)
         "cursor": legacy_cursor if isinstance(legacy_cursor, int) else None,  # last bucket planned
         "low": None,  # lowest bucket armed while no cursor exists yet
         "firing": None,  # {"src", "upto", "done", "sent", "n"}: the plan of the last firing
-        "gc": None,  # last bucket whose slots were deleted
-        "g": {},  # applied offsets whose counter deltas `counts` includes (ticks: plan made)
-        "counts": {},  # counter → label → value
+        "gc": None,  # last bucket whose slots were deleted for sure
+        "gc_to": None,  # last bucket whose slots the unit that wrote this value deleted
+        "counts": {},  # counter → label → value: the sum of the keys' shares
+        "j": {},  # key → share, for the keys whose share the unit that wrote this value changed
     }
 
 
@@ -330,8 +342,9 @@ def _copy(value: Any) -> Any:
 class Unit:
     """The keys, slots, metas and outputs of one write/ack/send cycle."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, run_id: str) -> None:
         self.store = store
+        self.run_id = run_id
         self.entries: dict[str, Entry | None] = {}
         self.dirty: dict[str, int] = {}  # key → partition
         self.deleted: dict[str, int] = {}
@@ -345,6 +358,8 @@ class Unit:
         self.touched: set[str] = set()  # keys whose pending was reset in this unit
         self.pending_bytes: dict[str, int] = {}
         self.visited: set[str] = set()  # keys visited by a wheel walk in this unit
+        self.journal: dict[int, dict[str, dict[str, dict[str, int]]]] = {}  # partition → key → new share
+        self.collected: set[int] = set()  # partitions whose fired slots this unit deletes
         self.cut = False
 
     # reads ------------------------------------------------------------------------------------
@@ -359,7 +374,7 @@ class Unit:
         m = self.metas.get(partition)
         if m is None:
             stored = self.store.get(meta_key(partition))
-            m = _copy(stored) if isinstance(stored, dict) else new_meta(
+            m = {**new_meta(), **_copy(stored)} if isinstance(stored, dict) else new_meta(
                 self.store.get(f"{LEGACY_CURSOR_PREFIX}{partition}"))
             self.metas[partition] = m
         return m
@@ -376,7 +391,7 @@ class Unit:
             e = Entry()
         if key not in self.touched:
             e = Entry(e.state, dict(e.applied), list(e.timers), e.purge_at, list(self.resent.get(key, [])),
-                      False, e.state_bytes)
+                      False, e.state_bytes, self.run_id, e.counts)
             self.touched.add(key)
             self.pending_bytes[key] = 0
         self.entries[key] = e
@@ -405,6 +420,7 @@ class Unit:
             self.cut
             or len(self.dirty) + len(self.deleted) + len(self.slot_values) >= UNIT_MAX_KEYS
             or len(self.outputs) >= UNIT_MAX_OUTPUTS
+            or any(len(j) >= UNIT_MAX_JOURNAL for j in self.journal.values())
         )
 
     def empty(self) -> bool:
@@ -455,6 +471,7 @@ class StateFirstRunner:
         self.dead_letter_max_bytes = dead_letter_max_bytes
         self.committed = committed
         self.stage_name = stage_name
+        self.run_id = uuid.uuid4().hex[:12]  # this incarnation: pending written by another may be unacked
         self.clock = wheel.StreamClock()
         self.consumed: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset not consumed
         self._errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
@@ -463,7 +480,7 @@ class StateFirstRunner:
     async def run_batch(self, records: Sequence[Record]) -> None:
         """Process records in order; returns once every output is acknowledged by Kafka.
         Raises WriteFailed when a write failed (the caller must end the process)."""
-        unit = Unit(self.store)
+        unit = self._unit()
         for rec in records:
             unit = await self._one(unit, rec)
             tp = (rec.topic, rec.partition)
@@ -478,8 +495,14 @@ class StateFirstRunner:
         or what this runner processed since)."""
         return max(self.consumed.get((topic, partition), 0), self.committed(topic, partition) or 0)
 
+    def _unit(self) -> Unit:
+        return Unit(self.store, self.run_id)
+
     # one record -------------------------------------------------------------------------------
     async def _one(self, unit: Unit, rec: Record) -> Unit:
+        p = rec.partition
+        if unit.meta(p).get("r") != self.run_id:
+            unit = await self._adopt(unit, p, rec)
         try:
             parsed = self.stage.parse(rec)
         except BadRecord as exc:
@@ -490,22 +513,62 @@ class StateFirstRunner:
             self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
             return unit
         if isinstance(parsed, TickIn):
-            return await self._tick(unit, rec, parsed.tick)
-        self._input(unit, rec, parsed.key, parsed.inp)
+            if rec.offset <= unit.meta(p)["tick"]:
+                return unit  # redelivered: it moved the clock already (a tick plans at most once)
+            tick = replace(parsed.tick, src=rec.src)
+            proven = self.clock.offer(p, tick, lambda topic: self.progress(topic, p))
+        else:
+            self._input(unit, rec, parsed.key, parsed.inp)
+            if not self.clock.waiting(p):
+                return unit
+            # this record may be the data a waiting tick was waiting for
+            self.consumed[(rec.topic, p)] = max(self.consumed.get((rec.topic, p), 0), rec.offset + 1)
+            proven = self.clock.poll(p, lambda topic: self.progress(topic, p))
+        if proven is not None:
+            unit = await self._advance(unit, p, proven, rec.event)
+        return unit
+
+    async def _adopt(self, unit: Unit, p: int, rec: Record) -> Unit:
+        """First record of a partition for this incarnation (after a start, a crash, a
+        rebalance): the last firing of its wheel may not have been acknowledged, or not finished:
+        walk it again before anything else touches the partition's keys."""
+        meta = unit.meta_dirty(p, rec.event)
+        for key, journaled in (meta.get("j") or {}).items():
+            entry = unit.entry(key)
+            stored = entry.counts if entry is not None else {}
+            if stored != journaled:  # the meta counted a share the key's write did not keep
+                meta["counts"] = _added(meta["counts"], _deltas(journaled, stored))
+        meta["j"], meta["r"] = {}, self.run_id  # adopted (written with this unit)
+        meta["gc_to"] = meta["gc"]  # deletes asked for by the last unit may not have landed
+        f = meta["firing"]
+        if f is not None and f["sent"] < f["upto"]:
+            return await self._fire(unit, p, _plan_record(f["src"], rec.event), recovering=True)
         return unit
 
     def _input(self, unit: Unit, rec: Record, key: str, inp: Input) -> None:
         p = rec.partition
         entry = unit.entry(key)
         if entry is not None and guard.is_applied(entry.applied, rec.topic, p, rec.offset):
-            self._redeliver(unit, key, entry, rec)
+            # redelivered: the key is durable, and so is the meta written before it
+            metrics.REDELIVERED.labels(self.stage_name).inc()
+            found = entry.pending_for(rec.src)
+            if found is not None:  # else its outputs were acked before a later unit replaced `pending`
+                self._resend(unit, key, found)
             return
         try:
             step = self.stage.decide(entry.state if entry else None, inp, key, rec, FactSeq())
             self._check(step)
         except Exception as exc:  # noqa: BLE001 - dead-lettered with reason, logged with traceback
             self._failed(rec, exc, f"key {key!r}")
-            self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
+            letter = self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
+            # the key's guard covers this offset once a later input is applied: keep the letter
+            # pending on the key, so that a redelivery sends it again instead of skipping it
+            e = self._touch(unit, key, p, rec.event)
+            guard.mark_applied(e.applied, rec.topic, p, rec.offset)
+            e.pending.append([rec.src, [[letter.topic, key, letter.value]], []])
+            if e.state is None and e.purge_at is None:
+                e.purge_at = max(unit.meta(p)["clock"], rec.timestamp_ms) + PURGE_AFTER_MS
+                self._arm(unit, p, key, e.purge_at, rec.event)
             return
         if step.duplicate:
             return
@@ -520,9 +583,9 @@ class StateFirstRunner:
 
     def _apply(self, unit: Unit, key: str, p: int, rec: Record, src: str, step: Step, *, guarded: bool) -> None:
         """Put one input's outcome in the unit. `guarded`: the input is the record itself (its
-        offset goes in the key's guard and, with counter deltas, in the meta's); a timer fired by a
-        tick is not (its plan in the meta says what was fired)."""
-        e = unit.touch(key, p, rec.event)
+        offset goes in the key's guard); a timer fired by a tick is not (the firing plan in the
+        meta says what was fired)."""
+        e = self._touch(unit, key, p, rec.event)
         e.state = step.state
         e.state_bytes = step.state_bytes
         if guarded:
@@ -534,12 +597,10 @@ class StateFirstRunner:
             if unit.pending_bytes[key] >= KEY_MAX_PENDING_BYTES:
                 unit.cut = True
         unit.outputs.extend(step.outputs)
-        meta = unit.meta(p)
         if step.deltas:
-            meta = unit.meta_dirty(p, rec.event)
-            self._add(meta, step.deltas)
-            if guarded:
-                guard.mark_applied(meta["g"], rec.topic, p, rec.offset)
+            e.counts = _added(e.counts, step.deltas)
+            self._share(unit, p, key, step.deltas, e.counts, rec.event)
+        meta = unit.meta(p)
         if step.state is None:
             e.timers = []
             e.purge_at = max(meta["clock"], rec.timestamp_ms) + PURGE_AFTER_MS
@@ -550,6 +611,28 @@ class StateFirstRunner:
             e.timers = wheel.add_armed(e.timers, due)
             self._arm(unit, p, key, due, rec.event)
 
+    @staticmethod
+    def _share(
+        unit: Unit, p: int, key: str, deltas: Sequence[Sequence[Any]], share: dict[str, dict[str, int]], event: Any
+    ) -> None:
+        """Count a key's counter deltas in its partition's meta, journaling the key's new share:
+        the meta is written before the keys, so a restarted runner can tell (`_adopt`) which
+        shares the meta counts that never reached the key's stored value."""
+        meta = unit.meta_dirty(p, event)
+        meta["counts"] = _added(meta["counts"], deltas)
+        unit.journal.setdefault(p, {})[key] = share
+
+    def _touch(self, unit: Unit, key: str, p: int, event: Any) -> Entry:
+        """The key's working entry for a change. Its stored `pending` was written either by this
+        runner in an earlier unit (acked: dropped) or by another incarnation, which may have died
+        before the acks: those outputs are sent again first."""
+        if key not in unit.touched:
+            stored = unit.entry(key)
+            if stored is not None and stored.run != self.run_id:
+                for pend in stored.pending:
+                    self._resend(unit, key, pend)
+        return unit.touch(key, p, event)
+
     def _arm(self, unit: Unit, p: int, key: str, due: int, event: Any) -> None:
         meta = unit.meta(p)
         cursor = meta["cursor"]
@@ -559,159 +642,118 @@ class StateFirstRunner:
         if event is not None:
             unit.events.setdefault(p, event)
 
-    @staticmethod
-    def _add(meta: dict[str, Any], deltas: Sequence[Sequence[Any]]) -> None:
-        counts: dict[str, dict[str, int]] = meta["counts"]
-        for name, label, n in deltas:
-            by_label = counts.setdefault(name, {})
-            by_label[label] = by_label.get(label, 0) + int(n)
-
-    def _redeliver(self, unit: Unit, key: str, entry: Entry, rec: Record) -> None:
-        """A record the key's state already includes: send its pending outputs again (same ids),
-        and put its counter deltas in the partition's meta if the meta missed them."""
-        found = entry.pending_for(rec.src)
-        metrics.REDELIVERED.labels(self.stage_name).inc()
-        if found is None:
-            return  # its outputs were acknowledged before a later unit replaced `pending`
-        self._resend(unit, key, found)
-        meta = unit.meta(rec.partition)
-        if found[2] and not guard.is_applied(meta["g"], rec.topic, rec.partition, rec.offset):
-            meta = unit.meta_dirty(rec.partition, rec.event)
-            self._add(meta, found[2])
-            guard.mark_applied(meta["g"], rec.topic, rec.partition, rec.offset)
-
-    def _resend(self, unit: Unit, key: str, pending: list[Any]) -> None:
+    def _resend(self, unit: Unit, key: str, pending: list[Any]) -> bool:
+        """Send a pending entry's outputs again (once per unit); False when already done."""
+        done = unit.resent.setdefault(key, [])
+        if any(p[0] == pending[0] for p in done):
+            return False
         for topic, out_key, value in pending[1]:
             unit.outputs.append(Out(topic, out_key, _value_bytes(value)))
-        unit.resent.setdefault(key, []).append(pending)
+        done.append(pending)
         if key in unit.touched:  # its pending was reset in this unit: keep this one until acked
             e = unit.entries[key]
             if e is not None and all(p[0] != pending[0] for p in e.pending):
                 e.pending.append(pending)
+        return True
 
     # ticks and the wheel ----------------------------------------------------------------------
-    async def _tick(self, unit: Unit, rec: Record, tick: Tick) -> Unit:
-        p = rec.partition
+    async def _advance(self, unit: Unit, p: int, tick: Tick, event: Any) -> Unit:
+        """A tick whose data has been consumed: the partition's stream time moves to its `now`,
+        and the wheel's buckets it passed are planned and fired."""
         meta = unit.meta(p)
-        firing = meta["firing"]
-        if guard.is_applied(meta["g"], rec.topic, p, rec.offset):
-            # redelivered: if its firing was interrupted, finish it (nothing else to do)
-            if firing is not None and firing["src"] == rec.src and firing["sent"] < firing["upto"]:
-                return await self._fire(unit, p, rec, recovering=True)
-            return unit
-        if firing is not None and firing["done"] < firing["upto"]:
-            # an earlier tick's firing was interrupted by a crash and that tick is gone
-            # (committed): finish it first, then plan this one
-            unit = await self._fire(unit, p, rec, recovering=True, src=firing["src"])
-            meta = unit.meta(p)
-        proven = self.clock.offer(p, tick, lambda topic: self.progress(topic, p))
-        if proven is None or proven <= meta["clock"]:
-            if meta["cursor"] is None or wheel.last_due_bucket(meta["clock"]) <= meta["cursor"]:
-                return unit
-            stream_time = meta["clock"]  # buckets left over by the per-tick limit
-        else:
-            stream_time = proven
+        tick_offset = int(tick.src.rsplit("/", 1)[1])
+        if tick_offset <= meta["tick"]:
+            return unit  # older than the tick that moved the clock last
+        stream_time = max(meta["clock"], tick.now)
         cursor = meta["cursor"]
+        last = wheel.last_due_bucket(stream_time)
         if cursor is None:
-            cursor = meta["low"] - 1 if meta["low"] is not None else wheel.last_due_bucket(stream_time)
-        upto = min(wheel.last_due_bucket(stream_time), cursor + MAX_BUCKETS_PER_TICK)
-        meta = unit.meta_dirty(p, rec.event)
-        meta["clock"] = stream_time
+            cursor = min(meta["low"] - 1, last) if meta["low"] is not None else last
+        upto = min(last, cursor + MAX_BUCKETS_PER_TICK)
         metrics.STREAM_TIME_LAG.labels(str(p)).set(max(0.0, time.time() - stream_time / 1000))
         if upto <= cursor:
-            meta["cursor"] = cursor
-            guard.mark_applied(meta["g"], rec.topic, p, rec.offset)
+            meta = unit.meta_dirty(p, event)
+            meta["clock"], meta["cursor"], meta["tick"] = stream_time, cursor, tick_offset
             return unit
-        meta["cursor"] = upto
-        meta["firing"] = {"src": rec.src, "lo": cursor + 1, "upto": upto, "done": cursor, "sent": cursor, "n": 0}
-        guard.mark_applied(meta["g"], rec.topic, p, rec.offset)
-        # the plan is durable (and everything before it acked) before any key fires
+        # Everything consumed before this tick is made durable (and its outputs acked) before the
+        # plan: a durable stream time never covers an input whose state could still be lost.
+        if not unit.empty():
+            unit = await self._flush(unit)
+        meta = unit.meta_dirty(p, event)
+        meta["clock"], meta["cursor"], meta["tick"] = stream_time, upto, tick_offset
+        meta["firing"] = {"src": tick.src, "lo": cursor + 1, "upto": upto, "done": cursor, "sent": cursor,
+                          "n": 0, "n_sent": 0}
+        # the plan is durable before any key fires
         unit = await self._flush(unit)
-        return await self._fire(unit, p, rec, recovering=False)
+        return await self._fire(unit, p, _plan_record(tick.src, event), recovering=False)
 
-    async def _fire(self, unit: Unit, p: int, rec: Record, *, recovering: bool, src: str | None = None) -> Unit:
+    async def _fire(self, unit: Unit, p: int, rec: Record, *, recovering: bool) -> Unit:
         """Fire the planned buckets of partition `p`, flushing at bucket boundaries when the unit
-        is full. The plan (`meta["firing"]`) says what is done: `sent` ≤ `done` ≤ `upto`."""
-        src = src or rec.src
-        first = True
+        is full. The plan (`meta["firing"]`) says where it stands: buckets up to `sent` were fired
+        and acknowledged, up to `done` fired in a unit whose meta is durable (its keys and outputs
+        maybe not), up to `upto` planned. Recovering, the walk restarts after `sent`: a key whose
+        entry shows it fired at that bucket for this plan has its outputs sent again; any other
+        fires again (its state was lost, so were its outputs). Deltas are counted only past `done`
+        (the meta has the earlier ones). Fact indexes restart from `n_sent` and replay exactly."""
+        src = rec.src
+        walked: tuple[int, int] | None = None  # (bucket, fact index) walked and flushed last
         while True:
             meta = unit.meta_dirty(p, rec.event)
             f = meta["firing"]
-            if first and recovering:
-                # what the last durable unit of this plan fired may not have been acked: again
-                for b in range(f["sent"] + 1, f["done"] + 1):
-                    for key in self._bucket(unit, p, b):
-                        self._visit_fired(unit, p, key, src, b, rec, reapply=False)
-            else:
-                f["sent"] = f["done"]  # the previous unit of this plan was flushed: acked
-            first = False
+            if walked is not None:
+                f["sent"], f["n_sent"] = walked  # the previous unit of this walk was acked
+            elif not recovering:
+                f["sent"], f["n_sent"] = f["done"], f["n"]
             self._collect(unit, p, meta)
-            facts = FactSeq(f["n"])
-            done0 = f["done"]
-            while f["done"] < f["upto"]:
-                b = f["done"] + 1
-                for key in self._bucket(unit, p, b):
-                    self._visit(unit, p, key, src, b, done0, meta["clock"], rec, facts)
-                f["done"] = b
-                f["n"] = facts.n
+            facts = FactSeq(f["n_sent"])
+            b = f["sent"]
+            while b < f["upto"]:
+                b += 1
+                for key in wheel.bucket_keys(unit.slots(p), p, b)[0]:
+                    self._visit(unit, p, key, src, b, meta["clock"], rec, facts)
+                if b >= f["done"]:
+                    f["done"], f["n"] = b, facts.n
                 if unit.full():
                     break
+            walked = (b, facts.n)
             unit = await self._flush(unit)
-            if f["done"] >= f["upto"]:
+            if b >= f["upto"]:
                 return unit
 
-    def _bucket(self, unit: Unit, p: int, b: int) -> list[str]:
-        keys, _ = wheel.bucket_keys(unit.slots(p), p, b)
-        return keys
-
     def _collect(self, unit: Unit, p: int, meta: dict[str, Any]) -> None:
-        """Delete the slots of buckets whose firing was acknowledged (deferred by one unit, so a
-        restarted worker can still walk what may need sending again)."""
+        """Delete the slots of buckets whose firing was acknowledged (`sent`). The deletes are
+        written after the meta that says so, and `gc` (deleted for sure) only catches up with
+        `gc_to` (asked for) in a later unit, so a restarted worker can still walk every bucket it
+        may need to send again, and deletes again what it cannot be sure was deleted."""
         f = meta["firing"]
+        meta["gc"] = meta.get("gc_to", meta["gc"])
         start = meta["gc"] + 1 if meta["gc"] is not None else f["lo"]
         for b in range(start, f["sent"] + 1):
-            _, names = wheel.bucket_keys(unit.slots(p), p, b)
-            for name in names:
+            # last chunk first: a crash keeps the remaining chunks contiguous (walkable)
+            for name in reversed(wheel.bucket_keys(unit.slots(p), p, b)[1]):
                 unit.slot_values[name] = None
                 unit.slot_parts[name] = p
-        if f["sent"] >= start:
-            meta["gc"] = f["sent"]
+        meta["gc_to"] = max(f["sent"], meta["gc"]) if meta["gc"] is not None else f["sent"]
+        unit.collected.add(p)
 
-    def _visit_fired(self, unit: Unit, p: int, key: str, src: str, b: int, rec: Record, *, reapply: bool) -> None:
+    def _visit(self, unit: Unit, p: int, key: str, src: str, b: int, now: int, rec: Record, facts: FactSeq) -> None:
         if key in unit.visited:
             return
         entry = unit.entry(key)
         if entry is None:
             return
-        found = entry.pending_for(f"{src}#{b}")
-        if found is None:
-            return
         unit.visited.add(key)
-        self._resend(unit, key, found)
-        if reapply and found[2]:
-            self._add(unit.meta_dirty(p, rec.event), found[2])
-
-    def _visit(
-        self, unit: Unit, p: int, key: str, src: str, b: int, done0: int, now: int, rec: Record, facts: FactSeq
-    ) -> None:
-        if key in unit.visited:
+        tag = f"{src}#{b}"
+        fired = entry.pending_for(tag)
+        if fired is not None:
+            # fired here by this plan before a crash, and its entry is durable: same outputs again
+            facts.n += sum(1 for o in fired[1] if o[0] == self.stage.facts_topic)
+            self._resend(unit, key, fired)
             return
-        entry = unit.entry(key)
-        if entry is None:
-            return
-        for pend in entry.pending:
-            tag, _, bucket = str(pend[0]).partition("#")
-            if tag == src and bucket and int(bucket) > done0:
-                # fired by this plan in a unit whose meta was lost in a crash: send again, count again
-                unit.visited.add(key)
-                self._resend(unit, key, pend)
-                if pend[2]:
-                    self._add(unit.meta_dirty(p, rec.event), pend[2])
-                facts.n += sum(1 for o in pend[1] if o[0] == self.stage.facts_topic)
-                return
-        unit.visited.add(key)
         if entry.state is None:
             if entry.purge_at is not None and entry.purge_at <= now:
+                if entry.counts:  # a share left by rules that did not close it: no longer counted
+                    self._share(unit, p, key, _deltas(entry.counts, {}), {}, rec.event)
                 unit.delete(key, p, rec.event)
             return
         due, rest = wheel.split_due(entry.timers, now)
@@ -723,22 +765,25 @@ class StateFirstRunner:
             self._check(step)
         except Exception as exc:  # noqa: BLE001 - one key's timer must not stop the partition's clock
             self._failed(rec, exc, f"timer of key {key!r}")
-            self._dead(unit, rec, "processing_error", f"timer of {key}: {type(exc).__name__}: {exc}")
-            e = unit.touch(key, p, rec.event)
+            letter = self._dead(unit, rec, "processing_error", f"timer of {key}: {type(exc).__name__}: {exc}")
+            e = self._touch(unit, key, p, rec.event)
             e.timers = rest
+            e.pending.append([tag, [[letter.topic, key, letter.value]], []])
             return
-        e = unit.touch(key, p, rec.event)
-        e.timers = rest
-        self._apply(unit, key, p, rec, f"{src}#{b}", step, guarded=False)
+        self._touch(unit, key, p, rec.event).timers = rest
+        self._apply(unit, key, p, rec, tag, step, guarded=False)
 
     # dead letters, errors ---------------------------------------------------------------------
-    def _dead(self, unit: Unit, rec: Record, reason: str, error: str) -> None:
+    def _dead(self, unit: Unit, rec: Record, reason: str, error: str) -> Out:
+        """Send a record to the dead-letter topic (with this unit's outputs)."""
         letter = deadletter.dead_letter(
             rec.value or b"", reason, error, Source(topic=rec.topic, partition=rec.partition, offset=rec.offset),
             max_bytes=self.dead_letter_max_bytes,
         )
-        unit.outputs.append(Out(self.dlq_topic, rec.key, serde.dumps(letter)))
+        out = Out(self.dlq_topic, rec.key, serde.dumps(letter))
+        unit.outputs.append(out)
         metrics.DEAD_LETTERS.labels(reason).inc()
+        return out
 
     def _failed(self, rec: Record, exc: BaseException, what: str) -> None:
         log.exception("cannot process %s record %s (%s): dead-lettered", rec.topic, rec.src, what, exc_info=exc)
@@ -747,30 +792,36 @@ class StateFirstRunner:
     # flush ------------------------------------------------------------------------------------
     async def _flush(self, unit: Unit) -> Unit:
         """Write every dirty value and await the changelog acks, then send the outputs and await
-        theirs. Per partition the order is: wheel slots, keys, meta, so that a durable meta implies
-        durable keys and a durable key implies its wheel entries (Kafka keeps one partition's
-        records in order)."""
+        theirs. Per partition the order is: wheel slots armed, meta, keys, wheel slots deleted
+        (Kafka keeps one partition's records in order): a durable key implies its wheel entries
+        and the meta with its counter deltas; a durable slot delete implies the meta that
+        recorded its bucket as acknowledged."""
         if unit.empty():
-            return Unit(self.store)
+            return self._unit()
         store = self.store
         acks: list[Awaitable[Any]] = []
         try:
             for name, value in unit.slot_values.items():
-                p = unit.slot_parts[name]
-                ev = unit.events.get(p)
-                if value is None:
-                    acks.append(store.delete(name, p, ev))
-                else:
-                    acks.append(store.put(name, value, _dumps(value), p, ev))
+                if value is not None:
+                    p = unit.slot_parts[name]
+                    acks.append(store.put(name, value, _dumps(value), p, unit.events.get(p)))
+            for p in sorted(unit.dirty_metas):
+                m = unit.metas[p]
+                m["r"] = self.run_id
+                m["j"] = unit.journal.get(p, {})
+                if p not in unit.collected:  # the deletes asked for by an earlier unit are done
+                    m["gc"] = m.get("gc_to", m["gc"])
+                acks.append(store.put(meta_key(p), m, _dumps(m), p, unit.events.get(p)))
             for key, p in unit.dirty.items():
                 e = unit.entries[key]
                 assert e is not None  # noqa: S101 - dirty entries are never None
                 acks.append(store.put(key, e.stored(), e.encode(), p, unit.events.get(p)))
             for key, p in unit.deleted.items():
                 acks.append(store.delete(key, p, unit.events.get(p)))
-            for p in sorted(unit.dirty_metas):
-                m = unit.metas[p]
-                acks.append(store.put(meta_key(p), m, _dumps(m), p, unit.events.get(p)))
+            for name, value in unit.slot_values.items():
+                if value is None:
+                    p = unit.slot_parts[name]
+                    acks.append(store.delete(name, p, unit.events.get(p)))
         except Exception as exc:
             raise WriteFailed(f"cannot write table values: {exc!r}") from exc
         await _all(acks, "changelog")
@@ -785,7 +836,39 @@ class StateFirstRunner:
         for out in unit.outputs:
             self.stage.sent(out)
         metrics.UNITS_FLUSHED.labels(self.stage_name).inc()
-        return Unit(self.store)
+        return self._unit()
+
+
+def _added(counts: Mapping[str, Mapping[str, int]], deltas: Sequence[Sequence[Any]]) -> dict[str, dict[str, int]]:
+    """`counts` (counter → label → n) plus `deltas` ((counter, label, ±n)); zeros are dropped."""
+    out = {name: dict(by_label) for name, by_label in counts.items()}
+    for name, label, n in deltas:
+        by_label = out.setdefault(name, {})
+        value = by_label.get(label, 0) + int(n)
+        if value:
+            by_label[label] = value
+        else:
+            by_label.pop(label, None)
+            if not by_label:
+                del out[name]
+    return out
+
+
+def _deltas(old: Mapping[str, Mapping[str, int]], new: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str, int]]:
+    """The deltas that turn `old` into `new`."""
+    out: list[tuple[str, str, int]] = []
+    for name in {*old, *new}:
+        for label in {*old.get(name, {}), *new.get(name, {})}:
+            d = new.get(name, {}).get(label, 0) - old.get(name, {}).get(label, 0)
+            if d:
+                out.append((name, label, d))
+    return out
+
+
+def _plan_record(src: str, event: Any) -> Record:
+    """The tick record that made a firing plan (timer inputs and their facts name it as source)."""
+    topic, partition, offset = src.rsplit("/", 2)
+    return Record(topic, int(partition), int(offset), TICK_KEY, None, 0, (), event)
 
 
 async def _all(acks: Sequence[Awaitable[Any]], what: str) -> None:
