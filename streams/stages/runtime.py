@@ -254,7 +254,7 @@ class Entry:
     Stored form `{"v": 2, "s": state, "g": applied, "t": armed due times, "x": purge time,
     "r": the runner incarnation that wrote it, "c": the key's share of the partition's counters,
     "p": pending}`; `pending` is a list of
-    `[src, [[topic, key, value], ...], [[counter, label, n], ...]]`. A stored value without
+    `[src, [[topic, key, value], ...], [[counter, label, n], ...], runner incarnation]`. A stored value without
     `"v": 2` is a state written before this runner (legacy)."""
 
     state: dict[str, Any] | None = None
@@ -308,11 +308,12 @@ def _value_bytes(value: Any) -> bytes:
 
 
 def _pending_bytes(p: list[Any]) -> bytes:
-    src, outs, deltas = p
+    src, outs, deltas = p[:3]
     outs_b = b",".join(
         b"[" + _dumps(topic) + b"," + _dumps(key) + b"," + _value_bytes(value) + b"]" for topic, key, value in outs
     )
-    return b"[" + _dumps(src) + b",[" + outs_b + b"]," + _dumps(deltas) + b"]"
+    run = _dumps(p[3] if len(p) > 3 else None)
+    return b"[" + _dumps(src) + b",[" + outs_b + b"]," + _dumps(deltas) + b"," + run + b"]"
 
 
 def new_meta(legacy_cursor: Any = None) -> dict[str, Any]:
@@ -383,14 +384,16 @@ class Unit:
         return _SlotView(self, partition)
 
     # writes -----------------------------------------------------------------------------------
-    def touch(self, key: str, partition: int, event: Any) -> Entry:
+    def touch(self, key: str, partition: int, event: Any, keep: Callable[[list[Any]], bool]) -> Entry:
         """The working entry of `key` for a change: on first change in this unit its pending is
-        reset to what this unit re-sent (their acks are still to come)."""
+        reset to what this unit re-sent and what `keep` says may still be needed."""
         e = self.entry(key)
         if e is None:
             e = Entry()
         if key not in self.touched:
-            e = Entry(e.state, dict(e.applied), list(e.timers), e.purge_at, list(self.resent.get(key, [])),
+            resent = self.resent.get(key, [])
+            pending = list(resent) + [p for p in e.pending if p not in resent and keep(p)]
+            e = Entry(e.state, dict(e.applied), list(e.timers), e.purge_at, pending,
                       False, e.state_bytes, self.run_id, e.counts)
             self.touched.add(key)
             self.pending_bytes[key] = 0
@@ -474,6 +477,7 @@ class StateFirstRunner:
         self.run_id = uuid.uuid4().hex[:12]  # this incarnation: pending written by another may be unacked
         self.clock = wheel.StreamClock()
         self.consumed: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset not consumed
+        self.completed: dict[int, str] = {}  # partition → src of the plan this runner fired and saw acked
         self._errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
 
     # public -----------------------------------------------------------------------------------
@@ -565,7 +569,7 @@ class StateFirstRunner:
             # pending on the key, so that a redelivery sends it again instead of skipping it
             e = self._touch(unit, key, p, rec.event)
             guard.mark_applied(e.applied, rec.topic, p, rec.offset)
-            e.pending.append([rec.src, [[letter.topic, key, letter.value]], []])
+            e.pending.append([rec.src, [[letter.topic, key, letter.value]], [], self.run_id])
             if e.state is None and e.purge_at is None:
                 e.purge_at = max(unit.meta(p)["clock"], rec.timestamp_ms) + PURGE_AFTER_MS
                 self._arm(unit, p, key, e.purge_at, rec.event)
@@ -592,7 +596,7 @@ class StateFirstRunner:
             guard.mark_applied(e.applied, rec.topic, p, rec.offset)
         if step.outputs or step.deltas:
             e.pending.append([src, [[o.topic, o.key, o.value] for o in step.outputs],
-                              [list(d) for d in step.deltas]])
+                              [list(d) for d in step.deltas], self.run_id])
             unit.pending_bytes[key] = unit.pending_bytes.get(key, 0) + sum(len(o.value) for o in step.outputs)
             if unit.pending_bytes[key] >= KEY_MAX_PENDING_BYTES:
                 unit.cut = True
@@ -623,15 +627,17 @@ class StateFirstRunner:
         unit.journal.setdefault(p, {})[key] = share
 
     def _touch(self, unit: Unit, key: str, p: int, event: Any) -> Entry:
-        """The key's working entry for a change. Its stored `pending` was written either by this
-        runner in an earlier unit (acked: dropped) or by another incarnation, which may have died
-        before the acks: those outputs are sent again first."""
-        if key not in unit.touched:
-            stored = unit.entry(key)
-            if stored is not None and stored.run != self.run_id:
-                for pend in stored.pending:
-                    self._resend(unit, key, pend)
-        return unit.touch(key, p, event)
+        """The key's working entry for a change. A pending entry written by this runner in an
+        earlier unit was acknowledged (dropped); one written by another incarnation, which may
+        have died before the acks, is kept until its input is committed: the input's redelivery
+        sends it again, whatever other input touches the key first."""
+        return unit.touch(key, p, event, self._maybe_needed)
+
+    def _maybe_needed(self, pending: list[Any]) -> bool:
+        if len(pending) > 3 and pending[3] == self.run_id:
+            return False
+        topic, partition, offset = str(pending[0]).partition("#")[0].rsplit("/", 2)
+        return int(offset) >= (self.committed(topic, int(partition)) or 0)
 
     def _arm(self, unit: Unit, p: int, key: str, due: int, event: Any) -> None:
         meta = unit.meta(p)
@@ -718,6 +724,7 @@ class StateFirstRunner:
             walked = (b, facts.n)
             unit = await self._flush(unit)
             if b >= f["upto"]:
+                self.completed[p] = src  # all acked: the next meta write may say so
                 return unit
 
     def _collect(self, unit: Unit, p: int, meta: dict[str, Any]) -> None:
@@ -768,7 +775,7 @@ class StateFirstRunner:
             letter = self._dead(unit, rec, "processing_error", f"timer of {key}: {type(exc).__name__}: {exc}")
             e = self._touch(unit, key, p, rec.event)
             e.timers = rest
-            e.pending.append([tag, [[letter.topic, key, letter.value]], []])
+            e.pending.append([tag, [[letter.topic, key, letter.value]], [], self.run_id])
             return
         self._touch(unit, key, p, rec.event).timers = rest
         self._apply(unit, key, p, rec, tag, step, guarded=False)
@@ -811,6 +818,9 @@ class StateFirstRunner:
                 m["j"] = unit.journal.get(p, {})
                 if p not in unit.collected:  # the deletes asked for by an earlier unit are done
                     m["gc"] = m.get("gc_to", m["gc"])
+                    f = m["firing"]
+                    if f is not None and self.completed.get(p) == f["src"]:
+                        f["sent"], f["n_sent"] = f["upto"], f["n"]  # nothing to walk again after a restart
                 acks.append(store.put(meta_key(p), m, _dumps(m), p, unit.events.get(p)))
             for key, p in unit.dirty.items():
                 e = unit.entries[key]
