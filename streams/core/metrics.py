@@ -91,6 +91,11 @@ REDELIVERED = Counter(
     "Records skipped as already applied (redelivered after a crash or rebalance; pending outputs re-sent)",
     ["stage"],
 )
+RESENT = Counter(
+    "messenger_outputs_resent",
+    "Outputs sent again from a key's pending list (their first send may not have been acknowledged)",
+    ["stage"],
+)
 UNITS_FLUSHED = Counter(
     "messenger_state_units_flushed",
     "Write/ack/send cycles of the state-first runner (state durable, then outputs acknowledged), by stage",
@@ -126,6 +131,7 @@ CATALOGUE = (
     QUEUE_DEPTH,
     PROCESSING_ERRORS,
     REDELIVERED,
+    RESENT,
     UNITS_FLUSHED,
     STREAM_TIME_LAG,
 )

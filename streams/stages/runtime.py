@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Protocol
 
 import orjson
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.structs import TopicPartition
@@ -653,6 +654,8 @@ class StateFirstRunner:
         done = unit.resent.setdefault(key, [])
         if any(p[0] == pending[0] for p in done):
             return False
+        log.debug("sending again the outputs of %s for key %r", pending[0], key)
+        metrics.RESENT.labels(self.stage_name).inc(len(pending[1]))
         for topic, out_key, value in pending[1]:
             unit.outputs.append(Out(topic, out_key, _value_bytes(value)))
         done.append(pending)
@@ -677,9 +680,11 @@ class StateFirstRunner:
             cursor = min(meta["low"] - 1, last) if meta["low"] is not None else last
         upto = min(last, cursor + MAX_BUCKETS_PER_TICK)
         metrics.STREAM_TIME_LAG.labels(str(p)).set(max(0.0, time.time() - stream_time / 1000))
-        if upto <= cursor:
+        slots = unit.slots(p)
+        if upto <= cursor or not any(slots.get(wheel.slot_key(p, b)) for b in range(cursor + 1, upto + 1)):
+            # nothing armed in the buckets passed (most seconds): no plan, no walk
             meta = unit.meta_dirty(p, event)
-            meta["clock"], meta["cursor"], meta["tick"] = stream_time, cursor, tick_offset
+            meta["clock"], meta["cursor"], meta["tick"] = stream_time, max(cursor, upto), tick_offset
             return unit
         # Everything consumed before this tick is made durable (and its outputs acked) before the
         # plan: a durable stream time never covers an input whose state could still be lost.
@@ -973,7 +978,10 @@ class TickSource:
     upstream topic have passed them — every record split from those bodies was acknowledged
     before that commit, so it lies below the input end offsets read afterwards. After an outage
     the ticks therefore lag until the upstream backlog is split; stream time never runs ahead of
-    a body that is still queued."""
+    a body that is still queued.
+
+    Offsets are read with a client of its own (a group-less consumer for end offsets, an admin
+    client for the group's commits): faust's consumer thread answers only between its long polls."""
 
     def __init__(
         self,
@@ -996,6 +1004,7 @@ class TickSource:
         self.partitions = partitions
         self._waiting: deque[tuple[int, dict[int, int]]] = deque(maxlen=max_waiting)
         self._admin: AIOKafkaAdminClient | None = None
+        self._offsets: AIOKafkaConsumer | None = None
         self._last_warning = 0.0
 
     async def run_once(self) -> int:
@@ -1011,10 +1020,22 @@ class TickSource:
             return 0
 
     async def close(self) -> None:
-        if self._admin is not None:
-            admin, self._admin = self._admin, None
+        admin, self._admin = self._admin, None
+        offsets, self._offsets = self._offsets, None
+        if admin is not None:
             with contextlib.suppress(Exception):
                 await admin.close()
+        if offsets is not None:
+            with contextlib.suppress(Exception):
+                await offsets.stop()
+
+    async def _ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if self._offsets is None:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
+            await consumer.start()
+            self._offsets = consumer
+        ends: dict[TopicPartition, int] = await self._offsets.end_offsets(list(tps))
+        return ends
 
     async def _run(self) -> int:
         owned = sorted({tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.ticks_topic})
@@ -1024,10 +1045,10 @@ class TickSource:
             stamp = await self._upstream_time(now)
         if stamp is None or not owned:
             return 0
-        tps = [TP(t, p) for p in owned for t in self.input_topics]
-        ends = await self.app.consumer.highwaters(*tps)
+        tps = [TopicPartition(t, p) for p in owned for t in self.input_topics]
+        ends = await self._ends(tps)
         for p in owned:
-            value = wheel.tick_value(stamp, {t: int(ends[TP(t, p)]) for t in self.input_topics})
+            value = wheel.tick_value(stamp, {t: int(ends[TopicPartition(t, p)]) for t in self.input_topics})
             await self.app.producer.send(self.ticks_topic, TICK_KEY, _dumps(value), p, None, None)
         return len(owned)
 
@@ -1036,16 +1057,14 @@ class TickSource:
         topic = self.upstream_topic
         assert topic is not None  # noqa: S101 - checked by the caller
         n = self.app.consumer.topic_partitions(topic) or self.partitions
-        tps = [TP(topic, i) for i in range(n)]
-        ends = await self.app.consumer.highwaters(*tps)
+        tps = [TopicPartition(topic, i) for i in range(n)]
+        ends = await self._ends(tps)
         self._waiting.append((now, {tp.partition: int(ends[tp]) for tp in tps}))
         if self._admin is None:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
             await admin.start()
             self._admin = admin
-        offsets = await self._admin.list_consumer_group_offsets(
-            self.group_id, partitions=[TopicPartition(topic, i) for i in range(n)]
-        )
+        offsets = await self._admin.list_consumer_group_offsets(self.group_id, partitions=tps)
         committed = {tp.partition: om.offset for tp, om in offsets.items()}
         stamp: int | None = None
         while self._waiting:
