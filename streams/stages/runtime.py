@@ -668,30 +668,32 @@ class StateFirstRunner:
     # ticks and the wheel ----------------------------------------------------------------------
     async def _advance(self, unit: Unit, p: int, tick: Tick, event: Any) -> Unit:
         """A tick whose data has been consumed: the partition's stream time moves to its `now`,
-        and the wheel's buckets it passed are planned and fired."""
+        and the wheel's buckets up to it are planned and fired: the passed ones, and the current
+        one in part (its keys due by now fire; it stays above the cursor and is walked again)."""
         meta = unit.meta(p)
         tick_offset = int(tick.src.rsplit("/", 1)[1])
         if tick_offset <= meta["tick"]:
             return unit  # older than the tick that moved the clock last
         stream_time = max(meta["clock"], tick.now)
         cursor = meta["cursor"]
-        last = wheel.last_due_bucket(stream_time)
+        last_full = wheel.last_due_bucket(stream_time)
         if cursor is None:
-            cursor = min(meta["low"] - 1, last) if meta["low"] is not None else last
-        upto = min(last, cursor + MAX_BUCKETS_PER_TICK)
+            cursor = min(meta["low"] - 1, last_full) if meta["low"] is not None else last_full
+        upto = min(wheel.bucket_of(stream_time), cursor + MAX_BUCKETS_PER_TICK)
+        new_cursor = max(cursor, min(last_full, upto))
         metrics.STREAM_TIME_LAG.labels(str(p)).set(max(0.0, time.time() - stream_time / 1000))
         slots = unit.slots(p)
         if upto <= cursor or not any(slots.get(wheel.slot_key(p, b)) for b in range(cursor + 1, upto + 1)):
-            # nothing armed in the buckets passed (most seconds): no plan, no walk
+            # nothing armed in the buckets reached (most seconds): no plan, no walk
             meta = unit.meta_dirty(p, event)
-            meta["clock"], meta["cursor"], meta["tick"] = stream_time, max(cursor, upto), tick_offset
+            meta["clock"], meta["cursor"], meta["tick"] = stream_time, new_cursor, tick_offset
             return unit
         # Everything consumed before this tick is made durable (and its outputs acked) before the
         # plan: a durable stream time never covers an input whose state could still be lost.
         if not unit.empty():
             unit = await self._flush(unit)
         meta = unit.meta_dirty(p, event)
-        meta["clock"], meta["cursor"], meta["tick"] = stream_time, upto, tick_offset
+        meta["clock"], meta["cursor"], meta["tick"] = stream_time, new_cursor, tick_offset
         meta["firing"] = {"src": tick.src, "lo": cursor + 1, "upto": upto, "done": cursor, "sent": cursor,
                           "n": 0, "n_sent": 0}
         # the plan is durable before any key fires
@@ -740,12 +742,13 @@ class StateFirstRunner:
         f = meta["firing"]
         meta["gc"] = meta.get("gc_to", meta["gc"])
         start = meta["gc"] + 1 if meta["gc"] is not None else f["lo"]
-        for b in range(start, f["sent"] + 1):
+        until = min(f["sent"], meta["cursor"])  # never the current bucket: it is walked again
+        for b in range(start, until + 1):
             # last chunk first: a crash keeps the remaining chunks contiguous (walkable)
             for name in reversed(wheel.bucket_keys(unit.slots(p), p, b)[1]):
                 unit.slot_values[name] = None
                 unit.slot_parts[name] = p
-        meta["gc_to"] = max(f["sent"], meta["gc"]) if meta["gc"] is not None else f["sent"]
+        meta["gc_to"] = max(until, meta["gc"]) if meta["gc"] is not None else until
         unit.collected.add(p)
 
     def _visit(self, unit: Unit, p: int, key: str, src: str, b: int, now: int, rec: Record, facts: FactSeq) -> None:
