@@ -207,3 +207,100 @@ async def test_hard_kill_mid_stream_loses_nothing_and_applies_nothing_twice(
     assert sorted(m["mid"] for m in of_type(unique, "consumer_message")) == sorted(sent)
     opened = Counter(e["psid"] for e in of_type(unique, "conversation_opened"))
     assert opened == dict.fromkeys(people, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# crashes, backlogs and failover (issue 12)
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a key (murmur2, as the producers use)."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+
+
+def people_on(partition: int, partitions: int, prefix: str, count: int) -> list[str]:
+    """`count` psids whose billing conversation key falls on `partition`."""
+    out: list[str] = []
+    i = 0
+    while len(out) < count:
+        psid = f"{prefix}{i}"
+        if partition_of(f"{BILLING_PAGE}:{psid}", partitions) == partition:
+            out.append(psid)
+        i += 1
+    return out
+
+
+def console_total(w: Worker, type_: str) -> float:
+    """This worker's count of console events of one type (all skills), 0 when it cannot answer."""
+    try:
+        m = w.metrics()
+    except OSError:
+        return 0.0
+    return sum(v for k, v in m.items() if k.startswith("messenger_console_events_total{") and f'type="{type_}"' in k)
+
+
+def twin(w: Worker, tmp: Any) -> Worker:
+    """A second worker of the same app (same topics and consumer group)."""
+    from tests.kafkatools import free_port
+
+    data = tmp / "twin-data"
+    data.mkdir()
+    env = {**w.env, "MESSENGER_STREAMS_WEB_PORT": str(free_port()), "MESSENGER_STREAMS_DATADIR": str(data)}
+    return Worker(env=env, log_path=tmp / "twin.log")
+
+
+async def test_failover_within_15_seconds(make_worker: Callable[..., Worker], kafka: KafkaIO, tmp_path: Any) -> None:
+    """Two workers share the partitions; one is SIGKILLed: the other processes the killed worker's
+    partitions again within 15 s (session timeout and heartbeat tuned, standby table copies)."""
+    import signal
+
+    from tests.conftest import BASE_CONFIG
+
+    a = make_worker(BASE_CONFIG + NO_CSAT)
+    b = twin(a, tmp_path)
+    b.start()
+    raw = a.topic("messenger.webhook.raw")
+    con = Console(kafka, a)
+    try:
+        # until each worker processes one partition (a probe per partition per round)
+        deadline = time.monotonic() + 120
+        rnd = 0
+        while True:
+            for p in (0, 1):
+                psid = people_on(p, 2, f"probe{rnd}-", 1)[0]
+                await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, psid, f"{psid}-m", "hi")))
+            await con.wait_for("billing", lambda e, r=rnd: sum(1 for x in of_type(e, "consumer_message")
+                                                                if x["psid"].startswith(f"probe{r}-")) == 2)
+            if console_total(a, "consumer_message") > 0 and console_total(b, "consumer_message") > 0:
+                break
+            assert time.monotonic() < deadline, "the two workers never shared the partitions"
+            rnd += 1
+        b.stop(signal.SIGKILL)
+        killed_at = time.time()
+        # keep writing to both partitions; the killed worker's messages wait for the takeover
+        sent: dict[int, list[tuple[str, float]]] = {0: [], 1: []}
+        for i in range(60):
+            for p in (0, 1):
+                psid = people_on(p, 2, f"after{i}-", 1)[0]
+                sent[p].append((f"{psid}-m", time.time()))
+                await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, psid, f"{psid}-m", "hi")))
+            await asyncio.sleep(0.5)
+            if i >= 10 and i % 5 == 0:
+                recs = await kafka.read_all(a.topic("skill.billing"), settle=0.2, timeout=10)
+                done = {orjson.loads(r.value).get("mid") for r in recs}
+                if all(any(m in done for m, _ in sent[p]) for p in (0, 1)):
+                    break
+        recs = await kafka.read_all(a.topic("skill.billing"), settle=1.0, timeout=30)
+        at = {}
+        for r in recs:
+            v = orjson.loads(r.value)
+            if v["type"] == "consumer_message":
+                at.setdefault(v["mid"], r.timestamp / 1000)
+        # per partition: when the first message written after the kill was processed
+        takeover = max(min(at[m] for m, _ in sent[p] if m in at) - killed_at for p in (0, 1))
+        print(f"every partition processed again {takeover:.1f} s after the SIGKILL")
+        assert takeover <= 15.0, f"partitions processed again only {takeover:.1f} s after the kill"
+        assert all(m in at for p in (0, 1) for m, _ in sent[p]), "a message was lost in the takeover"
+    finally:
+        b.stop()
