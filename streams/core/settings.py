@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         default=900_000, ge=10_000, description="bigger dead letters keep a prefix of the original plus its SHA-256"
     )
     session_timeout_seconds: float = Field(
-        default=10.0, ge=6.0, le=300.0, description="a silent worker's partitions move to the others after this"
+        default=8.0, ge=6.0, le=300.0, description="a silent worker's partitions move to the others after this"
     )
     heartbeat_interval_seconds: float = Field(default=2.0, gt=0, description="consumer group heartbeat")
     group_instance_id: str = Field(
