@@ -21,7 +21,7 @@ from streams.core.config import ConnectorConfig
 from streams.core.deadletter import dead_letter
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
-from streams.stages import conversation, csat, ingest, runtime, web
+from streams.stages import conversation, csat, history, ingest, runtime, web
 
 log = logging.getLogger("messenger_streams")
 
@@ -131,6 +131,7 @@ def create_pipeline(
         "conversations": conversation.register,
         "csat": csat.register,
         "web": web.register,
+        "history": history.register,
     }
     app = create_app(settings)
     pipe = Pipeline(settings=settings, config=config, app=app)

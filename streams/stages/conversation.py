@@ -44,18 +44,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("messenger_streams.conversations")
 
-# Decision notes that move the durable per-partition counters: (counter, "+<skill>" | "-<skill>").
-# `open`: open conversations of a skill; `queued`: open and unassigned (waiting for an agent).
-COUNTER_NOTES = ("open", "queued")
+# Decision notes that move the durable per-partition counters (docs/lifecycle.md): `open+`/`open-`
+# (skill) for open conversations, `queue+`/`queue-` (skill) for open and unassigned ones.
+COUNTER_NOTES = {"open+": ("open", 1), "open-": ("open", -1), "queue+": ("queued", 1), "queue-": ("queued", -1)}
 GAUGE_REFRESH_SECONDS = 1.0
 
 
 def counter_deltas(notes: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
-    """The counter changes a decision's notes announce, e.g. ("open", "+billing") → +1."""
+    """The counter changes a decision's notes announce, e.g. ("open+", "billing") → ("open", "billing", +1)."""
     deltas: list[tuple[str, str, int]] = []
     for name, label in notes:
-        if name in COUNTER_NOTES and label[:1] in "+-" and len(label) > 1:
-            deltas.append((name, label[1:], 1 if label[0] == "+" else -1))
+        change = COUNTER_NOTES.get(name)
+        if change is not None and label:
+            deltas.append((change[0], label, change[1]))
     return deltas
 
 
@@ -121,7 +122,7 @@ class ConversationStage:
         """Decide one input and turn the decision into records: skill topics by skill, CSAT facts
         stamped with the source record (`src`, decision C), counter deltas from the notes."""
         decision = self.decider.decide(state, inp, key, self.decider.env_for(key.partition(":")[0]))
-        self._count(decision.notes)
+        metrics.record_notes(decision.notes, decision.figures)
         if decision.duplicate:
             return Step(state, None, [], [], duplicate=True)
         outs: list[Out] = []
@@ -145,18 +146,6 @@ class ConversationStage:
     def sent(self, out: Out) -> None:
         if out.label is not None:
             self.console_events.inc(*out.label)
-
-    @staticmethod
-    def _count(notes: list[tuple[str, str]]) -> None:
-        for note, label in notes:
-            if note == "outbound":
-                metrics.OUTBOUND_REQUESTS.labels(label).inc()
-            elif note == "rejected":
-                metrics.ACTIONS_REJECTED.labels(label).inc()
-            elif note == "unknown_page":
-                metrics.UNKNOWN_PAGES.inc()
-            elif note == "duplicate":
-                metrics.DUPLICATES.labels(label).inc()
 
 
 class _Gauges:

@@ -86,7 +86,7 @@ def test_facts_stamped_with_their_source_and_outputs_routed() -> None:
             Output("skill", "P1:u1", {"type": "x"}, "nonexistent"),
         ],
         arms=[5_000],
-        notes=[("open", "+billing"), ("queued", "+billing"), ("outbound", "system"), ("open", "bad")],
+        notes=[("open+", "billing"), ("queue+", "billing"), ("outbound", "system"), ("open", "bad")],
     )
     stage = ConversationStage(pipe(publish_events=True), FakeDecider(decision))  # type: ignore[arg-type]
     r = rec(stage.names["split"], {"idempotency_key": "ik"})
@@ -123,7 +123,7 @@ def test_duplicates_write_nothing() -> None:
 
 
 def test_counter_deltas() -> None:
-    assert counter_deltas([("open", "+s"), ("open", "-s"), ("queued", "-t"), ("other", "+s"), ("open", "+")]) == [
+    assert counter_deltas([("open+", "s"), ("open-", "s"), ("queue-", "t"), ("other", "s"), ("open+", "")]) == [
         ("open", "s", 1), ("open", "s", -1), ("queued", "t", -1)]
 
 
