@@ -1109,9 +1109,11 @@ def reseek_uncommitted(app: Any, *, group_id: str, bootstrap_servers: str) -> No
         except Exception as exc:  # noqa: BLE001 - without the answer faust's own seek applies
             log.warning("cannot read committed offsets after a rebalance: %r", exc)
             return
-        for tp, om in offsets.items():
-            if om.offset <= 0:
-                await app.consumer.seek(TP(tp.topic, tp.partition), 0)
+        back = {TP(tp.topic, tp.partition): 0 for tp, om in offsets.items() if om.offset <= 0}
+        if back:
+            # in the consumer's own thread (`Consumer.seek` would call aiokafka from this one,
+            # racing its fetcher: a KeyError in `Fetcher.fetched_records` stopped a worker)
+            await app.consumer.seek_wait(back)
 
     async def close(sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
         while admin:

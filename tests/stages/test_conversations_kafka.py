@@ -62,7 +62,8 @@ class Console:
             evs = await self.kafka.read_json(self.w.topic(f"skill.{skill}"), settle=0.3, timeout=10)
             if pred(evs):
                 return evs
-        raise AssertionError(f"condition not met on skill.{skill}; got {[e['type'] for e in evs]}")
+        types = [e["type"] for e in evs]
+        raise AssertionError(f"condition not met on skill.{skill}; got {len(types)} events, the last: {types[-30:]}")
 
 
 async def action(kafka: KafkaIO, w: Worker, page: str, psid: str, type_: str, action_id: str, **fields: Any) -> None:
@@ -388,9 +389,9 @@ async def test_sigkill_at_random_points_loses_nothing_and_shows_no_output_withou
 
 async def test_timers_wait_for_input_still_queued(make_worker: Callable[..., Worker], kafka: KafkaIO) -> None:
     """The worker is down while a customer writes again, behind a backlog of other bodies, and comes
-    back after the idle time of the customer's first message has passed: the conversation is not
-    closed before the queued message is processed (it joins the same conversation); the timer
-    then fires on the stream's time, after that message."""
+    back after the customer's idle time (counted from the agent's reply) has passed: the conversation
+    is not closed before the queued message is processed (it joins the same conversation). The idle
+    timer then fires on the stream's time after the agent's next reply."""
     from tests.conftest import BASE_CONFIG
 
     idle = 15
@@ -399,24 +400,28 @@ async def test_timers_wait_for_input_still_queued(make_worker: Callable[..., Wor
     raw = w.topic("messenger.webhook.raw")
     await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, "alice", "a-1", "my order?")))
     await con.wait_for("billing", lambda e: any(x["mid"] == "a-1" for x in of_type(e, "consumer_message")))
-    first_at = time.monotonic()
+    await action(kafka, w, BILLING_PAGE, "alice", "accept", "acc-1")
+    await action(kafka, w, BILLING_PAGE, "alice", "message", "say-1", text="Let me look")
+    await con.wait_for("billing", lambda e: len(of_type(e, "agent_message")) == 1)
+    replied_at = time.monotonic()  # the consumer's turn: idle in 15 s
     w.stop()
     others = [(body(BILLING_PAGE, consumer_msg(BILLING_PAGE, f"o{i}", f"o{i}-1", "hi")), None) for i in range(8500)]
     await send_many(kafka, raw, others[:8000])
     await send_many(kafka, raw, [(body(BILLING_PAGE, consumer_msg(BILLING_PAGE, "alice", "a-2", "hello??")), None)],
                     headers=[("received-at", str(now_ms()).encode())])
     await send_many(kafka, raw, others[8000:])
-    # back after the first message's idle time (but before the second one's)
-    await asyncio.sleep(max(0.0, first_at + idle + 1 - time.monotonic()))
+    # back after the idle time (the customer's reply, queued, came before it)
+    await asyncio.sleep(max(0.0, replied_at + idle + 1 - time.monotonic()))
     w.start()
     evs = await con.wait_for("billing", lambda e: any(x.get("mid") == "a-2" for x in e), timeout=180)
     alice = [e for e in evs if e["psid"] == "alice"]
     types = [e["type"] for e in alice]
     assert types.count("conversation_opened") == 1, types
+    assert "conversation_closed" not in types, types
     second = next(e for e in alice if e.get("mid") == "a-2")
     assert second["conversation_id"] == alice[0]["conversation_id"]
-    assert "conversation_closed" not in types[: types.index("consumer_message", types.index("consumer_message") + 1)]
-    # and the timer still fires, once, after the message that was queued
+    # the timer still runs on stream time: after the agent's next reply, the conversation closes idle
+    await action(kafka, w, BILLING_PAGE, "alice", "message", "say-2", text="Found it")
     evs = await con.wait_for("billing", lambda e: any(x["type"] == "conversation_closed" and x["psid"] == "alice"
                                                       for x in e), timeout=120)
     closed = [e for e in evs if e["psid"] == "alice" and e["type"] == "conversation_closed"]
