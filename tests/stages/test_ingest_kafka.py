@@ -51,7 +51,8 @@ async def test_raw_bodies_to_normalized_events_and_dead_letters(
 
     events = await kafka.read_json(w.topic("messenger.events"), min_count=len(expected_keys), timeout=60)
     dlq_records = await kafka.read_all(w.topic("messenger.dlq"), min_count=5, timeout=30)
-    split = await kafka.read_json(w.topic("messenger.events.split"), min_count=1)
+    expected_split = sum(len(split_body(raw, max_bytes=20000).events) for raw in inputs)
+    split = await kafka.read_json(w.topic("messenger.events.split"), min_count=expected_split, timeout=60)
 
     # exactly the expected events, each once, duplicates dropped
     assert sorted(e["idempotency_key"] for e in events) == sorted(expected_keys)
