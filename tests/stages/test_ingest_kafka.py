@@ -117,6 +117,10 @@ async def test_a_2mb_body_is_dead_lettered_with_prefix_size_and_hash(
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
     await admin.start()
     try:
+        # created for the webhook's limit: 1 MiB bodies plus 64 KiB of record overhead
+        (described,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, raw, None)])
+        configs = {entry[0]: entry[1] for entry in described.resources[0][4]}
+        assert configs["max.message.bytes"] == str(1_048_576 + 65_536)
         await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, raw, {"max.message.bytes": "4000000"})])
     finally:
         await admin.close()
