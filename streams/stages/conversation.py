@@ -195,7 +195,6 @@ def register(pipe: Pipeline) -> None:
         store,
         AppProducer(app),
         dlq_topic=topics.name("dlq"),
-        ticks_topic=names["ticks"],
         dead_letter_max_bytes=settings.dead_letter_max_bytes,
         committed=committed_offsets(app),
     )

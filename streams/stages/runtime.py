@@ -462,7 +462,6 @@ class StateFirstRunner:
         producer: Producer,
         *,
         dlq_topic: str,
-        ticks_topic: str | None = None,
         dead_letter_max_bytes: int = deadletter.MAX_LETTER_BYTES,
         committed: Callable[[str, int], int | None] = lambda topic, partition: None,
         stage_name: str = "conversation",
@@ -471,7 +470,6 @@ class StateFirstRunner:
         self.store = store
         self.producer = producer
         self.dlq_topic = dlq_topic
-        self.ticks_topic = ticks_topic
         self.dead_letter_max_bytes = dead_letter_max_bytes
         self.committed = committed
         self.stage_name = stage_name

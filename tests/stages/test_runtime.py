@@ -231,7 +231,7 @@ async def run_with_crashes(seed: int, n: int = 160, crashes: int = 3) -> tuple[F
     for attempt in range(crashes + 1):
         crash_after = kafka.acked + rng.randint(1, 150) if attempt < crashes else None
         runner = StateFirstRunner(
-            FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq", ticks_topic="t",
+            FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq",
             committed=lambda t, p: committed.get((t, p)),
         )
         pump = asyncio.create_task(kafka.pump(crash_after))
@@ -321,7 +321,7 @@ async def test_stream_time_waits_for_queued_input() -> None:
     kafka = FakeKafka(random.Random(1))
     store = FakeStore(kafka)
     stage = FakeStage()
-    runner = StateFirstRunner(stage, store, FakeProducer(kafka), dlq_topic="dlq", ticks_topic="t")
+    runner = StateFirstRunner(stage, store, FakeProducer(kafka), dlq_topic="dlq")
     pump = asyncio.create_task(kafka.pump(None))
     k = b"k1"
     first = Record("a", 0, 0, k, dumps({}), 10_000)
@@ -398,7 +398,7 @@ async def test_deleted_state_keeps_its_guard_until_purged() -> None:
 
     kafka = FakeKafka(random.Random(5))
     store = FakeStore(kafka)
-    runner = StateFirstRunner(Forgetting(), store, FakeProducer(kafka), dlq_topic="dlq", ticks_topic="t")
+    runner = StateFirstRunner(Forgetting(), store, FakeProducer(kafka), dlq_topic="dlq")
     pump = asyncio.create_task(kafka.pump(None))
     msg = Record("a", 0, 0, b"k", dumps({}), 1_000)
     forget = Record("a", 0, 1, b"k", dumps({"forget": True}), 2_000)
@@ -419,7 +419,7 @@ async def test_legacy_state_is_read_and_its_timers_fire() -> None:
     kafka = FakeKafka(random.Random(6))
     store = FakeStore(kafka)
     store.data = {"k": {"n": 4, "fired": 0, "due": 3_000, "o": {"a": 9}}, "\x00cursor:0": 1, wheel.slot_key(0, 3): ["k"]}
-    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq", ticks_topic="t")
+    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
     pump = asyncio.create_task(kafka.pump(None))
     await runner.run_batch([Record("t", 0, 0, runtime.TICK_KEY, dumps(wheel.tick_value(5_000, {})), 5_000)])
     entry = runtime.Entry.load(store.data["k"])
@@ -439,7 +439,7 @@ async def test_a_clean_restart_sends_nothing_again() -> None:
     pump = asyncio.create_task(kafka.pump(None))
 
     def runner() -> StateFirstRunner:
-        return StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq", ticks_topic="t",
+        return StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq",
                                 committed=lambda t, p: committed.get((t, p)))
 
     first = [Record("a", 0, 0, b"k", dumps({}), 1_000), Record("b", 0, 0, b"k", dumps({}), 1_100)]
