@@ -1,12 +1,13 @@
 """Orders stage (#15): merchant orders to the key where they meet their opt-in, and the orders
 that never met one.
 
-- `route_orders` consumes `commerce.orders` (any key: merchants key as they like) and writes each
-  valid order to `conversations.relay`, keyed by the conversation key its ids name
-  (`streams.rules.conversation.checkout.order_relay`), where the conversation stage applies it. The
-  relay record is acknowledged by Kafka before the order's offset can be committed (at-least-once);
-  its `relay_id` is the order's content, so the conversation applies a repeated record once. An
-  order that does not validate goes to the dead-letter topic (`invalid_order`) with its bytes.
+- `route_orders` consumes `commerce.orders` (any key: merchants key as they like) in batches and
+  writes each valid order to `conversations.relay`, keyed by the conversation key its ids name
+  (`streams.rules.conversation.checkout.order_relay`), where the conversation stage applies it. A
+  batch is acked (so committed) only after Kafka acknowledged every record written for it
+  (at-least-once; a failed write ends the worker, like the ingest stage); the `relay_id` is the
+  order's content, so the conversation applies a repeated record once. An order that does not
+  validate goes to the dead-letter topic (`invalid_order`) with its bytes; one catch-all per record.
 - `GET /orders/unmatched` lists the orders the conversation stage reported on the compacted
   `commerce.orders.unmatched` (every worker follows the whole topic): newest first, `page` and
   `limit` filters. In memory: the newest `MAX_LISTED` orders, a summary of each.
@@ -16,16 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
 
 from schemas.commerce import Order
-from streams.core import metrics, serde
+from schemas.events import Source
+from streams.core import deadletter, metrics, serde
 from streams.core.mirror import MirrorError, TopicMirror
 from streams.rules.conversation.checkout import kind_of, order_relay
 from streams.rules.normalize import short_error
+from streams.stages.runtime import AppProducer, Record, WriteFailed, crash_worker, is_too_large
 
 if TYPE_CHECKING:
     from mode.types.signals import BaseSignalT
@@ -74,28 +78,78 @@ class UnmatchedMirror(TopicMirror[dict[str, Any]]):
         return rows[:limit]
 
 
+class OrderRouter:
+    """Routes batches of merchant orders; every write's ack is awaited before the batch is acked."""
+
+    def __init__(self, pipe: Pipeline, producer: AppProducer) -> None:
+        settings = pipe.settings
+        self.producer = producer
+        self.relay_name = settings.topics.name("relay")
+        self.dlq_name = settings.topics.name("dlq")
+        self.letter_max_bytes = settings.dead_letter_max_bytes
+        self.routed = metrics.BoundLabels(metrics.ORDERS_ROUTED)
+
+    async def run_batch(self, records: Sequence[Record]) -> None:
+        """Route every record; returns once Kafka acknowledged all that was written. Raises
+        WriteFailed when a write failed."""
+        acks: list[Awaitable[Any]] = []
+        for rec in records:
+            await self._one(rec, acks)
+        for ack in acks:
+            try:
+                await ack
+            except Exception as exc:
+                raise WriteFailed(f"a relay or dead-letter record was not acknowledged: {exc!r}") from exc
+
+    async def _one(self, rec: Record, acks: list[Awaitable[Any]]) -> None:
+        try:
+            order = Order.model_validate_json(rec.value or b"")
+            key, value = order_relay(order)
+            payload = serde.dumps(value)
+        except ValidationError as exc:
+            await self._dead(rec, "invalid_order", short_error(exc), acks)
+            self.routed.inc("invalid")
+            return
+        except Exception as exc:  # noqa: BLE001 - one record must never stop the router
+            log.exception("cannot route order record %s: dead-lettered", rec.src)
+            await self._dead(rec, "processing_error", f"{type(exc).__name__}: {exc}", acks)
+            return
+        try:
+            acks.append(await self.producer.send(self.relay_name, key.encode(), payload))
+        except Exception as exc:
+            if not is_too_large(exc):
+                raise WriteFailed(f"cannot send an order relay: {exc!r}") from exc
+            await self._dead(rec, "invalid_order", "the order is too large for Kafka", acks)
+            return
+        self.routed.inc(kind_of(key))
+
+    async def _dead(self, rec: Record, reason: str, error: str, acks: list[Awaitable[Any]]) -> None:
+        source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
+        letter = deadletter.dead_letter(rec.value or b"", reason, error, source, None, max_bytes=self.letter_max_bytes)
+        try:
+            acks.append(await self.producer.send(self.dlq_name, rec.key, serde.dumps(letter)))
+        except Exception as exc:
+            raise WriteFailed(f"cannot send a dead letter: {exc!r}") from exc
+        metrics.DEAD_LETTERS.labels(reason).inc()
+
+
 def register(pipe: Pipeline) -> None:
     """Attach `route_orders`, the unmatched-orders mirror and `GET /orders/unmatched`."""
     app = pipe.app
     settings = pipe.settings
-    relay_topic = settings.topics.name("relay")
-    orders_in = metrics.BoundLabels(metrics.ORDERS_ROUTED)
+    router = OrderRouter(pipe, AppProducer(app))
+    within = settings.batch_within_ms / 1000.0
 
     @app.agent(pipe.topic("orders"), name="route_orders")
     async def route_orders(stream: Any) -> None:
-        async for event in stream.events():
-            msg = event.message
-            raw = event.value if isinstance(event.value, bytes) else b""
+        async for events in stream.noack_take(settings.batch_max, within):
+            records = [Record.of_event(e) for e in events]
             try:
-                order = Order.model_validate_json(raw)
-            except ValidationError as exc:
-                await pipe.dead_letter(msg, "invalid_order", short_error(exc))
-                orders_in.inc("invalid")
-                continue
-            key, value = order_relay(order)
-            # acknowledged before the order's offset can be committed: nothing lost
-            await app.producer.send_and_wait(relay_topic, key.encode(), serde.dumps(value), None, None, None)
-            orders_in.inc(kind_of(key))
+                await router.run_batch(records)
+            except Exception as exc:  # noqa: BLE001 - WriteFailed or a bug: never ack what was not written
+                crash_worker(exc)
+            for e in events:
+                await stream.ack(e)
 
     mirror = UnmatchedMirror(settings.bootstrap_servers, settings.topics.name("orders_unmatched"))
 
