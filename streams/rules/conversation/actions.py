@@ -9,6 +9,7 @@ An action for a conversation not open yet is held (`held`) and applied when one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -303,12 +304,7 @@ def _open(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     _send_text(ctx, action, text, mode)
 
 
-def _to_bot(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:  # #15: the thread goes to the bot
-    if ctx.st["conv"] is None or _authorized(ctx, ctx.st["conv"], action, raw) is not None:
-        bots.to_bot(ctx, raw, action.agent_id, action.metadata)
-
-
-_HANDLERS = {
+_HANDLERS: dict[str, Callable[[Ctx, AgentAction, dict[str, Any]], None]] = {
     "accept": _accept,
     "message": _message,
     "typing": _sender_action,
@@ -320,5 +316,5 @@ _HANDLERS = {
     "join": _join_leave,
     "leave": _join_leave,
     "open": _open,
-    "to_bot": _to_bot,
+    "to_bot": lambda ctx, action, raw: bots.to_bot_action(ctx, action, raw, _authorized),  # #15
 }

@@ -19,14 +19,17 @@ messages while another app owns the thread, and `to_bot`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from schemas.contract import AgentAction
 from streams.core.automessages import clamp
 from streams.core.config_bots import PAGE_INBOX_APP_ID
 from streams.rules.conversation import lifecycle, thread
 from streams.rules.conversation.context import Ctx
+from streams.rules.conversation.state import Conv
 from streams.rules.conversation.state_bots import LINE_TEXT_MAX, LINES_BYTES, Line
 
 SKILL_TEXT_MAX = 64  # plain-text metadata longer than this names no skill
@@ -198,6 +201,15 @@ def thread_ready(ctx: Ctx, raw: dict[str, Any], agent_id: str) -> bool:
                        metadata=f"agent {agent_id} wants to reply")
         ctx.st["thread"] = {**thread.thread_of(ctx.st, ctx.now), "requested_at": ctx.now}
     return False
+
+
+def to_bot_action(ctx: Ctx, action: AgentAction, raw: dict[str, Any],
+                  authorized: Callable[[Ctx, Conv, AgentAction, dict[str, Any]], object]) -> None:
+    """The `to_bot` action: the owner (or a manager) of an open conversation, anyone without one
+    (`authorized` is the actions module's ownership check, which rejects with the reason)."""
+    conv = ctx.st["conv"]
+    if conv is None or authorized(ctx, conv, action, raw) is not None:
+        to_bot(ctx, raw, action.agent_id, action.metadata)
 
 
 def to_bot(ctx: Ctx, raw: dict[str, Any], agent_id: str, metadata: str | None) -> None:
