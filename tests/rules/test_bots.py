@@ -289,3 +289,11 @@ def test_a_request_from_the_bot_is_shown_to_the_agent() -> None:
     (tc,) = of_type(out, "thread_control")
     assert (tc["change"], tc["to_app_id"]) == ("requested", BOT)
     assert outbound(out) == []  # the agent decides (`to_bot`)
+
+
+def test_the_transcript_is_in_metas_time_order() -> None:
+    c = bots_convo()
+    bot_says(c, "second", at=T0 + 2 * SECOND)
+    c.msg("first", at=T0 + SECOND, standby=True)  # its body was split after the bot's
+    out = handover(c, "pass_thread_control", T0 + MINUTE, new_owner_app_id=OURS)
+    assert [line["text"] for line in of_type(out, "handover_context")[0]["transcript"]] == ["first", "second"]

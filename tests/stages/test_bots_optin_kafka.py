@@ -147,9 +147,15 @@ async def test_bot_to_agent_and_back_after_the_survey(make_worker: Callable[...,
         raw = w.topic("messenger.webhook.raw")
         psid = f"b{uuid.uuid4().hex[:6]}"
         # the bot owns the thread: we see the standby channel only
-        await kafka.send(raw, entry(BILLING_PAGE, standby=[customer(psid, "s1", "I was charged twice")]))
-        await kafka.send(raw, entry(BILLING_PAGE, standby=[bot_echo(psid, "s2", "Sorry! What is your order number?")]))
-        await kafka.send(raw, entry(BILLING_PAGE, standby=[customer(psid, "s3", "A-4242")]))
+        # (raw bodies have no key: separate bodies may be split in any order; the transcript is in
+        # Meta's time order, and the hand-over is sent once the standby lines were seen)
+        t0 = now_ms()
+        lines = [customer(psid, "s1", "I was charged twice"),
+                 bot_echo(psid, "s2", "Sorry! What is your order number?"), customer(psid, "s3", "A-4242")]
+        for i, line in enumerate(lines):
+            await kafka.send(raw, entry(BILLING_PAGE, standby=[{**line, "timestamp": t0 + i}]))
+        await con.wait_for("billing", lambda e: len([x for x in e if x["type"] == "standby_event"
+                                                     and x["psid"] == psid]) == 3)
         handover = {"sender": {"id": psid}, "recipient": {"id": BILLING_PAGE}, "timestamp": now_ms(),
                     "pass_thread_control": {"new_owner_app_id": OURS, "previous_owner_app_id": BOT,
                                             "metadata": "refunds"}}

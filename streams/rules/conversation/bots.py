@@ -83,7 +83,8 @@ def add_line(lines: list[Line], line: Line, now: int, minutes: int, messages: in
     """The transcript with one more line (`[by, at, text]`): the last `minutes`, at most `messages`
     lines and `LINES_BYTES` of text (the oldest go first)."""
     since = now - minutes * 60_000
-    kept = [ln for ln in [*lines, line] if ln[1] >= since][-messages:]
+    # in Meta's time order: separate webhook bodies may arrive out of order
+    kept = sorted((ln for ln in [*lines, line] if ln[1] >= since), key=lambda ln: ln[1])[-messages:]
     total = sum(len((ln[2] or "").encode()) for ln in kept)
     while kept and total > LINES_BYTES:
         total -= len((kept[0][2] or "").encode())
