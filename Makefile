@@ -7,7 +7,7 @@ KAFKA := $(BIN)/python deploy/kafka/localkafka.py
 CONFIG ?= deploy/connector.example.toml
 RATE ?= 20
 
-.PHONY: install run test lint typecheck unit kafka-up kafka-down kafka-fetch bench schemas clean
+.PHONY: install run test lint typecheck unit kafka-up kafka-down kafka-fetch bench chaos schemas clean
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ run: install kafka-up
 
 bench: install kafka-up
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The chaos suite (docs/reliability.md): its own broker on free ports, every scenario, full size.
+# e.g. make chaos CHAOS_ARGS="--runs 10"   make chaos CHAOS_ARGS="--scenarios a,c --size ci"
+chaos: install kafka-fetch
+	$(BIN)/python -m chaos.run $(CHAOS_ARGS)
 
 clean:
 	rm -rf .messenger-streams-data bench/results/*.tmp

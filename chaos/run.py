@@ -162,7 +162,8 @@ def _sum_counts(dicts: Any) -> dict[str, int]:
     return dict(sorted(acc.items()))
 
 
-async def run(opts: Options, letters: list[str], runs: int, bootstrap: str | None) -> dict[str, Any]:
+async def run(opts: Options, letters: list[str], runs: int, bootstrap: str | None,
+              logs_dir: Path | None = None) -> dict[str, Any]:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     run_id = uuid.uuid4().hex[:6]
     started = dt.datetime.now(dt.UTC)
@@ -196,7 +197,8 @@ async def run(opts: Options, letters: list[str], runs: int, bootstrap: str | Non
             for letter in letters:
                 on = own if (letter == "b" or bootstrap is None) else None
                 bs = on.bootstrap if on is not None else str(bootstrap)
-                sr = ScenarioRun(letter, opts, bs, on, workdir, i, run_id)
+                sr = ScenarioRun(letter, opts, bs, on, workdir, i, run_id,
+                                 logs_dir / run_id if logs_dir is not None else None)
                 try:
                     result["runs"].append(await sr.run())
                 except Exception as exc:  # noqa: BLE001 - one broken run is reported, the others still run
@@ -247,7 +249,7 @@ def table(res: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     opts, a = parse_args(argv)
     t = time.monotonic()
-    res = asyncio.run(run(opts, a.scenarios, a.runs, a.bootstrap))
+    res = asyncio.run(run(opts, a.scenarios, a.runs, a.bootstrap, a.results_dir / "logs"))
     res["duration_s"] = round(time.monotonic() - t, 1)
     a.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")

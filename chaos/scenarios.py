@@ -4,7 +4,8 @@ scenario's faults, a settle phase, then the audit (chaos/audit.py).
 
 - a: SIGKILL the worker `kills` times at random points mid-stream (the supervisor restarts it).
 - b: restart the broker mid-stream (SIGTERM by default, `--broker-signal kill` for SIGKILL).
-- c: two workers in one group, SIGKILL one mid-stream (not restarted): the other must take over.
+- c: two workers in one group, SIGKILL one mid-stream: the other must take over its partitions (the
+  figure); then the killed one is started again, so the end figures come from two workers.
 - d: fuzzed and malformed bodies interleaved with the valid traffic (chaos/fuzz.py).
 - e: SIGKILL the dispatcher `kills` times mid-batch (requests in flight at the fake Graph API).
 
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -88,7 +90,7 @@ class ScenarioRun:
     """One run of one scenario on one broker."""
 
     def __init__(self, letter: str, opts: Options, bootstrap: str, broker: Broker | None, workdir: Path,
-                 run_index: int, run_id: str) -> None:
+                 run_index: int, run_id: str, logs_dir: Path | None = None) -> None:
         self.letter = letter
         self.opts = opts
         self.bootstrap = bootstrap
@@ -114,6 +116,7 @@ class ScenarioRun:
         self.fuzz_done = True
         self.errors: list[str] = []
         self.t0 = 0.0
+        self.logs_dir = logs_dir
 
     # processes -------------------------------------------------------------------------------
 
@@ -180,6 +183,8 @@ class ScenarioRun:
         figures["duration_s"] = round(time.time() - started, 1)
         figures["goals"] = audit.goals(figures)
         g = figures["goals"]
+        if not g["met"] and self.logs_dir is not None:
+            figures["logs_kept_in"] = self._keep_logs(self.logs_dir)
         _say(f"scenario {self.letter} run {self.run_index}: {'all goals met' if g['met'] else 'FAILED ' + ', '.join(g['failed'])}"
              f" in {figures['duration_s']}s")
         return figures
@@ -213,11 +218,15 @@ class ScenarioRun:
         assert self.traffic is not None
         self.t0 = time.time()
         # generous: the faults' recoveries plus every step's own timeout
-        deadline = self.t0 + self.traffic.arrival_window + 6 * self.opts.step_timeout
-        traffic_task = asyncio.create_task(self.traffic.run(deadline), name="traffic")
+        n_faults = {"a": self.opts.kills, "e": self.opts.kills}.get(self.letter, 1)
+        deadline = (self.t0 + self.traffic.arrival_window + 6 * self.opts.step_timeout
+                    + n_faults * self.opts.recovery_timeout)
         fault = {"a": self._kill_worker, "b": self._restart_broker, "c": self._failover,
                  "d": self._fuzz, "e": self._kill_dispatcher}[self.letter]
         fault_task = asyncio.create_task(fault(), name=f"fault {self.letter}")
+        # conversations keep starting until the faults are over, so every fault meets live traffic
+        traffic_task = asyncio.create_task(self.traffic.run(deadline, lambda: not fault_task.done()),
+                                           name="traffic")
         try:
             await fault_task
         except Exception as exc:  # noqa: BLE001 - reported; the audit still runs on what happened
@@ -289,7 +298,13 @@ class ScenarioRun:
         rec_task = asyncio.create_task(self._recovery(at, ("ingest", "conversation")))
         await self._probe()
         rec = await rec_task
-        self._fault(f"SIGKILL {victim.name} (of 2, not restarted)", at, ms, rec)
+        self._fault(f"SIGKILL {victim.name} (of 2; the other takes over)", at, ms, rec)
+        # then it comes back, as under a supervisor: the end figures (GET /csat on every worker)
+        # are taken with the partitions shared by two workers again
+        victim.restart_after_kill = True
+        back = time.time()
+        await victim.start()
+        _say(f"  {victim.name} back after {time.time() - back:.1f}s")
 
     async def _kill_dispatcher(self) -> None:
         d = self.dispatcher
@@ -492,6 +507,15 @@ class ScenarioRun:
                     break
                 await asyncio.sleep(1.0)
         return reports
+
+    def _keep_logs(self, into: Path) -> str:
+        """Copy the process logs of a failed run next to the report (for the post-mortem)."""
+        dest = into / self.app_id
+        dest.mkdir(parents=True, exist_ok=True)
+        for m in [*self.workers, *([self.dispatcher] if self.dispatcher else [])]:
+            with contextlib.suppress(OSError):
+                shutil.copyfile(m.log_path, dest / m.log_path.name.replace(".log", f"-{m.name}.log"))
+        return str(dest)
 
     def _log_signals(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -23,6 +23,7 @@ import random
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,37 +165,50 @@ class Traffic:
         self.step_timeout = step_timeout
         self.tag = tag
         self.convs: list[Conversation] = []
-        base = random.Random(f"{seed}:{tag}").randrange(10**6)
-        t0 = time.time() + 0.5
-        for i in range(conversations):
-            page_id, skill = PAGES[i % len(PAGES)]
-            rng = random.Random(f"{seed}:{tag}:{i}")
-            self.convs.append(Conversation(i, page_id, skill, str(7_300_000_000_000_000 + base * 10_000 + i),
-                                           t0 + i / rate + rng.uniform(0, 0.5 / rate), rng))
+        self.planned = conversations
+        self.seed = seed
+        self._base = random.Random(f"{seed}:{tag}").randrange(10**6)
+        self._t0 = time.time() + 0.5
         self.probe_mids: dict[str, tuple[str, str]] = {}  # mid → (key, text)
         self.redeliveries = 0
         self._probe_seq = 0
         self.started = time.time()
 
+    def _make(self, i: int) -> Conversation:
+        page_id, skill = PAGES[i % len(PAGES)]
+        rng = random.Random(f"{self.seed}:{self.tag}:{i}")
+        start = self._t0 + i / self.rate + rng.uniform(0, 0.5 / self.rate)
+        return Conversation(i, page_id, skill, str(7_300_000_000_000_000 + self._base * 10_000 + i), start, rng)
+
     @property
     def arrival_window(self) -> float:
-        """Seconds from the first to the last conversation start."""
-        return (self.convs[-1].start_at - self.convs[0].start_at) if self.convs else 0.0
+        """Seconds from the first to the last planned conversation start (more start while faults last)."""
+        return max(0.0, (self.planned - 1) / self.rate)
 
     def pending(self) -> int:
-        """Conversations not finished (done or stalled)."""
-        return sum(1 for c in self.convs if not c.done and c.stalled is None)
+        """Conversations not finished (done or stalled), counting those still to start."""
+        running = sum(1 for c in self.convs if not c.done and c.stalled is None)
+        return running + max(0, self.planned - len(self.convs))
 
-    async def run(self, deadline: float) -> None:
-        """Run every conversation until done, stalled, or the deadline (epoch s)."""
-        tasks = [asyncio.create_task(self._conversation(c), name=f"conv {c.index}") for c in self.convs]
+    async def run(self, deadline: float, more: Callable[[], bool] = lambda: False) -> None:
+        """Start conversation i at t0 + i/rate: the planned ones, and more while `more()` (the faults
+        are not over yet); then wait until every one is done, stalled, or the deadline (epoch s)."""
+        tasks: list[asyncio.Task[None]] = []
         try:
+            i = 0
+            while i < self.planned or (more() and time.time() < deadline):
+                c = self._make(i)
+                await asyncio.sleep(max(0.0, c.start_at - time.time()))
+                self.convs.append(c)
+                tasks.append(asyncio.create_task(self._conversation(c), name=f"conv {c.index}"))
+                i += 1
             await asyncio.wait_for(asyncio.gather(*tasks), max(1.0, deadline - time.time()))
         except TimeoutError:
+            pass
+        finally:
             for c in self.convs:
                 if not c.done and c.stalled is None:
                     c.stalled = f"deadline at step {c.step}"
-        finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -353,6 +367,7 @@ class Traffic:
     def summary(self) -> dict[str, Any]:
         stalled = Counter(c.stalled for c in self.convs if c.stalled)
         return {
+            "conversations_planned": self.planned,
             "conversations": len(self.convs),
             "completed": sum(1 for c in self.convs if c.done),
             "stalled": sum(stalled.values()),
@@ -362,4 +377,5 @@ class Traffic:
             "agent_actions_sent": sum(c.actions for c in self.convs),
             "redelivered_bodies": self.redeliveries,
             "arrival_window_s": round(self.arrival_window, 1),
+            "arrivals_s": round(self.convs[-1].start_at - self.convs[0].start_at, 1) if self.convs else 0.0,
         }
