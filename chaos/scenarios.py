@@ -2,7 +2,8 @@
 and a dispatcher talking to the fake Graph API, scripted conversations (chaos/traffic.py), the
 scenario's faults, a settle phase, then the audit (chaos/audit.py).
 
-- a: SIGKILL the worker `kills` times at random points mid-stream (the supervisor restarts it).
+- a: SIGKILL the worker `kills` times at random points mid-stream (the supervisor restarts it): the
+  first during the steady flow, the others 0–2 s after the worker processes again (catching up).
 - b: restart the broker mid-stream (SIGTERM by default, `--broker-signal kill` for SIGKILL).
 - c: two workers in one group, SIGKILL one mid-stream: the other must take over its partitions (the
   figure); then the killed one is started again, so the end figures come from two workers.
@@ -248,12 +249,15 @@ class ScenarioRun:
         await asyncio.sleep(max(0.0, when - time.time()))
 
     async def _kill_worker(self) -> None:
+        """The first kill at a random point of the steady flow; each later one at a random point of
+        the first seconds after the worker is processing again, while it catches up with the backlog
+        that built up during the outage (the most writes in flight)."""
         w = self.workers[0]
         for k in range(self.opts.kills):
             if k == 0:
                 await self._at(0.1, 0.3)
             else:
-                await asyncio.sleep(self.rng.uniform(1.0, max(1.5, 0.15 * self._window())))
+                await asyncio.sleep(self.rng.uniform(0.0, 2.0))
             ms = await self._mid_stream()
             starts = w.starts
             at = w.kill(signal.SIGKILL)
