@@ -67,7 +67,7 @@ def console_consistency(obs: Observer) -> dict[str, Any]:
             prev = by_id.setdefault(eid, body)
             if prev != body:
                 differing.add(eid)
-    return {"console_events": total, "distinct_event_ids": len(by_id),
+    return {"console_events": total, "distinct_event_ids": len(by_id), "repeated": total - len(by_id),
             "same_event_id_different_content": len(differing), "examples": sorted(differing)[:EXAMPLES]}
 
 
@@ -100,6 +100,18 @@ def csat_check(traffic: Traffic, reports: dict[str, Any]) -> dict[str, Any]:
                             "partitions": report.get("partitions"), "differences": detail}
     return {"answers_given": sum(given.values()), "double_counted": worst_double, "missing": worst_missing,
             "workers": per_worker}
+
+
+def stalled(traffic: Traffic, obs: Observer) -> list[dict[str, Any]]:
+    """The conversations whose script could not go on: why, and the console events they got."""
+    out = []
+    for c in traffic.convs:
+        if c.stalled is None:
+            continue
+        events = [f"{e.value.get('type')}" + (f"({e.value.get('reason')})" if e.value.get("reason") else "")
+                  for e in obs.console.get(c.key, ())]
+        out.append({"key": c.key, "why": c.stalled, "actions_sent": c.actions, "console_events": events[-12:]})
+    return out[:EXAMPLES]
 
 
 def csat_console(traffic: Traffic, obs: Observer) -> dict[str, Any]:
@@ -263,7 +275,7 @@ def goals(fig: dict[str, Any]) -> dict[str, Any]:
     rec = fig.get("recovery") or []
     if rec:
         worst = [r.get("recovery_s") for r in rec]
-        value = None if any(v is None for v in worst) else max(worst)  # type: ignore[type-var]
+        value = None if any(v is None for v in worst) else max(float(v) for v in worst)
         check("recovery_seconds", value, value is not None and value <= RECOVERY_GOAL_S, f"<= {RECOVERY_GOAL_S:g}")
         not_mid = [r["what"] for r in rec if not r.get("mid_stream", {}).get("ok", True)]
         check("faults_were_mid_stream", not not_mid, not not_mid, "every fault injected mid-stream")

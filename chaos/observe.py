@@ -35,7 +35,7 @@ Pred = Callable[[dict[str, Any]], bool]
 def partition_of(key: str | bytes, partitions: int) -> int:
     """Kafka's default partition of a key (what the worker's producer and ours use)."""
     raw = key.encode() if isinstance(key, str) else key
-    return (murmur2(raw) & 0x7FFFFFFF) % partitions
+    return int(murmur2(raw) & 0x7FFFFFFF) % partitions
 
 
 @dataclass

@@ -543,7 +543,7 @@ class ScenarioRun:
             "run": self.run_index,
             "app_id": self.app_id,
             "traffic": {**traffic.summary(), "producer_retries": sender.retries,
-                        "raw_bodies_written": len(sender.raw)},
+                        "raw_bodies_written": len(sender.raw), "stalled_examples": audit.stalled(traffic, obs)},
             "consumer_messages": audit.consumer_messages(traffic, obs),
             "console": audit.console_consistency(obs),
             "csat": audit.csat_check(traffic, reports),

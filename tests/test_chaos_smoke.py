@@ -35,7 +35,7 @@ def chaos_report(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory)
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
-    report: dict[str, Any] = orjson.loads((out / "latest.json").read_bytes())
+    report = dict(orjson.loads((out / "latest.json").read_bytes()))
     report["_stdout"] = proc.stdout[-4000:]
     return report
 
