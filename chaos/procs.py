@@ -24,7 +24,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "deploy" / "kafka"))
 
-import localkafka  # noqa: E402
+import localkafka  # type: ignore[import-not-found]  # noqa: E402 - deploy/kafka is not a package
 
 MAX_RESTARTS = 50  # unexpected exits of one process in one scenario before the supervisor gives up
 

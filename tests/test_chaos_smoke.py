@@ -35,13 +35,13 @@ def chaos_report(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory)
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=420,
     )
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = dict(orjson.loads((out / "latest.json").read_bytes()))
+    report: dict[str, Any] = dict(orjson.loads((out / "latest.json").read_bytes()))
     report["_stdout"] = proc.stdout[-4000:]
     return report
 
 
 def _run(report: dict[str, Any], letter: str) -> dict[str, Any]:
-    runs = [r for r in report["runs"] if r["scenario"] == letter]
+    runs: list[dict[str, Any]] = [r for r in report["runs"] if r["scenario"] == letter]
     assert len(runs) == 1, report["_stdout"]
     return runs[0]
 
