@@ -71,6 +71,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
                    help="extra environment for the workers (e.g. a session timeout setting)")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON report goes")
     p.add_argument("--keep-topics", action="store_true", help="do not delete the scenario topics")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep the process logs of every run in <results-dir>/logs/ (default: of failed runs only)")
     a = p.parse_args(argv)
     letters = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     bad = [s for s in letters if s not in TITLES]
@@ -97,6 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, argparse.Namespace]
         graph_delay=a.graph_delay,
         broker_signal=a.broker_signal,
         keep_topics=a.keep_topics,
+        keep_logs=a.keep_logs,
         worker_env=dict(kv.split("=", 1) for kv in a.worker_env),
     )
     return opts, a

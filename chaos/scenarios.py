@@ -79,6 +79,7 @@ class Options:
     graph_delay: float
     broker_signal: str
     keep_topics: bool
+    keep_logs: bool = False
     worker_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -184,7 +185,7 @@ class ScenarioRun:
         figures["duration_s"] = round(time.time() - started, 1)
         figures["goals"] = audit.goals(figures)
         g = figures["goals"]
-        if not g["met"] and self.logs_dir is not None:
+        if (not g["met"] or self.opts.keep_logs) and self.logs_dir is not None:
             figures["logs_kept_in"] = self._keep_logs(self.logs_dir)
         _say(f"scenario {self.letter} run {self.run_index}: {'all goals met' if g['met'] else 'FAILED ' + ', '.join(g['failed'])}"
              f" in {figures['duration_s']}s")
