@@ -116,14 +116,16 @@ def stalled(traffic: Traffic, obs: Observer) -> list[dict[str, Any]]:
 
 def csat_console(traffic: Traffic, obs: Observer) -> dict[str, Any]:
     """`csat_received` on the consoles: answers shown twice under new event ids, answers not shown."""
-    twice = missing = 0
+    twice = missing = wrong = 0
     for c in traffic.convs:
         if c.score is None:
             continue
-        ids = {e.value.get("event_id") for e in obs.console.get(c.key, ()) if e.value.get("type") == "csat_received"}
-        twice += len(ids) > 1
-        missing += not ids
-    return {"csat_received_twice": twice, "csat_received_missing": missing}
+        got = [e.value for e in obs.by_conversation.get(c.conversation_id, ())
+               if e.value.get("type") == "csat_received"]
+        twice += len({v.get("event_id") for v in got}) > 1
+        missing += not got
+        wrong += any(v.get("score") != c.score for v in got)
+    return {"csat_received_twice": twice, "csat_received_missing": missing, "csat_received_wrong_score": wrong}
 
 
 def graph_sends(obs: Observer, graph: ChaosGraph | None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from tests.fakegraph import FakeGraph
 log = logging.getLogger("chaos")
 
 Pred = Callable[[dict[str, Any]], bool]
+CID = "\x00cid:"  # prefix of a waiter index by conversation_id (record keys never start with it)
 
 
 def partition_of(key: str | bytes, partitions: int) -> int:
@@ -76,7 +77,8 @@ class Observer:
     dlq_topic: str
     outbound_topic: str
     raw_topic: str
-    console: dict[str, list[Console]] = field(default_factory=lambda: defaultdict(list))  # by conversation key
+    console: dict[str, list[Console]] = field(default_factory=lambda: defaultdict(list))  # by record key
+    by_conversation: dict[str, list[Console]] = field(default_factory=lambda: defaultdict(list))  # by conversation_id
     console_count: int = 0
     console_ts: list[int] = field(default_factory=list)  # create times of console records (ms), in read order
     split_sources: dict[tuple[int, int], set[str]] = field(default_factory=lambda: defaultdict(set))
@@ -153,10 +155,15 @@ class Observer:
         key = r.key.decode("utf-8", "replace") if r.key else ""
         c = Console(value, r.topic, r.partition, r.offset, int(r.timestamp))
         self.console[key].append(c)
+        cid = value.get("conversation_id")
+        if cid:  # also by conversation: an event may be keyed otherwise (e.g. by the CSAT stage)
+            self.by_conversation[str(cid)].append(c)
         self.console_count += 1
         self.console_by_partition.append((c.ts_ms, partition_of(key, self.partitions) if key else r.partition))
-        waiters = self._waiters.get(key)
-        if waiters:
+        for index in (key, f"{CID}{cid}") if cid else (key,):
+            waiters = self._waiters.get(index)
+            if not waiters:
+                continue
             keep = []
             for pred, fut in waiters:
                 if fut.done():
@@ -165,7 +172,7 @@ class Observer:
                     fut.set_result(c)
                 else:
                     keep.append((pred, fut))
-            self._waiters[key] = keep
+            self._waiters[index] = keep
 
     def _on_split(self, r: Any) -> None:
         ev = orjson.loads(r.value)
@@ -216,13 +223,16 @@ class Observer:
     # waiting on console events --------------------------------------------------------------
 
     def find(self, key: str, pred: Pred) -> Console | None:
-        for c in self.console.get(key, ()):
+        """`key`: a record key, or CID + a conversation id."""
+        events = self.by_conversation.get(key[len(CID):], []) if key.startswith(CID) else self.console.get(key, [])
+        for c in events:
             if pred(c.value):
                 return c
         return None
 
     async def wait_for(self, key: str, pred: Pred, timeout: float) -> Console | None:
-        """The first console event of `key` matching `pred` (already read or still to come); None on timeout."""
+        """The first console event of `key` (a record key, or CID + a conversation id) matching `pred`,
+        already read or still to come; None on timeout."""
         found = self.find(key, pred)
         if found is not None:
             return found

@@ -31,7 +31,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from chaos.observe import Observer, partition_of
+from chaos.observe import CID, Console, Observer, partition_of
 
 log = logging.getLogger("chaos")
 
@@ -144,6 +144,7 @@ class Conversation:
     mids: dict[str, str] = field(default_factory=dict)  # mid → text sent (consumer messages, not CSAT)
     score: int | None = None  # the CSAT answer given (its body acknowledged by Kafka)
     csat_mid: str | None = None
+    conversation_id: str = ""  # from the survey (csat_requested)
     step: str = "not started"
     done: bool = False
     stalled: str | None = None  # why the script could not go on
@@ -238,8 +239,10 @@ class Traffic:
         await self.sender.send_action(c.key, action)
         return action_id
 
-    async def _expect(self, c: Conversation, step: str, pred: Any, action_id: str | None = None) -> bool:
-        """Wait for the console event of a step; a rejection of our action ends the script."""
+    async def _expect(self, c: Conversation, step: str, pred: Any, action_id: str | None = None,
+                      index: str | None = None) -> Console | None:
+        """Wait for the console event of a step (on the conversation key, or another observer index);
+        a rejection of our action ends the script."""
         c.step = step
 
         def match(v: dict[str, Any]) -> bool:
@@ -247,14 +250,14 @@ class Traffic:
                 return True
             return bool(pred(v))
 
-        got = await self.observer.wait_for(c.key, match, self.step_timeout)
+        got = await self.observer.wait_for(index or c.key, match, self.step_timeout)
         if got is None:
             c.stalled = f"timeout at {step}"
-            return False
+            return None
         if got.value.get("type") == "action_rejected":
             c.stalled = f"rejected at {step}: {got.value.get('reason')}"
-            return False
-        return True
+            return None
+        return got
 
     async def _conversation(self, c: Conversation) -> None:
         await asyncio.sleep(max(0.0, c.start_at - time.time()))
@@ -308,8 +311,10 @@ class Traffic:
             return
         await self._think(c)
         act = await self._act(c, "close", agent)
-        if not await self._expect(c, "survey asked", lambda v: v.get("type") == "csat_requested", act):
+        asked = await self._expect(c, "survey asked", lambda v: v.get("type") == "csat_requested", act)
+        if asked is None:
             return
+        c.conversation_id = str(asked.value.get("conversation_id"))
         await self._think(c)
         score = int(rng.choice(SCORES))
         c.step = "answering the survey"
@@ -321,8 +326,9 @@ class Traffic:
             c.stalled = "the CSAT answer was refused by Kafka"
             return
         c.score = score
-        if not await self._expect(c, "CSAT received", lambda v: v.get("type") == "csat_received"
-                                  and v.get("mid") == c.csat_mid):
+        # by conversation id: the event may come from another stage, keyed otherwise, without the mid
+        if not await self._expect(c, "CSAT received", lambda v: v.get("type") == "csat_received",
+                                  index=CID + c.conversation_id):
             return
         c.step = "done"
         c.done = True
