@@ -7,7 +7,7 @@ KAFKA := $(BIN)/python deploy/kafka/localkafka.py
 CONFIG ?= deploy/connector.example.toml
 RATE ?= 20
 
-.PHONY: install run test lint typecheck unit kafka-up kafka-down kafka-fetch bench chaos schemas clean
+.PHONY: install run test lint typecheck unit kafka-up kafka-down kafka-fetch bench bench-history chaos schemas clean
 
 install: $(STAMP)
 
@@ -53,6 +53,10 @@ bench: install kafka-up
 # e.g. make chaos CHAOS_ARGS="--runs 10"   make chaos CHAOS_ARGS="--scenarios a,c --size ci"
 chaos: install kafka-fetch
 	$(BIN)/python -m chaos.run $(CHAOS_ARGS)
+
+# The history sink's write rate into an embedded PostgreSQL (docs/history.md): HISTORY_BENCH_ARGS="--conversations 50000"
+bench-history: install kafka-up
+	$(BIN)/python -m bench.history $(HISTORY_BENCH_ARGS)
 
 clean:
 	rm -rf .messenger-streams-data bench/results/*.tmp
