@@ -7,8 +7,9 @@ fake Graph API, `GET /csat`), and the goals they are held to.
   a message shown twice as two different events (counted as `shown_twice`).
 - CSAT double-counted / missing: per skill and score, what `GET /csat` on each live worker reports
   against the answers given (bodies acknowledged by Kafka).
-- outbox ids sent more than once: requests reaching the fake Graph API per `message.metadata`
-  (= `outbox_id`); a request the dispatcher was killed while waiting on counts as sent.
+- outbox ids sent more than once: the fake Graph API's `duplicates()` — the same part of an outbox id
+  (`message.metadata`) delivered (answered 200) more than once, whether or not the dispatcher lived
+  to read the answer.
 - dead letters by reason, and the accounting of every fuzzed body (see chaos/fuzz.py).
 - time until every partition is processed again after each fault (see chaos/scenarios.py).
 """
@@ -22,8 +23,9 @@ from typing import Any
 import orjson
 
 from chaos.fuzz import Expected
-from chaos.observe import ChaosGraph, Letter, Observer
+from chaos.observe import Letter, Observer
 from chaos.traffic import PAGES, Sender, Traffic
+from tests.fakegraph import FakeGraph
 
 RECOVERY_GOAL_S = 15.0
 EXAMPLES = 10  # ids listed per figure in the report
@@ -128,28 +130,39 @@ def csat_console(traffic: Traffic, obs: Observer) -> dict[str, Any]:
     return {"csat_received_twice": twice, "csat_received_missing": missing, "csat_received_wrong_score": wrong}
 
 
-def graph_sends(obs: Observer, graph: ChaosGraph | None) -> dict[str, Any]:
+def graph_sends(obs: Observer, graph: FakeGraph | None) -> dict[str, Any]:
+    """Sends at the fake Graph API against the outbound records (tests/fakegraph.py's definitions:
+    delivered = answered 200; a duplicate = the same part of an outbox id delivered again)."""
     if graph is None:
         return {"dispatcher": False}
     expected = {o["outbox_id"] for o in obs.outbound if o["message"]}
     emitted = Counter(o["outbox_id"] for o in obs.outbound)
-    sent = Counter(a.outbox_id for a in graph.arrivals if a.outbox_id)
-    dups = {oid: n for oid, n in sent.items() if n > 1}
+    delivered = graph.deliveries()
+    dups = graph.duplicates()
+    never = expected - set(delivered)
+    reported = {str(c.value.get("outbox_id")) for evs in obs.console.values() for c in evs
+                if c.value.get("type") == "send_failed"}
+    silent = sorted(never - reported)
     actions_out = sum(1 for o in obs.outbound if o["sender_action"])
-    actions_sent = sum(1 for a in graph.arrivals if a.sender_action)
+    actions_sent = sum(1 for r in graph.requests if r.body.get("sender_action"))
     return {
         "outbound_records": len(obs.outbound),
         "outbound_outbox_ids_written_again": sum(1 for n in emitted.values() if n > 1),
         "message_outbox_ids": len(expected),
-        "graph_requests": len(graph.arrivals),
+        "graph_requests": len(graph.requests),
+        "graph_requests_not_answered": len(graph.in_flight()),
         "outbox_ids_sent_more_than_once": len(dups),
         "extra_sends": sum(n - 1 for n in dups.values()),
         "duplicate_examples": sorted(dups)[:EXAMPLES],
-        "outbox_ids_never_sent": len(expected - set(sent)),
-        "never_sent_examples": sorted(expected - set(sent))[:EXAMPLES],
-        "unknown_outbox_ids_sent": len(set(sent) - expected),
+        "outbox_ids_never_sent": len(never),
+        "never_sent_examples": sorted(never)[:EXAMPLES],
+        "never_sent_reported_send_failed": len(never) - len(silent),
+        "never_sent_silently": len(silent),
+        "never_sent_silently_examples": silent[:EXAMPLES],
+        "unknown_outbox_ids_sent": len(set(delivered) - expected),
         "sender_action_records": actions_out,
         "sender_action_requests": actions_sent,
+        "max_concurrent_per_recipient": max(graph.max_concurrent.values(), default=0),
     }
 
 
@@ -272,6 +285,9 @@ def goals(fig: dict[str, Any]) -> dict[str, Any]:
     if gs.get("dispatcher", True):
         n = gs["outbox_ids_sent_more_than_once"]
         check("outbox_ids_sent_more_than_once", n, n == 0, "0")
+        q = gs["never_sent_silently"]
+        check("outbox_ids_never_sent_silently", q, q == 0,
+              "0 (extra: a message never delivered is reported to the agent as send_failed)")
     dl = fig["dead_letters"]
     check("bad_bodies_unaccounted", dl["unaccounted"], dl["unaccounted"] == 0, "0 (every bad body accounted for)")
     rec = fig.get("recovery") or []
@@ -281,6 +297,9 @@ def goals(fig: dict[str, Any]) -> dict[str, Any]:
         check("recovery_seconds", value, value is not None and value <= RECOVERY_GOAL_S, f"<= {RECOVERY_GOAL_S:g}")
         not_mid = [r["what"] for r in rec if not r.get("mid_stream", {}).get("ok", True)]
         check("faults_were_mid_stream", not not_mid, not not_mid, "every fault injected mid-stream")
+    cc = fig["csat_console"]
+    shown = cc["csat_received_missing"] + cc["csat_received_wrong_score"]
+    check("csat_received_missing_or_wrong", shown, shown == 0, "0 (extra: every answer shown to the agent once)")
     tr = fig["traffic"]
     check("conversations_stalled", tr["stalled"], tr["stalled"] == 0, "0 (extra: every script ran to its end)")
     met = all(c["met"] for c in checks.values())

@@ -1,9 +1,9 @@
 """What came out: one consumer (no group) reads every output topic of a scenario from the start and
 indexes it; the traffic driver waits on console events through it, the audit counts from it.
 
-Also `ChaosGraph`, the fake Graph API of tests/fakegraph.py with a Graph-like latency and an arrival
-log of its own (wall time, outbox id), written before the answer is delayed: a request whose
-dispatcher is killed while it waits has reached the "Graph API" and counts as sent.
+Helpers over the fake Graph API of tests/fakegraph.py (used as is, with a Graph-like answer delay):
+a message counts as delivered when the fake answered it 200, whether or not the dispatcher lived to
+read the answer — the definition the dispatcher's own tests use.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import TopicPartition
 
-from tests.fakegraph import FakeGraph
+from tests.fakegraph import FakeGraph, GraphRequest
 
 log = logging.getLogger("chaos")
 
@@ -259,47 +258,17 @@ class Observer:
             await asyncio.sleep(0.2)
 
 
-@dataclass
-class Arrival:
-    at: float  # epoch s
-    outbox_id: str | None
-    psid: str
-    sender_action: str | None
-    page: str = ""  # from the page token ("token-<page_id>")
-    answered: bool = False
+def graph_wall_time(req: GraphRequest) -> float:
+    """Epoch seconds a fake Graph request arrived (FakeGraph stamps arrivals with the monotonic clock)."""
+    return time.time() - (time.monotonic() - req.at)
 
 
-class ChaosGraph(FakeGraph):
-    """FakeGraph answering after `delay` seconds (the Graph API is not instant), logging arrivals first."""
+def graph_recent(graph: FakeGraph, seconds: float) -> int:
+    """Requests that arrived in the last `seconds`."""
+    since = time.monotonic() - seconds
+    return sum(1 for r in reversed(graph.requests) if r.at >= since)
 
-    delay: float = 0.05
-    arrivals: list[Arrival]
 
-    def __init__(self, delay: float = 0.05) -> None:
-        super().__init__()
-        self.delay = delay
-        self.arrivals = []
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read())
-        msg = body.get("message") if isinstance(body, dict) else None
-        arrival = Arrival(
-            time.time(),
-            str(msg.get("metadata")) if isinstance(msg, dict) and msg.get("metadata") else None,
-            str((body.get("recipient") or {}).get("id")),
-            body.get("sender_action"),
-            request.query.get("access_token", "").removeprefix("token-"),
-        )
-        self.arrivals.append(arrival)
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        resp = await super()._handle(request)
-        arrival.answered = True
-        return resp
-
-    def in_flight(self) -> int:
-        return sum(1 for a in self.arrivals if not a.answered)
-
-    def recent(self, seconds: float) -> int:
-        since = time.time() - seconds
-        return sum(1 for a in reversed(self.arrivals) if a.at >= since)
+def graph_page(req: GraphRequest) -> str:
+    """The page of a request, from its page token (the suite's tokens are "token-<page_id>")."""
+    return str(req.query.get("access_token", "")).removeprefix("token-")

@@ -42,10 +42,11 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from bench.common import OffsetWatch, delete_topics
 from chaos import audit, fuzz
-from chaos.observe import ChaosGraph, Observer, partition_of
+from chaos.observe import Observer, graph_page, graph_recent, graph_wall_time, partition_of
 from chaos.procs import ROOT, Broker, Managed, bin_path, free_port
 from chaos.traffic import PAGES, Sender, Traffic
 from streams.core.settings import Settings, Topics
+from tests.fakegraph import FakeGraph
 
 log = logging.getLogger("chaos")
 
@@ -107,7 +108,7 @@ class ScenarioRun:
         self.skills = sorted({skill for _, skill in PAGES})
         self.workers: list[Managed] = []
         self.dispatcher: Managed | None = None
-        self.graph: ChaosGraph | None = None
+        self.graph: FakeGraph | None = None
         self.observer: Observer | None = None
         self.sender: Sender | None = None
         self.traffic: Traffic | None = None
@@ -193,7 +194,7 @@ class ScenarioRun:
 
     async def _setup(self) -> None:
         await self._create_raw_topic()
-        self.graph = ChaosGraph(self.opts.graph_delay)
+        self.graph = FakeGraph(default_delay=self.opts.graph_delay)
         url = await self.graph.start()
         n_workers = 2 if self.letter == "c" else 1
         self.workers = [self._worker(i) for i in range(n_workers)]
@@ -400,8 +401,8 @@ class ScenarioRun:
         deadline = time.monotonic() + timeout
         while True:
             lag = await self._lag(f"{self.app_id}-dispatch", [self.topics.name("outbound")])
-            ev: dict[str, Any] = {"outbound_lag": lag, "graph_in_flight": self.graph.in_flight(),
-                                  "graph_requests_last_2s": self.graph.recent(2.0),
+            ev: dict[str, Any] = {"outbound_lag": lag, "graph_in_flight": len(self.graph.in_flight()),
+                                  "graph_requests_last_2s": graph_recent(self.graph, 2.0),
                                   "conversations_running": self.traffic.pending()}
             ev["ok"] = bool(ev["graph_in_flight"] and ev["graph_requests_last_2s"] and ev["conversations_running"])
             if ev["ok"] or time.monotonic() >= deadline:
@@ -431,12 +432,13 @@ class ScenarioRun:
                         first["ingest"][p] = ts / 1000 - since
                 ptr["ingest"] = len(seq2)
             if "dispatch" in first:
-                arr = graph.arrivals
-                for a in arr[ptr["dispatch"]:]:
-                    p = partition_of(f"{a.page}:{a.psid}", parts)
-                    if a.at >= since and p not in first["dispatch"]:
-                        first["dispatch"][p] = a.at - since
-                ptr["dispatch"] = len(arr)
+                reqs = graph.requests
+                for r in reqs[ptr["dispatch"]:]:
+                    p = partition_of(f"{graph_page(r)}:{r.psid}", parts)
+                    at = graph_wall_time(r)
+                    if at >= since and p not in first["dispatch"]:
+                        first["dispatch"][p] = at - since
+                ptr["dispatch"] = len(reqs)
 
         while time.monotonic() < deadline:
             scan()
@@ -484,10 +486,16 @@ class ScenarioRun:
         await obs.quiet(3.0, 60)
 
         def all_sent() -> bool:
-            sent = {a.outbox_id for a in graph.arrivals}
+            sent = graph.deliveries()
             return all(o["outbox_id"] in sent for o in obs.outbound if o["message"])
 
         await self._until("every outbound message at the Graph API", all_sent, 60)
+
+        def answers_shown() -> bool:
+            return all(any(e.value.get("type") == "csat_received" for e in obs.by_conversation.get(c.conversation_id, ()))
+                       for c in traffic.convs if c.score is not None)
+
+        await self._until("a csat_received for every CSAT answer", answers_shown, 30)
         await obs.quiet(3.0, 30)
 
     async def _csat_reports(self) -> dict[str, Any]:
