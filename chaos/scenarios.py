@@ -491,11 +491,23 @@ class ScenarioRun:
 
         await self._until("every outbound message at the Graph API", all_sent, 60)
 
-        def answers_shown() -> bool:
-            return all(any(e.value.get("type") == "csat_received" for e in obs.by_conversation.get(c.conversation_id, ()))
-                       for c in traffic.convs if c.score is not None)
+        def answers_shown() -> int:
+            return sum(1 for c in traffic.convs if c.score is not None and any(
+                e.value.get("type") == "csat_received" for e in obs.by_conversation.get(c.conversation_id, ())))
 
-        await self._until("a csat_received for every CSAT answer", answers_shown, 30)
+        # until every answer is shown, or none more came for 10 s (at most 60 s)
+        answered = sum(1 for c in traffic.convs if c.score is not None)
+        deadline, last, since = time.monotonic() + 60, -1, time.monotonic()
+        while time.monotonic() < deadline:
+            n = answers_shown()
+            if n >= answered:
+                break
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= 10:
+                _say(f"  settle: csat_received for {n} of {answered} CSAT answers")
+                break
+            await asyncio.sleep(0.5)
         await obs.quiet(3.0, 30)
 
     async def _csat_reports(self) -> dict[str, Any]:
