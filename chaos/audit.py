@@ -57,9 +57,11 @@ def consumer_messages(traffic: Traffic, obs: Observer) -> dict[str, Any]:
 
 
 def console_consistency(obs: Observer) -> dict[str, Any]:
-    """Console events whose `event_id` was written again with a different content."""
+    """Console events whose `event_id` was written again with a different content (both versions of
+    the first few are kept: what a console deduplicating by `event_id` would hide)."""
     by_id: dict[str, bytes] = {}
-    differing: set[str] = set()
+    first: dict[str, dict[str, Any]] = {}
+    differing: dict[str, dict[str, Any]] = {}
     total = 0
     for events in obs.console.values():
         for c in events:
@@ -67,10 +69,12 @@ def console_consistency(obs: Observer) -> dict[str, Any]:
             eid = str(c.value.get("event_id"))
             body = orjson.dumps(c.value, option=orjson.OPT_SORT_KEYS)
             prev = by_id.setdefault(eid, body)
-            if prev != body:
-                differing.add(eid)
+            first.setdefault(eid, c.value)
+            if prev != body and eid not in differing:
+                differing[eid] = {"event_id": eid, "first": first[eid], "again": c.value}
     return {"console_events": total, "distinct_event_ids": len(by_id), "repeated": total - len(by_id),
-            "same_event_id_different_content": len(differing), "examples": sorted(differing)[:EXAMPLES]}
+            "same_event_id_different_content": len(differing),
+            "examples": [differing[k] for k in sorted(differing)[:EXAMPLES]]}
 
 
 def csat_check(traffic: Traffic, reports: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,10 +28,7 @@ import localkafka  # type: ignore[import-not-found]  # noqa: E402 - deploy/kafka
 MAX_RESTARTS = 50  # unexpected exits of one process in one scenario before the supervisor gives up
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = localkafka.free_port
 
 
 def bin_path(name: str) -> str:

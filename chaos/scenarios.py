@@ -254,26 +254,33 @@ class ScenarioRun:
         """The first kill at a random point of the steady flow; each later one at a random point of
         the first seconds after the worker is processing again, while it catches up with the backlog
         that built up during the outage (the most writes in flight)."""
-        w = self.workers[0]
+        await self._kill_repeatedly(self.workers[0], "worker", ("ingest", "conversation"), self._mid_stream,
+                                    lambda: self.rng.uniform(0.0, 2.0))
+
+    async def _kill_repeatedly(self, proc: Managed, what: str, stages: tuple[str, ...], mid: Any,
+                               gap: Any) -> None:
+        """SIGKILL `proc` `--kills` times (the supervisor restarts it): the first at 10–30% of the
+        window, each later one `gap()` seconds after its partitions are processed again; `mid()` waits
+        for and returns the mid-stream evidence."""
         for k in range(self.opts.kills):
             if k == 0:
                 await self._at(0.1, 0.3)
             else:
-                await asyncio.sleep(self.rng.uniform(0.0, 2.0))
-            ms = await self._mid_stream()
-            starts = w.starts
-            at = w.kill(signal.SIGKILL)
-            _say(f"  SIGKILL worker ({k + 1}/{self.opts.kills}) at +{at - self.t0:.1f}s, mid-stream: {ms}")
-            rec_task = asyncio.create_task(self._recovery(at, ("ingest", "conversation")))
+                await asyncio.sleep(gap())
+            ms = await mid()
+            starts = proc.starts
+            at = proc.kill(signal.SIGKILL)
+            _say(f"  SIGKILL {what} ({k + 1}/{self.opts.kills}) at +{at - self.t0:.1f}s, mid-stream: {ms}")
+            rec_task = asyncio.create_task(self._recovery(at, stages))
             await self._probe()
             try:
-                ready = await w.wait_start(starts + 1)
+                ready: float | None = await proc.wait_start(starts + 1)
             except RuntimeError as exc:
                 self.errors.append(str(exc)[:2000])
                 ready = None
             rec = await rec_task
-            self._fault(f"SIGKILL worker #{k + 1}", at, ms, rec, restarted_ready_s=None if ready is None
-                        else round(ready - at, 2))
+            self._fault(f"SIGKILL {what} #{k + 1}", at, ms, rec,
+                        restarted_ready_s=None if ready is None else round(ready - at, 2))
 
     async def _restart_broker(self) -> None:
         if self.broker is None:
@@ -313,27 +320,9 @@ class ScenarioRun:
         _say(f"  {victim.name} back after {time.time() - back:.1f}s")
 
     async def _kill_dispatcher(self) -> None:
-        d = self.dispatcher
-        assert d is not None
-        for k in range(self.opts.kills):
-            if k == 0:
-                await self._at(0.1, 0.3)
-            else:
-                await asyncio.sleep(self.rng.uniform(1.0, max(1.5, 0.15 * self._window())))
-            ms = await self._mid_batch()
-            starts = d.starts
-            at = d.kill(signal.SIGKILL)
-            _say(f"  SIGKILL dispatcher ({k + 1}/{self.opts.kills}) at +{at - self.t0:.1f}s, mid-batch: {ms}")
-            rec_task = asyncio.create_task(self._recovery(at, ("dispatch",)))
-            await self._probe()
-            try:
-                ready = await d.wait_start(starts + 1)
-            except RuntimeError as exc:
-                self.errors.append(str(exc)[:2000])
-                ready = None
-            rec = await rec_task
-            self._fault(f"SIGKILL dispatcher #{k + 1}", at, ms, rec, restarted_ready_s=None if ready is None
-                        else round(ready - at, 2))
+        assert self.dispatcher is not None
+        await self._kill_repeatedly(self.dispatcher, "dispatcher", ("dispatch",), self._mid_batch,
+                                    lambda: self.rng.uniform(1.0, max(1.5, 0.15 * self._window())))
 
     async def _fuzz(self) -> None:
         """Send the fuzzed bodies spread over the arrival window, in small pipelined batches."""
@@ -413,32 +402,28 @@ class ScenarioRun:
         """Seconds after `since` until every partition of `stages` shows output created after it."""
         assert self.observer is not None and self.graph is not None
         obs, graph, parts = self.observer, self.graph, self.opts.partitions
-        since_ms = int(since * 1000)
         first: dict[str, dict[int, float]] = {s: {} for s in stages}
-        ptr = {"conversation": 0, "ingest": 0, "dispatch": 0}
+        ptr = dict.fromkeys(stages, 0)
         deadline = time.monotonic() + self.opts.recovery_timeout
 
+        def times(stage: str, start: int) -> tuple[list[tuple[float, int]], int]:
+            """(epoch s, partition) of the stage's outputs read from index `start` on, and the new end."""
+            if stage == "conversation":
+                seq = obs.console_by_partition[start:]
+                return [(ts / 1000, part) for ts, part in seq], start + len(seq)
+            if stage == "ingest":
+                seq = obs.split_first_after[start:]
+                return [(ts / 1000, part) for ts, part in seq], start + len(seq)
+            reqs = graph.requests[start:]
+            return [(graph_wall_time(r), partition_of(f"{graph_page(r)}:{r.psid}", parts)) for r in reqs], \
+                start + len(reqs)
+
         def scan() -> None:
-            if "conversation" in first:
-                seq = obs.console_by_partition
-                for ts, p in seq[ptr["conversation"]:]:
-                    if ts >= since_ms and p not in first["conversation"]:
-                        first["conversation"][p] = ts / 1000 - since
-                ptr["conversation"] = len(seq)
-            if "ingest" in first:
-                seq2 = obs.split_first_after
-                for ts, p in seq2[ptr["ingest"]:]:
-                    if ts >= since_ms and p not in first["ingest"]:
-                        first["ingest"][p] = ts / 1000 - since
-                ptr["ingest"] = len(seq2)
-            if "dispatch" in first:
-                reqs = graph.requests
-                for r in reqs[ptr["dispatch"]:]:
-                    p = partition_of(f"{graph_page(r)}:{r.psid}", parts)
-                    at = graph_wall_time(r)
-                    if at >= since and p not in first["dispatch"]:
-                        first["dispatch"][p] = at - since
-                ptr["dispatch"] = len(reqs)
+            for stage, seen in first.items():
+                new, ptr[stage] = times(stage, ptr[stage])
+                for at, part in new:
+                    if at >= since and part not in seen:
+                        seen[part] = at - since
 
         while time.monotonic() < deadline:
             scan()
