@@ -1,8 +1,8 @@
 """The processes a chaos scenario runs and breaks: its own Kafka broker, workers and dispatchers.
 
 - `Broker`: a single-node KRaft broker from `deploy/kafka/localkafka.py` on free ports with its data
-  under the run's temp dir; it can be stopped (SIGTERM or SIGKILL) and started again on the same
-  ports and data, which `LocalKafka.down()` cannot (it deletes the data).
+  under the run's temp dir; it can be stopped (SIGTERM or SIGKILL, reaping the JVM, which is our
+  child) and started again on the same ports and data.
 - `Managed`: one subprocess (`messenger-streams worker` or `dispatch`) with its log, readiness
   (a marker in the log since the last start) and a supervisor: an exit the harness did not cause
   is recorded and the process is started again, as systemd or Kubernetes would.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -82,8 +83,9 @@ class Broker:
             self.kafka.pidfile.unlink()
 
     async def destroy(self) -> None:
+        """Kill it and delete its data."""
         await self.stop(signal.SIGKILL)
-        await asyncio.to_thread(self.kafka.down)  # removes the data dir
+        await asyncio.to_thread(shutil.rmtree, self.kafka.home, True)
 
 
 @dataclass
