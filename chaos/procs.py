@@ -187,6 +187,13 @@ class Managed:
         except OSError:
             return ""
 
+    def _errors_since_start(self, keep: int = 6) -> str:
+        """The error lines this start logged (the first few and the last few), for an unexpected exit."""
+        lines = [ln for ln in self._log_since_start().splitlines()
+                 if any(m in ln for m in ("ERROR", "CRITICAL", "Crashed", "Error:", "error:"))]
+        picked = lines if len(lines) <= 2 * keep else [*lines[:keep], "...", *lines[-keep:]]
+        return "\n".join(ln[:400] for ln in picked) or self.tail(1500)
+
     def tail(self, n: int = 3000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-n:]
@@ -202,7 +209,7 @@ class Managed:
             if self.proc is not proc:
                 continue
             expected = self._expect_exit
-            self.exits.append(Exit(time.time(), rc, expected, "" if expected else self.tail()))
+            self.exits.append(Exit(time.time(), rc, expected, "" if expected else self._errors_since_start()))
             if self._stopping:
                 return
             if expected and not self.restart_after_kill:
