@@ -16,6 +16,8 @@ DeadLetterReason = Literal[
     "invalid_item",
     "invalid_action",
     "processing_error",
+    "page_disabled",
+    "page_not_connected",
 ]
 
 

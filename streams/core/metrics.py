@@ -76,6 +76,11 @@ CSAT_FACTS_SKIPPED = Counter(
     "CSAT facts not counted: redelivered, duplicate (fact id already counted), expired or invalid",
     ["reason"],
 )
+PAGES = Gauge(
+    "messenger_pages",
+    "Pages in this process's page directory, by status (active, disabled, needs_reauth, disconnected)",
+    ["status"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -98,6 +103,7 @@ CATALOGUE = (
     CSAT_AGGREGATE_ANSWERS,
     CSAT_AGGREGATE_SURVEYS,
     CSAT_FACTS_SKIPPED,
+    PAGES,
 )
 
 

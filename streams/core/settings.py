@@ -32,6 +32,8 @@ class Topics(BaseSettings):
     csat_facts: str = "csat.facts"
     history: str = "conversations.history"
     skill_prefix: str = "skill."
+    pages: str = "connector.pages"  # the page directory (compacted; #14)
+    pages_activity: str = "connector.pages.activity"  # last event / last send per page (compacted; #14)
 
     def name(self, attr: str) -> str:
         """The full name of one topic, with the prefix."""

@@ -52,7 +52,7 @@ def register(pipe: Pipeline) -> None:
         "csat_responses": settings.topics.name("csat_responses"),
         "csat_facts": settings.topics.name("csat_facts"),
     }
-    skill_names = {skill: settings.topics.skill(skill) for skill in pipe.skill_topics}
+    skill_names = pipe.pages.skill_topics  # live (#14): grows when pages are connected with new skills
     default_skill_name = skill_names[pipe.config.routing.default_skill]
     send = pipe.send
     latency = metrics.PROCESSING_LATENCY.labels("conversation")
@@ -95,7 +95,7 @@ def register(pipe: Pipeline) -> None:
         state = table.get(key)
         if state is not None and state["o"].get(topic, -1) >= offset:
             return  # redelivered after a crash: already applied
-        decision = decider.decide(state, inp, key, decider.env_for(key.partition(":")[0]))
+        decision = decider.decide(state, inp, key, pipe.pages.env_for(key.partition(":")[0]))
         if decision.duplicate:
             await emit(decision)  # no outputs: counts the duplicate
             return  # nothing changed, nothing to write; a redelivery of it is a duplicate again

@@ -39,6 +39,7 @@ def register(pipe: Pipeline) -> None:
     send = pipe.send
     split_latency = metrics.PROCESSING_LATENCY.labels("split")
     events_in = metrics.BoundLabels(metrics.EVENTS_IN)
+    pages = pipe.pages
 
     @app.agent(raw_topic, name="split_webhooks")
     async def split_webhooks(stream: Any) -> None:
@@ -53,10 +54,13 @@ def register(pipe: Pipeline) -> None:
                 source=source,
                 received_at=_received_at(msg.headers, msg.timestamp),
             )
-            for ev in result.events:
+            # #14: events of pages switched off / not connected become dead letters (page_disabled,
+            # page_not_connected) with the raw body, so `dlq replay` brings them back
+            admitted, blocked = pages.gate(result.events, int(time.time() * 1000))
+            for ev in admitted:
                 await send(split_name, ev.conversation_key.encode(), serde.dumps(ev))
                 events_in.inc(ev.kind)
-            for rej in result.rejected:
+            for rej in [*result.rejected, *blocked]:
                 await pipe.dead_letter(msg, rej.reason, rej.error, rej.item_index)
             split_latency.observe(max(0.0, time.time() - (msg.timestamp or time.time())))
 
