@@ -13,13 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from streams.commands import dlq, simulate, summary
+from streams.commands import dlq, pages, simulate, summary
 from streams.core import serde
 from streams.core.config import ConfigError, ConnectorConfig, load_config
 from streams.core.process import CliError
 from streams.core.settings import Settings, load_settings
 from streams.core.topics import TopicError, create_topics
-from streams.edges import dispatch, webhook
+from streams.edges import admin, dispatch, webhook
 from streams.rules.normalize import split_body
 
 EXIT_USAGE = 2
@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dlq", help="show the dead letters, or replay their original bytes")
     dlq.add_arguments(p)
 
+    # --- #14 onboarding: the page directory from scripts, and the admin web page
+    p = sub.add_parser("pages", help="connect, change, switch and list Facebook pages (live, through Kafka)")
+    pages.add_arguments(p)
+    p = sub.add_parser("admin", help="serve the onboarding admin page (binds 127.0.0.1 by default)")
+    admin.add_arguments(p)
+
     p = sub.add_parser("summary", help="print a live summary from a worker's /metrics")
     p.add_argument("--url", default=os.environ.get("MESSENGER_STREAMS_SUMMARY_URL", "http://127.0.0.1:6066/metrics"))
     p.add_argument("--interval", type=float, default=2.0)
@@ -199,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dispatch.run(args)
         if args.command == "dlq":
             return dlq.run(args)
+        if args.command == "pages":
+            return pages.run(args)
+        if args.command == "admin":
+            return admin.run(args)
         return cmd_worker(args, extra)
     except (ConfigError, CliError) as exc:
         return _fail(str(exc))
