@@ -19,16 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from schemas.pages import ReauthMark
 from streams.core import metrics
-from streams.core.config import ConnectorConfig
+from streams.core.config import Account, ConfigError, ConnectorConfig, load_config
 from streams.core.pages import PageDirectory, PagesWriter, now_ms, process_name
 from streams.core.settings import Settings
-from streams.core.tokens import KEY_ENV, Secret, TokenCipher, TokenKeyError, appsecret_proof, redact, static_token_id
+from streams.core.tokens import (
+    KEY_ENV,
+    Secret,
+    TokenCipher,
+    TokenKeyError,
+    appsecret_proof,
+    load_app_secret,
+    load_cipher,
+    redact,
+    static_token_id,
+)
 
 log = logging.getLogger("messenger_streams.credentials")
 
@@ -155,9 +166,21 @@ class DirectoryCredentials:
         try:
             self.check_keys()
             await self.writer.start()
+            await self._clear_stale_static_marks()
         except BaseException:
             await self.directory.stop()
             raise
+
+    async def _clear_stale_static_marks(self) -> None:
+        """A 190 mark of a tokens-file token that this dispatcher no longer has (the file got a new
+        token) no longer applies: delete it, so the page shows active again."""
+        for view in self.directory.views():
+            mark = self.directory.reauth_mark(view.page_id)
+            if mark is None or not (mark.token_id or "").startswith("static-"):
+                continue
+            got = self.static.lookup(view.page_id)
+            if isinstance(got, Credential) and got.token_id != mark.token_id:
+                await self.writer.clear_reauth(view.page_id)
 
     def check_keys(self) -> None:
         stored = [r for r in self.directory.records() if r.token is not None and r.connected]
@@ -197,11 +220,11 @@ class DirectoryCredentials:
             return Refusal(page_id, "page_disabled", f"page {page_id} is switched off")
         rec = d.record(page_id)
         if rec is None or rec.token is None or rec.token_id is None:
-            got = self.static.lookup(page_id)
-            if isinstance(got, Credential) and (
-                (view is not None and view.status == "needs_reauth") or (page_id, got.token_id) in self._rejected
-            ):
-                return _reauth_refusal(page_id)
+            got = self.static.lookup(page_id)  # no token in the directory: the tokens file's
+            if isinstance(got, Credential):
+                mark = d.reauth_mark(page_id)
+                if (mark is not None and mark.token_id == got.token_id) or (page_id, got.token_id) in self._rejected:
+                    return _reauth_refusal(page_id)
             return got
         if (view is not None and view.status == "needs_reauth") or (page_id, rec.token_id) in self._rejected:
             return _reauth_refusal(page_id)
@@ -250,3 +273,29 @@ class DirectoryCredentials:
     def describe(self) -> str:
         n = sum(1 for r in self.directory.records() if r.token is not None and r.connected)
         return f"{n} pages with tokens in {self.settings.topics.name('pages')}; {self.static.describe()}"
+
+
+def dispatch_credentials(
+    settings: Settings, static_tokens: Mapping[str, str], app_secret_file: str | None = None
+) -> DirectoryCredentials:
+    """The credentials of `messenger-streams dispatch`: the page directory, with the tokens file as fallback.
+
+    Raises ConfigError (one line) when there is no token source at all, or when tokens are to come
+    from the directory (MESSENGER_STREAMS_PAGES_KEY set) without the App Secret for appsecret_proof."""
+    cipher = load_cipher(required=False)
+    if not static_tokens and cipher is None:
+        raise ConfigError(
+            "no page access tokens: set MESSENGER_STREAMS_PAGE_TOKENS or --tokens-file, "
+            f"or {KEY_ENV} to send with the tokens stored in {settings.topics.name('pages')}"
+        )
+    app_secret = load_app_secret(app_secret_file)
+    if app_secret is None:
+        if cipher is not None:
+            raise ConfigError(
+                "no app secret: set MESSENGER_STREAMS_APP_SECRET (every Graph call carries appsecret_proof)"
+            )
+        log.warning("no MESSENGER_STREAMS_APP_SECRET: sends go without appsecret_proof")
+    # the TOML file (if any) gives the directory its initial pages; the dispatcher can run without one
+    has_file = bool(os.environ.get("MESSENGER_STREAMS_CONFIG"))
+    config = load_config() if has_file else ConnectorConfig(account=Account(app_id="0"))
+    return DirectoryCredentials(settings, config, cipher, app_secret, static_tokens)

@@ -149,8 +149,10 @@ def _status(rec: PageRecord, mark: ReauthMark | None) -> PageStatus:
         return "disconnected"
     if not rec.enabled:
         return "disabled"
-    if mark is not None and mark.token_id == rec.token_id:
-        return "needs_reauth"
+    if mark is not None and (
+        mark.token_id == rec.token_id or (rec.token_id is None and (mark.token_id or "").startswith("static-"))
+    ):
+        return "needs_reauth"  # the mark names this token (or the tokens file's, for a page without one)
     return "active"
 
 
@@ -247,6 +249,7 @@ class PageDirectory:
         self.activity_dropped = 0
         self._producer: AIOKafkaProducer | None = None
         self._ready = False
+        self._reauth_labelled: set[str] = set()
         for page in config.pages:
             self._views[page.page_id] = view_of_config(page, None)
 
@@ -477,9 +480,15 @@ class PageDirectory:
 
     def _update_metrics(self) -> None:
         counts: dict[str, int] = {"active": 0, "disabled": 0, "needs_reauth": 0, "disconnected": 0}
+        reauth = set()
         for v in self._views.values():
             counts[v.status] += 1
-            metrics.PAGES_NEED_REAUTH.labels(v.page_id).set(1 if v.status == "needs_reauth" else 0)
+            if v.status == "needs_reauth":
+                reauth.add(v.page_id)
+        # a page's label appears once it needs re-authorisation and drops to 0 when reconnected
+        for page_id in reauth | self._reauth_labelled:
+            metrics.PAGES_NEED_REAUTH.labels(page_id).set(1 if page_id in reauth else 0)
+        self._reauth_labelled |= reauth
         for status, n in counts.items():
             metrics.PAGES.labels(status).set(n)
 

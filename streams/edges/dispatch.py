@@ -37,10 +37,11 @@ from pydantic import ValidationError
 
 from schemas.contract import OutboundRequest, SendResult
 from streams.core import metrics, serde
+from streams.core.credentials import Credential, PageCredentials, StaticCredentials, dispatch_credentials
 from streams.core.process import CliError, configure_logging, quiet_kafka_startup, run_until_signalled
 from streams.core.settings import load_settings
 from streams.core.topics import ensure_topics
-from streams.rules.sendapi import Backoff, Limits, SendError, TokenBucket, classify_error, prepare_requests, redact
+from streams.rules.sendapi import Backoff, Limits, SendError, TokenBucket, classify_error, prepare_requests
 from streams.rules.sendapi import transport_error as make_transport_error
 
 log = logging.getLogger("messenger_streams.dispatch")
@@ -76,6 +77,7 @@ class DispatchOptions:
     web_port: int = 0  # 0: no HTTP server
     partitions: int = 8
     replication_factor: int = 1
+    credentials: PageCredentials | None = None  # #14: the page directory's; None: StaticCredentials(tokens)
 
     def __repr__(self) -> str:  # tokens never appear in reprs or logs
         return f"DispatchOptions(group_id={self.group_id!r}, pages={sorted(self.tokens)!r})"
@@ -171,12 +173,14 @@ class Dispatcher:
         self.producer: AIOKafkaProducer | None = None
         self.session: aiohttp.ClientSession | None = None
         self._secrets = list(opts.tokens.values())
+        self.credentials: PageCredentials = opts.credentials or StaticCredentials(opts.tokens)  # #14
         self._commit_lock = asyncio.Lock()
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, timeout: float = 30.0) -> None:
         o = self.opts
+        await self.credentials.start()  # #14: follows connector.pages (a no-op for static tokens)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=o.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=2
         )
@@ -206,6 +210,7 @@ class Dispatcher:
                 with contextlib.suppress(Exception):
                     await client.stop()
         self.consumer = self.producer = None
+        await self.credentials.stop()  # #14
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then let in-flight records finish (shutdown_timeout), commit."""
@@ -298,7 +303,7 @@ class Dispatcher:
                 except Exception as exc:  # noqa: BLE001 - stop everything, do not commit this record
                     self.fatal = exc
                     log.error("cannot finish a record of %s: %s", key,
-                              redact(f"{type(exc).__name__}: {exc}", self._secrets))
+                              self.credentials.redact(f"{type(exc).__name__}: {exc}"))
                     return
                 q.popleft()
                 self.tracker.done(tp, rec.offset)
@@ -333,6 +338,7 @@ class Dispatcher:
                     raise DispatchError(f"cannot write the send result: {type(exc).__name__}") from None
                 await asyncio.sleep(0.5 * attempt)
         metrics.SEND_RESULTS.labels(result.status).inc()
+        self.credentials.note_result(out.page_id, result.status)  # #14: `pages list` shows the last send
 
     async def send(self, out: OutboundRequest) -> SendResult:
         """Send every part of one request in order; the SendResult of the whole."""
@@ -343,14 +349,11 @@ class Dispatcher:
             "conversation_id": out.conversation_id,
             "origin": out.origin,
         }
-        token = self.opts.tokens.get(out.page_id)
-        if token is None or out.page_id in self.reauth:
-            msg = ("page needs re-authorization (error 190 earlier)" if token is not None
-                   else f"no access token for page {out.page_id}")
-            code = 190 if token is not None else None
-            log.warning("outbox %s not sent: %s", out.outbox_id, msg)
-            return SendResult(**common, status="failed", code=code, message=msg, retryable=False, attempts=0,
-                              timestamp=_now_ms())
+        token = self.credentials.lookup(out.page_id)  # #14: token + appsecret_proof, or why not
+        if not isinstance(token, Credential):
+            log.warning("outbox %s not sent: %s", out.outbox_id, token.message)
+            return SendResult(**common, status="failed", code=token.code, message=token.message, retryable=False,
+                              attempts=0, reason=token.reason, timestamp=_now_ms())
         parts, warnings = prepare_requests(out.request, self.opts.limits)
         for w in warnings:
             log.warning("outbox %s: %s", out.outbox_id, w)
@@ -361,14 +364,14 @@ class Dispatcher:
             if last.error is not None:
                 e = last.error
                 return SendResult(**common, status="failed", mid=mids[-1] if mids else None, mids=mids, code=e.code,
-                                  subcode=e.subcode, message=redact(e.message, self._secrets), retryable=e.retryable,
+                                  subcode=e.subcode, message=self.credentials.redact(e.message), retryable=e.retryable,
                                   attempts=last.attempts, reason=e.reason, parts=len(parts), timestamp=_now_ms())
             if last.mid:
                 mids.append(last.mid)
         return SendResult(**common, status="sent", mid=last.mid, mids=mids, attempts=last.attempts,
                           parts=len(parts), timestamp=_now_ms())
 
-    async def send_one(self, page_id: str, token: str, body: dict[str, Any]) -> _Outcome:
+    async def send_one(self, page_id: str, token: Credential, body: dict[str, Any]) -> _Outcome:
         """POST one body with retries on retryable errors; throttled per page."""
         if self.session is None:
             raise DispatchError("the HTTP session is closed")
@@ -377,7 +380,7 @@ class Dispatcher:
         for attempt in range(1, backoff.max_attempts + 1):
             await self._throttle(page_id)
             try:
-                async with self.session.post(self.opts.send_url, params={"access_token": token}, json=body) as resp:
+                async with self.session.post(self.opts.send_url, params=token.params(), json=body) as resp:
                     data = await resp.read()
                     if resp.status == 200:
                         return _Outcome(mid=_message_id(data), attempts=attempt)
@@ -386,6 +389,7 @@ class Dispatcher:
                 err = make_transport_error(exc)
             if err.reauth:
                 self.mark_reauth(page_id)
+                self.credentials.token_rejected(token, err.code or 190, err.subcode, err.message)  # #14
             if not err.retryable or attempt >= backoff.max_attempts:
                 return _Outcome(error=err, attempts=attempt)
             delay = backoff.delay(attempt)
@@ -513,8 +517,7 @@ def load_tokens(env_value: str | None, path: str | None) -> dict[str, str]:
 def options_from_args(args: argparse.Namespace) -> DispatchOptions:
     settings = load_settings()
     tokens = load_tokens(os.environ.get("MESSENGER_STREAMS_PAGE_TOKENS"), args.tokens_file)
-    if not tokens:
-        raise CliError("no page access tokens: set MESSENGER_STREAMS_PAGE_TOKENS or --tokens-file")
+    credentials = dispatch_credentials(settings, tokens)  # #14: the page directory, tokens file as fallback
     if args.max_attempts < 1 or args.backoff_base < 0 or args.backoff_max < 0:
         raise CliError("--max-attempts must be >= 1 and backoff times >= 0")
     if args.rate_per_page <= 0 or args.request_timeout <= 0 or args.max_in_flight < 1:
@@ -537,6 +540,7 @@ def options_from_args(args: argparse.Namespace) -> DispatchOptions:
         web_port=args.web_port,
         partitions=settings.partitions,
         replication_factor=settings.replication_factor,
+        credentials=credentials,
     )
 
 
@@ -557,7 +561,7 @@ async def serve(
     try:
         if opts.web_port:
             runner = await start_web(opts.web_host, opts.web_port, lambda: d.consumer is not None)
-        log.info("dispatching %s → %s (%d pages)", opts.outbound_topic, opts.send_url, len(opts.tokens))
+        log.info("dispatching %s → %s (%s)", opts.outbound_topic, opts.send_url, d.credentials.describe())
         if on_ready is not None:
             await on_ready()
         await d.run(stop)
