@@ -22,6 +22,11 @@ $BIN/messenger-streams topics create
 $BIN/messenger-streams worker >"$LOG_DIR/worker.log" 2>&1 &
 pids+=($!)
 echo "worker started (pid ${pids[0]}), log in $LOG_DIR/worker.log; web on :$MESSENGER_STREAMS_WEB_PORT"
+# #14: the onboarding admin page with the demo pages (no App Secret here: "Log in with Facebook" stays off)
+export MESSENGER_STREAMS_ADMIN_PASSWORD="${MESSENGER_STREAMS_ADMIN_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
+$BIN/messenger-streams admin >"$LOG_DIR/admin.log" 2>&1 &
+pids+=($!)
+echo "admin page: http://127.0.0.1:${MESSENGER_STREAMS_ADMIN_PORT:-6068}/  password: $MESSENGER_STREAMS_ADMIN_PASSWORD"
 $BIN/messenger-streams simulate --rate "${RATE:-20}" >"$LOG_DIR/simulate.log" 2>&1 &
 pids+=($!)
 echo "demo traffic at ${RATE:-20} records/s; live summary every 3 s, Ctrl-C to stop"
