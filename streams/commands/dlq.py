@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from streams.core.process import CliError
+from streams.core.process import CliError, start_client
 from streams.core.serde import decode_payload
 from streams.core.settings import load_settings
 
@@ -44,7 +44,7 @@ async def read_letters(bootstrap: str, topic: str, timeout: float = 10.0) -> lis
     from aiokafka.structs import TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
+    await start_client(consumer)
     letters: list[tuple[bytes | None, dict[str, Any]]] = []
     try:
         await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public call for it
@@ -96,6 +96,10 @@ async def _run(args: argparse.Namespace) -> int:
         and int(letter.get("dead_lettered_at") or 0) >= args.since
         and (letter.get("source") or {}).get("topic") in replayable
     ]
+    truncated = [letter for _, letter in chosen if letter.get("truncated")]
+    if truncated:  # only a prefix of the original was kept (a letter too large for Kafka)
+        print(f"{len(truncated)} truncated dead letters cannot be replayed (see original_size, original_sha256)")
+        chosen = [(key, letter) for key, letter in chosen if not letter.get("truncated")]
     seen: set[tuple[str, int, int]] = set()
     plan: list[tuple[str, bytes | None, bytes]] = []
     for key, letter in chosen:
@@ -113,7 +117,7 @@ async def _run(args: argparse.Namespace) -> int:
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
-    await producer.start()
+    await start_client(producer)
     try:
         now = str(int(time.time() * 1000)).encode()
         for topic, key, payload in plan:

@@ -6,7 +6,8 @@ becomes a failed SendResult without calling the Graph API. On a Graph error 190 
 `token_rejected(...)`; on every finished send `note_result(...)`.
 
 - `StaticCredentials`: tokens from the environment / a tokens file, as before the page directory
-  (tests and setups without it). A 190 refuses the page until the process restarts.
+  (tests and setups without it); the dispatcher's default. A 190 refuses the page until the
+  process restarts with a new token.
 - `DirectoryCredentials`: follows `connector.pages`. Tokens are decrypted with
   MESSENGER_STREAMS_PAGES_KEY (once per stored token); pages switched off or disconnected are
   refused; a 190 writes a `reauth:<page_id>` mark for the failing token (so every process shows the
@@ -62,8 +63,9 @@ class Credential:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why a page's message is not sent: `reason` (no_token, needs_reauth, page_disabled,
-    page_not_connected), the Graph `code` it stands for (190 for needs_reauth) and a message."""
+    """Why a page's message is not sent: `reason` (the SendResult's: no_token, reauth_required,
+    page_disabled, page_not_connected), the Graph `code` it stands for (190 for reauth_required) and a
+    message."""
 
     page_id: str
     reason: str
@@ -89,13 +91,19 @@ class PageCredentials(Protocol):
     def describe(self) -> str: ...
 
 
+def _log_rejected(cred: Credential, code: int) -> None:
+    log.error("page %s: Meta rejected its access token (error %d): re-authorize the page (reconnect it)",
+              cred.page_id, code)
+
+
 def _credential(page_id: str, token: Secret, token_id: str, app_secret: Secret | None) -> Credential:
     proof = appsecret_proof(app_secret, token) if app_secret is not None else None
     return Credential(page_id, token, token_id, proof)
 
 
 def _reauth_refusal(page_id: str) -> Refusal:
-    return Refusal(page_id, "needs_reauth",
+    # the reason a Graph 190 itself gets (streams/rules/sendapi.classify_error): one reason for both
+    return Refusal(page_id, "reauth_required",
                    f"page {page_id} needs re-authorization: Meta rejected its token (error 190); reconnect the page",
                    190)
 
@@ -124,6 +132,8 @@ class StaticCredentials:
         return cred
 
     def token_rejected(self, cred: Credential, code: int, subcode: int | None, message: str) -> None:
+        if cred.page_id not in self._rejected:
+            _log_rejected(cred, code)
         self._rejected.add(cred.page_id)
         metrics.PAGES_NEED_REAUTH.labels(cred.page_id).set(1)
 
@@ -243,6 +253,7 @@ class DirectoryCredentials:
         key = (cred.page_id, cred.token_id)
         if key in self._rejected:
             return
+        _log_rejected(cred, code)
         self._rejected.add(key)
         metrics.PAGES_NEED_REAUTH.labels(cred.page_id).set(1)
         mark = self.directory.reauth_mark(cred.page_id)

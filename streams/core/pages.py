@@ -55,7 +55,7 @@ from streams.core import metrics
 from streams.core.config import ConnectorConfig, ExternalUser, Page, Routing
 from streams.core.mirror import MirrorError, TopicMirror
 from streams.core.settings import Settings
-from streams.core.topics import TopicError, ensure_topics
+from streams.core.topics import TopicError, ensure_topic_specs, ensure_topics, page_topic_specs
 
 log = logging.getLogger("messenger_streams.pages")
 
@@ -63,7 +63,6 @@ DirectoryValue = PageRecord | AccountRecord | ReauthMark
 
 MAX_ACTIVITY = 10_000  # activity notes kept between two flushes (pages seen in one interval)
 ACTIVITY_INTERVAL = 5.0  # seconds between two activity flushes
-PAGES_TOPIC_PARTITIONS = 1  # a small, compacted topic: one partition keeps every change in order
 
 REASON_DISABLED = "page_disabled"
 REASON_NOT_CONNECTED = "page_not_connected"
@@ -348,10 +347,7 @@ class PageDirectory:
             raise PagesError("the page directory needs the Kafka settings to start")
         s = self.settings
         try:
-            await ensure_topics(
-                s.bootstrap_servers, {s.topics.name("pages"): True}, PAGES_TOPIC_PARTITIONS, s.replication_factor,
-                timeout,
-            )
+            await ensure_topic_specs(s.bootstrap_servers, page_topic_specs(s, "pages"), s.replication_factor, timeout)
         except TopicError as exc:
             raise PagesError(str(exc)) from None
         mirror: TopicMirror[DirectoryValue] = TopicMirror(
@@ -508,7 +504,10 @@ class PageDirectory:
             raise PagesError(str(exc)) from None
         for name in created:
             log.info("created skill topic %s for a page connected live", name)
+        new = set(skills) - self.skills
         self.skills.update(skills)
+        if new and self._ready:
+            self._notify(None)  # listeners see the new skills (transfers to them, Env.skills)
 
     async def _skill_keeper(self) -> None:
         """Create the topics of skills that records name before their records are applied."""
@@ -554,9 +553,9 @@ class PageDirectory:
 async def ensure_activity_topic(settings: Settings, timeout: float = 30.0) -> None:
     """Create `connector.pages.activity` (compacted) if missing."""
     try:
-        await ensure_topics(
-            settings.bootstrap_servers, {settings.topics.name("pages_activity"): True}, PAGES_TOPIC_PARTITIONS,
-            settings.replication_factor, timeout,
+        await ensure_topic_specs(
+            settings.bootstrap_servers, page_topic_specs(settings, "pages_activity"), settings.replication_factor,
+            timeout,
         )
     except TopicError as exc:
         raise PagesError(str(exc)) from None
@@ -580,8 +579,7 @@ class PagesWriter:
     async def start(self, timeout: float = 30.0) -> None:
         s = self.settings
         try:
-            await ensure_topics(s.bootstrap_servers, {self.topic: True}, PAGES_TOPIC_PARTITIONS, s.replication_factor,
-                                timeout)
+            await ensure_topic_specs(s.bootstrap_servers, page_topic_specs(s, "pages"), s.replication_factor, timeout)
         except TopicError as exc:
             raise PagesError(str(exc)) from None
         producer = AIOKafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all", enable_idempotence=True)
@@ -632,8 +630,10 @@ class PagesWriter:
 
     async def page_status_event(self, directory: PageDirectory, page_id: str, status: str, detail: str = "",
                                 ident: str | None = None) -> None:
-        """A `page_status` console event on the page's skill topic (consoles show the page's state)."""
+        """A `page_status` console event on the page's skill topic (consoles show the page's state). The
+        skill topic is created first if missing (brokers do not create topics on their own)."""
         skill = directory.skill_of(page_id)
+        await self.ensure_skill_topic(skill)
         at = now_ms()
         event = {
             "type": "page_status",

@@ -145,11 +145,11 @@ def static_token_id(token: Secret) -> str:
 
 
 def redact(text: str, secrets: Iterable[Secret | str]) -> str:
-    """`text` with every secret (and every `access_token=…` value) replaced by ***."""
-    for s in secrets:
-        value = s.reveal() if isinstance(s, Secret) else s
-        if value:
-            text = text.replace(value, "***")
+    """`text` with every secret longer than 3 characters (longest first) and every `access_token=…`
+    value replaced by ***. The one redaction of the project (the dispatcher's, the Graph client's)."""
+    values = (s.reveal() if isinstance(s, Secret) else s for s in secrets)
+    for value in sorted((v for v in values if v and len(v) > 3), key=len, reverse=True):
+        text = text.replace(value, "***")
     return _redact_params(text)
 
 

@@ -183,7 +183,11 @@ class AdminServer:
         self.activity = activity
         self.runner = web.AppRunner(self.app(), access_log=None)
         await self.runner.setup()
-        await web.TCPSite(self.runner, self.opts.host, self.opts.port).start()
+        try:
+            await web.TCPSite(self.runner, self.opts.host, self.opts.port).start()
+        except OSError as exc:
+            raise PagesError(f"cannot listen on {self.opts.host}:{self.opts.port} (MESSENGER_STREAMS_ADMIN_PORT): "
+                             f"{exc.strerror or exc}") from None
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -6,9 +6,11 @@ stages ask, each a dict lookup on the event path:
 - `gate(events)` (ingest stage): which events may go on; the others become dead letters with reason
   `page_disabled` / `page_not_connected` (the raw body is kept, so `dlq replay` brings them back);
 - `env_for(page_id)` (conversation stage): the `Env` the rules decide with (the live page record,
-  routing and external user), cached per page and dropped when the directory changes;
+  routing, external user, and `skills`: every skill whose topic exists, so transfers reach skills
+  connected live), cached per page and dropped when the directory changes;
 - `skill_topics`: skill → topic name for every skill whose topic exists, growing as pages are
-  connected live with new skills (the directory creates a topic before routing to it).
+  connected live with new skills (the directory creates a topic before routing to it). The stage
+  holds this very dict, so it sees new skills at once.
 
 `PagesService` starts the directory with the Faust app, before the consumer and the agents, so no
 event is decided before the directory has been read to its end.
@@ -36,6 +38,7 @@ class LivePages:
         self.directory = directory
         self._topics = settings.topics
         self.skill_topics: dict[str, str] = {}
+        self._skills: frozenset[str] = frozenset()  # the keys of skill_topics, for Env.skills
         self._envs: dict[str, Env] = {}
         self._sync_skills()
         directory.add_listener(self._changed)
@@ -45,7 +48,7 @@ class LivePages:
         env = self._envs.get(page_id)
         if env is None:
             d = self.directory
-            env = Env(d.page(page_id), d.routing, d.external_user)
+            env = Env(d.page(page_id), d.routing, d.external_user, self._skills)
             if len(self._envs) >= MAX_ENVS:
                 self._envs.clear()
             self._envs[page_id] = env
@@ -73,16 +76,19 @@ class LivePages:
         return admitted, blocked
 
     def _changed(self, page_id: str | None) -> None:
-        if page_id is None:
-            self._envs.clear()
+        if self._sync_skills() or page_id is None:
+            self._envs.clear()  # every Env names the skills (and the account's settings)
         else:
             self._envs.pop(page_id, None)
-        self._sync_skills()
 
-    def _sync_skills(self) -> None:
-        for skill in self.directory.skills:
-            if skill not in self.skill_topics:
-                self.skill_topics[skill] = self._topics.skill(skill)
+    def _sync_skills(self) -> bool:
+        """Add the directory's new skills (their topics exist); True when there were any."""
+        new = [skill for skill in self.directory.skills if skill not in self.skill_topics]
+        for skill in new:
+            self.skill_topics[skill] = self._topics.skill(skill)
+        if new:
+            self._skills = frozenset(self.skill_topics)
+        return bool(new)
 
 
 class PagesService(Service):

@@ -136,7 +136,7 @@ def test_static_credentials_refuse_after_190_and_carry_the_proof() -> None:
     assert isinstance(got, Credential) and set(got.params()) == {"access_token", "appsecret_proof"}
     creds.token_rejected(got, 190, None, "expired")
     refused = creds.lookup("1")
-    assert isinstance(refused, Refusal) and refused.code == 190 and refused.reason == "needs_reauth"
+    assert isinstance(refused, Refusal) and refused.code == 190 and refused.reason == "reauth_required"
     assert isinstance(creds.lookup("2"), Refusal)
 
 

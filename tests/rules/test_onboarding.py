@@ -1,8 +1,10 @@
-"""debug_token answers → exactly what is missing for a page token."""
+"""debug_token answers → exactly what is missing for a page token; transfers to skills connected live."""
 
 from __future__ import annotations
 
+from streams.rules.conversation.api import Decision, Env, Input
 from streams.rules.onboarding import REQUIRED_PAGE_SCOPES, token_problems
+from tests.rules.convo import Convo, cfg, console, rejections
 
 APP = "950864918368986"
 PAGE = "1691462197845448"
@@ -34,3 +36,45 @@ def test_each_problem_is_named() -> None:
     granular = token_problems(debug(granular_scopes=[{"scope": "pages_messaging", "target_ids": ["1"]}]), APP, PAGE)
     assert granular == [f"permission pages_messaging was granted for other pages, not page {PAGE} "
                         "(choose this page in the Facebook Login dialog)"]
+
+
+# --- transfers to skills connected live (Env.skills) ---------------------------------------------------
+
+
+class LiveConvo(Convo):
+    """A conversation decided with an Env as the stage builds it from the live page directory."""
+
+    def __init__(self, skills: frozenset[str] | None) -> None:
+        super().__init__()
+        config = self.d.config
+        self.env = Env(config.page(self.page), config.routing, config.external_user, skills)
+
+    def feed(self, inp: Input) -> Decision:
+        out = self.d.decide(self.state, inp, self.key, self.env)
+        if not out.duplicate:
+            self.state = out.state
+        return out
+
+
+def test_a_transfer_reaches_a_skill_connected_live() -> None:
+    static = LiveConvo(None)  # no live directory: the configured skills only
+    static.msg()
+    static.act("accept")
+    assert rejections(static.act("transfer", to_skill="returns")) == ["invalid_action"]
+
+    live = LiveConvo(frozenset({*cfg().all_skills(), "returns"}))  # a page was connected live to `returns`
+    live.msg()
+    live.act("accept")
+    moved = [v for v in console(live.act("transfer", to_skill="returns")) if v["type"] == "conversation_transferred"]
+    assert sorted(v["skill"] for v in moved) == ["billing", "returns"]
+    assert live.conv["skill"] == "returns"
+    assert {v["skill"] for v in console(live.msg("still there?"))} == {"returns"}
+
+
+def test_env_skills_are_the_whole_list_of_transfer_targets() -> None:
+    narrow = LiveConvo(frozenset({"billing", "general"}))  # a configured skill missing from the live set
+    narrow.msg()
+    narrow.act("accept")
+    out = narrow.act("transfer", to_skill="support")
+    assert rejections(out) == ["invalid_action"] and "not a known skill" in console(out)[0]["detail"]
+    assert narrow.conv["skill"] == "billing"

@@ -33,11 +33,14 @@ class Env:
     """What a decision may read besides the state: passed in by the stage, so `decide` stays pure.
 
     `page` is the conversation's page as connected now (None: the page is not connected);
-    `routing` and `external_user` are the account's settings now."""
+    `routing` and `external_user` are the account's settings now; `skills` every skill a conversation
+    may be routed or transferred to now (their topics exist: the configured skills plus those of pages
+    connected live); None: the configured skills only (no live page directory)."""
 
     page: Page | None
     routing: Routing
     external_user: ExternalUser
+    skills: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +56,13 @@ class Output:
 @dataclass(slots=True)
 class Decision:
     """The outcome of one input: the new state (None: delete the key), outputs, timers to arm
-    (epoch ms), and notes for metrics (`(name, label)`)."""
+    (epoch ms: feed a `timer` input back once stream time reaches each), notes for counters
+    (`(name, label)`) and figures for histograms (`(name, label, value)`); both go to
+    `streams.core.metrics.record_notes`."""
 
     state: dict[str, Any] | None
     outputs: list[Output] = field(default_factory=list)
     arms: list[int] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
     duplicate: bool = False  # the input was a duplicate: nothing changed, nothing to write
+    figures: list[tuple[str, str, float]] = field(default_factory=list)
