@@ -72,11 +72,9 @@ def test_chaos_smoke_harness(chaos_report: dict[str, Any]) -> None:
     assert e["processes"]["dispatch"]["starts"] == 2
 
 
+# (scenario d's strict xfail for oversized dead letters went when runtime's bounded dead letters landed: it XPASSed)
 GOALS = [
-    pytest.param("d", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue #12 (oversized dead letters, branch runtime): a 2 MB body is lost — its dead letter is over Kafka's "
-        "message size, split_webhooks crashes with MessageSizeTooLargeError, the worker stops and, restarted, "
-        "goes on past the body"))),
+    pytest.param("d"),
     pytest.param("e"),
 ]
 

@@ -9,7 +9,7 @@ broker and the fake Graph API. The browser logs in, connects a new page to a new
   `page_status` console event on its skill topic); logging in again restores sending.
 
 Needs Debian's `chromium` and `chromium-driver` (make test installs them where it can). Without
-them the test is skipped, except with CI=true, where it fails. MESSENGER_STREAMS_SCREENSHOTS=DIR
+them the test is skipped, except with CI=true, where it fails. ADMIN_SCREENSHOTS=DIR
 saves the screenshots used in docs/.
 """
 
@@ -110,7 +110,7 @@ async def wait_until(cond: Callable[[], bool], what: str, timeout: float = 60.0)
 
 
 def shot(driver: Any, name: str) -> None:
-    where = os.environ.get("MESSENGER_STREAMS_SCREENSHOTS")
+    where = os.environ.get("ADMIN_SCREENSHOTS")
     if where:
         Path(where).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(where) / name))
@@ -212,6 +212,10 @@ async def test_connect_a_page_in_the_browser_and_watch_it_live(
             graph.rejected_tokens.add(page_token)
             actions = w.topic("agent.actions")
             key = f"{NEW_PAGE}:p9"
+            # the lifecycle rules: an agent accepts the conversation before replying
+            await kafka.send(actions, {"type": "accept", "action_id": "a-0", "page_id": NEW_PAGE, "psid": "p9",
+                                       "agent_id": "agent7"}, key=key)
+            await returns.wait(lambda v: v.get("type") == "conversation_accepted")
             await kafka.send(actions, {"type": "message", "action_id": "a-1", "page_id": NEW_PAGE, "psid": "p9",
                                        "agent_id": "agent7", "text": "Sure, let me help."}, key=key)
             _, status = await returns.wait(lambda v: v.get("type") == "page_status" and v["status"] == "needs_reauth")
