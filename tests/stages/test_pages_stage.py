@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from schemas.pages import AccountRecord, PageRecord
 from streams.core import pages as core_pages
@@ -137,3 +138,6 @@ async def test_csat_received_goes_to_a_skill_connected_live(monkeypatch: pytest.
     returns = csat.SkillPartitions(2)("returns")
     await runner.run(events([fact("c1", "returns", 5, 1)], returns))  # type: ignore[arg-type]
     assert [v[0] for k, v in writer.log if k == "send"] == [settings.topics.skill("returns")]
+    csat.Gauges(pipe.pages.skill_topics).refresh({"returns": [2, 0, 0, 0, 0, 1]})  # …and its CSAT gauges
+    assert REGISTRY.get_sample_value("messenger_csat_percent", {"skill": "returns"}) == 100.0
+    assert REGISTRY.get_sample_value("messenger_csat_response_rate", {"skill": "returns"}) == 0.5
