@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from schemas.pages import AccountRecord, PageRecord
 from streams.core.config import parse_config
 from streams.core.pages import PageDirectory, PagesWriter
 from streams.core.settings import Settings
 from tests.conftest import BASE_CONFIG
+from tests.kafkatools import ROOT, worker_env
 
 pytestmark = pytest.mark.kafka
 
@@ -60,3 +64,27 @@ async def test_changes_reach_every_directory_within_5s(kafka_bootstrap: str, mon
         await worker.stop()
         await other.stop()
         await writer.stop()
+
+
+async def test_topics_create_makes_the_page_topics_like_every_other(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """`messenger-streams topics create` (the worker's topics-first start-up uses the same specs)
+    creates connector.pages and connector.pages.activity: compacted, one partition."""
+    env = worker_env(kafka_bootstrap, tmp_path, BASE_CONFIG, partitions=3)
+    prefix = env["MESSENGER_STREAMS_TOPIC_PREFIX"]
+    res = await asyncio.to_thread(subprocess.run, [str(ROOT / ".venv/bin/messenger-streams"), "topics", "create"],
+                                  env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    names = [f"{prefix}connector.pages", f"{prefix}connector.pages.activity"]
+    assert all(f"created {n}" in res.stdout.splitlines() for n in names), res.stdout
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        described = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(names)}
+        policies = {}
+        for name in names:
+            (resp,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, None)])
+            policies[name] = {entry[0]: entry[1] for entry in resp.resources[0][4]}["cleanup.policy"]
+    finally:
+        await admin.close()
+    assert described == dict.fromkeys(names, 1)
+    assert policies == dict.fromkeys(names, "compact")
