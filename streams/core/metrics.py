@@ -154,6 +154,11 @@ TIMERS_FIRED = Counter(
     "Conversation timers fired: idle (auto-close), warn, agent_nr (agent not responding), waiting",
     ["timer"],
 )
+PAGES = Gauge(
+    "messenger_pages",
+    "Pages in this process's page directory, by status (active, disabled, needs_reauth, disconnected)",
+    ["status"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -191,6 +196,7 @@ CATALOGUE = (
     PAGE_MESSAGES,
     AGENT_MESSAGES,
     TIMERS_FIRED,
+    PAGES,
 )
 
 
