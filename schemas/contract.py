@@ -58,7 +58,7 @@ CONSOLE_EVENT_TYPES = (
     "typing", "conversation_accepted", "conversation_transferred", "conversation_returned", "conversation_closed",
     "manager_joined", "manager_left", "agent_not_responding", "response_time_set", "urgency_changed",
     "csat_requested", "csat_received", "action_rejected", "send_failed", "postback", "referral", "reaction",
-    "message_edit", "standby_event", "context_event",
+    "message_edit", "standby_event", "context_event", "page_status",
     # #15: bots and the checkout opt-in
     "handover_context", "thread_control", "purchase", "order_update", "order_unmatched", "conversation_relinked",
 )

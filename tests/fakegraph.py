@@ -1,5 +1,6 @@
-"""A local fake of the Graph API Send endpoint: records every request, answers with scripted
-successes and errors (real error bodies from tests/samples).
+"""A local fake of the Graph API Send endpoint and the thread-control edges (#15): records every
+request, answers with scripted successes and errors (real error bodies from tests/samples); the
+onboarding endpoints (#14) come from `OnboardingFake`.
 
 Counting sends (for the dispatcher's tests and the chaos suite): a request *delivered* a message when
 the fake answered it 200, whether or not the dispatcher lived to read the answer. `deliveries()`
@@ -10,12 +11,16 @@ recipient had open at once. `GET /_stats` serves the same as JSON for a fake in 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 from aiohttp import web
@@ -23,6 +28,9 @@ from aiohttp import web
 from tests.kafkatools import free_port
 
 SAMPLES = Path(__file__).parent / "samples"
+# #15: Conversation Routing edges; they answer {"success": true} and are recorded like sends
+THREAD_EDGES = ("pass_thread_control", "take_thread_control", "request_thread_control", "release_thread_control")
+SEND_EDGES = ("messages", *THREAD_EDGES)
 
 
 def sample_error(name: str) -> dict[str, Any]:
@@ -107,7 +115,148 @@ def duplicates(requests: Iterable[GraphRequest]) -> dict[str, int]:
 
 
 @dataclass
-class FakeGraph:
+class FakePage:
+    page_id: str
+    name: str
+    token: str
+    tasks: list[str] = field(default_factory=lambda: ["MANAGE", "MESSAGING"])
+
+
+def _oauth_error(message: str, code: int = 190, subcode: int | None = None, status: int = 400) -> web.Response:
+    return web.json_response(graph_error(code, message, subcode), status=status)
+
+
+class OnboardingFake:
+    """The onboarding endpoints (#14) of FakeGraph: Facebook Login dialog, code and token exchange,
+    /me/accounts, debug_token, subscribed_apps, page names, and a 190 mode (`rejected_tokens`)."""
+
+    def add_page(self: Any, page_id: str, name: str) -> str:
+        """A page the fake Facebook user administers; returns its page token."""
+        token = f"EAAPage{page_id}x{len(self.pages)}{secrets.token_hex(6)}"
+        self.pages[page_id] = FakePage(page_id, name, token)
+        return token
+
+    def new_page_token(self: Any, page_id: str) -> str:
+        """A fresh token for a page (what logging in again gives after the old one was revoked)."""
+        page = self.pages[page_id]
+        page.token = f"EAAPage{page_id}r{secrets.token_hex(8)}"
+        return page.token
+
+    def proof_ok(self: Any, query: Any) -> bool:
+        token = query.get("access_token")
+        if token is None:
+            return True
+        expected = hmac.new(self.app_secret.encode(), token.encode(), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(query.get("appsecret_proof", ""), expected)
+
+    @web.middleware
+    async def _oauth_checks(self: Any, request: web.Request, handler: Any) -> web.StreamResponse:
+        token = request.query.get("access_token")
+        if token is not None and token in self.rejected_tokens:
+            if request.path.rsplit("/", 1)[-1] in SEND_EDGES and "/me/" in request.path:  # record it like any send
+                self.requests.append(GraphRequest(request.path, dict(request.query),
+                                                  orjson.loads(await request.read() or b"{}"), time.monotonic(), 400))
+            return _oauth_error("Error validating access token: The session has been invalidated because the user "
+                                "changed their password.", 190, 460)
+        if self.require_proof and not self.proof_ok(request.query):
+            return _oauth_error("Invalid appsecret_proof provided in the API argument", 100)
+        return await handler(request)
+
+    async def dialog(self: Any, request: web.Request) -> web.Response:
+        q = request.query
+        if q.get("client_id") != self.app_id:
+            return web.Response(text="Invalid App ID", status=400)
+        redirect, state = q.get("redirect_uri", ""), q.get("state", "")
+        code = secrets.token_hex(8)
+        user_token = f"EAAUser{secrets.token_hex(10)}"
+        self.codes[code] = user_token
+        ok = f"{redirect}?{urlencode({'code': code, 'state': state})}"
+        deny = f"{redirect}?{urlencode({'error': 'access_denied', 'error_reason': 'user_denied', 'state': state})}"
+        html = (
+            "<!doctype html><title>Log in with Facebook</title><h1>Facebook (fake)</h1>"
+            f"<p>messenger-streams is requesting: {q.get('scope', '')}</p>"
+            f"<a id='continue' href='{ok}'>Continue as {self.user_name}</a> <a id='cancel' href='{deny}'>Cancel</a>"
+        )
+        return web.Response(text=html, content_type="text/html")
+
+    async def access_token(self: Any, request: web.Request) -> web.Response:
+        q = request.query
+        if q.get("client_id") != self.app_id or q.get("client_secret") != self.app_secret:
+            return _oauth_error("Error validating client secret.", 1)
+        if q.get("grant_type") == "fb_exchange_token":
+            short = q.get("fb_exchange_token", "")
+            if short not in self.user_tokens:
+                return _oauth_error("Invalid OAuth access token.")
+            long = "EAALong" + secrets.token_hex(10)
+            self.user_tokens.add(long)
+            return web.json_response({"access_token": long, "token_type": "bearer", "expires_in": 5183944})
+        token = self.codes.pop(q.get("code", ""), None)
+        if token is None:
+            return _oauth_error("This authorization code has been used.", 100, 36009)
+        self.user_tokens.add(token)
+        return web.json_response({"access_token": token, "token_type": "bearer", "expires_in": 5183944})
+
+    async def accounts(self: Any, request: web.Request) -> web.Response:
+        if request.query.get("access_token") not in self.user_tokens:
+            return _oauth_error("Invalid OAuth access token.")
+        data = [{"id": p.page_id, "name": p.name, "access_token": p.token, "tasks": p.tasks,
+                 "category": "Company"} for p in self.pages.values()]
+        return web.json_response({"data": data, "paging": {"cursors": {"before": "b", "after": "a"}}})
+
+    async def debug_token(self: Any, request: web.Request) -> web.Response:
+        q = request.query
+        if q.get("access_token") != f"{self.app_id}|{self.app_secret}":
+            return _oauth_error("Invalid OAuth access token - Cannot parse access token")
+        token = q.get("input_token", "")
+        app_id = self.token_app_id or self.app_id
+        page = next((p for p in self.pages.values() if p.token == token), None)
+        if token in self.rejected_tokens or (page is None and token not in self.user_tokens):
+            return web.json_response({"data": {"app_id": app_id, "is_valid": False, "scopes": [],
+                                               "error": {"code": 190, "message": "The session has been invalidated"}}})
+        data: dict[str, Any] = {"app_id": app_id, "application": "messenger-streams", "expires_at": 0,
+                                "is_valid": True, "scopes": list(self.scopes), "user_id": "10001"}
+        if page is not None:
+            data.update(type="PAGE", profile_id=page.page_id)
+        else:
+            data.update(type="USER")
+        return web.json_response({"data": data})
+
+    def page_of_token(self: Any, page_id: str, token: str | None) -> FakePage | None:
+        page = self.pages.get(page_id)
+        return page if page is not None and token == page.token else None
+
+    async def subscribed_apps(self: Any, request: web.Request) -> web.Response:
+        page_id = request.match_info["page_id"]
+        if self.page_of_token(page_id, request.query.get("access_token")) is None:
+            return _oauth_error("(#210) A page access token is required to request this resource.", 210)
+        if "pages_manage_metadata" not in self.scopes:
+            return _oauth_error("(#200) Requires pages_manage_metadata permission to manage the object", 200)
+        if request.method == "DELETE":
+            self.subscriptions.pop(page_id, None)
+        else:
+            self.subscriptions[page_id] = request.query.get("subscribed_fields", "").split(",")
+        return web.json_response({"success": True})
+
+    async def page_info(self: Any, request: web.Request) -> web.Response:
+        page = self.page_of_token(request.match_info["page_id"], request.query.get("access_token"))
+        if page is None:
+            return _oauth_error("(#100) Unsupported get request.", 100)
+        return web.json_response({"id": page.page_id, "name": page.name})
+
+    def _add_onboarding_routes(self: Any, app: web.Application) -> None:
+        app.router.add_get("/{version}/dialog/oauth", self.dialog)
+        app.router.add_get("/{version}/oauth/access_token", self.access_token)
+        app.router.add_get("/{version}/me/accounts", self.accounts)
+        app.router.add_get("/{version}/debug_token", self.debug_token)
+        app.router.add_post("/{version}/{page_id}/subscribed_apps", self.subscribed_apps)
+        app.router.add_delete("/{version}/{page_id}/subscribed_apps", self.subscribed_apps)
+        app.router.add_get("/{version}/{page_id}", self.page_info)
+
+
+
+
+@dataclass
+class FakeGraph(OnboardingFake):
     """`await start()` → base URL. `script(psid, Answer, ...)` queues answers for one recipient; the
     rest get `200 {"recipient_id", "message_id": "m_<n>"}`."""
 
@@ -119,6 +268,20 @@ class FakeGraph:
     max_concurrent: Counter[str] = field(default_factory=Counter)  # recipient → most open at once
     _runner: web.AppRunner | None = None
     _count: int = 0
+    # --- onboarding (#14): Facebook Login, /me/accounts, debug_token, subscribed_apps, 190 mode ---
+    app_id: str = "950864918368986"
+    app_secret: str = "fake-app-secret-0123456789"
+    require_proof: bool = False  # True: every call with an access_token must carry a valid appsecret_proof
+    user_name: str = "Pat Admin"
+    pages: dict[str, FakePage] = field(default_factory=dict)  # the pages the fake user administers
+    user_tokens: set[str] = field(default_factory=set)
+    codes: dict[str, str] = field(default_factory=dict)  # Login dialog code → user token
+    rejected_tokens: set[str] = field(default_factory=set)  # 190 for any call made with these
+    subscriptions: dict[str, list[str]] = field(default_factory=dict)  # page id → subscribed fields
+    scopes: list[str] = field(default_factory=lambda: [
+        "pages_messaging", "pages_manage_metadata", "pages_show_list", "pages_read_engagement", "business_management",
+    ])
+    token_app_id: str | None = None  # debug_token answers this app id (None: app_id) — a token of another app
 
     def script(self, psid: str, *answers: Answer) -> None:
         self.scripts.setdefault(psid, []).extend(answers)
@@ -175,12 +338,12 @@ class FakeGraph:
         return web.json_response(answer.body or {}, status=answer.status)
 
     async def start(self) -> str:
-        app = web.Application()
+        app = web.Application(middlewares=[self._oauth_checks])
         app.router.add_post("/{version}/me/messages", self._handle)
-        for edge in ("pass_thread_control", "take_thread_control", "request_thread_control",
-                     "release_thread_control"):  # #15: Conversation Routing answers {"success": true}
+        for edge in THREAD_EDGES:  # #15: Conversation Routing answers {"success": true}
             app.router.add_post("/{version}/me/" + edge, self._handle)
         app.router.add_get("/_stats", self._stats)
+        self._add_onboarding_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         port = free_port()
@@ -198,3 +361,4 @@ class FakeGraph:
         while len(self.requests) < count and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         return self.requests
+

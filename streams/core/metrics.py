@@ -183,6 +183,11 @@ ORDERS_ROUTED = Counter(
 ORDERS_UNMATCHED_LISTED = Gauge(
     "messenger_orders_unmatched_listed", "Unmatched orders this worker lists at GET /orders/unmatched"
 )
+PAGES = Gauge(
+    "messenger_pages",
+    "Pages in this process's page directory, by status (active, disabled, needs_reauth, disconnected)",
+    ["status"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -220,6 +225,7 @@ CATALOGUE = (
     PAGE_MESSAGES,
     AGENT_MESSAGES,
     TIMERS_FIRED,
+    PAGES,
     BOT_HANDOFFS,
     THREAD_CONTROL,
     CHECKOUT_OPTINS,

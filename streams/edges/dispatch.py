@@ -22,7 +22,12 @@ the same at-most-once log; its SendResult carries the `endpoint`.
 - Bad records: an invalid OutboundRequest, or any exception while handling one record, goes to the
   dead-letter topic with its original bytes; the dispatcher moves on.
 - Meta's limits, error classification and backoff: streams/rules/sendapi.py; per-page token bucket.
-- Page access tokens: behind `PageTokens` (one small class: lookup, 190 rejection, redaction list).
+- Page access tokens (issue 14): behind `PageCredentials` (streams/core/credentials.py): `lookup`
+  gives the token with its `appsecret_proof`, or a refusal (no token, page switched off or not
+  connected, needs re-authorization) that fails the request without a Graph call; a 190 is reported
+  with `token_rejected`, every decided send with `note_result`; `redact` hides every token. The
+  command follows the page directory (`connector.pages`), the tokens file as fallback; tests may
+  give static tokens (`StaticCredentials`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,7 @@ from pydantic import ValidationError
 from schemas.contract import OutboundRequest, SendResult
 from schemas.events import Source
 from streams.core import metrics, serde
+from streams.core.credentials import Credential, PageCredentials, StaticCredentials, dispatch_credentials
 from streams.core.deadletter import dead_letter
 from streams.core.process import CliError, configure_logging, quiet_kafka_startup, run_until_signalled
 from streams.core.settings import load_settings
@@ -78,7 +84,6 @@ from streams.rules.sendapi import (
     entry_value,
     is_expired,
     prepare_requests,
-    redact,
 )
 from streams.rules.sendapi import transport_error as make_transport_error
 
@@ -145,40 +150,6 @@ class DispatchOptions:
         if endpoint in THREAD_ENDPOINTS:
             return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}/me/{endpoint}"
         return None
-
-
-class PageTokens:
-    """Where the dispatcher gets a page's access token: the one place to swap for a live page
-    directory. Holds the pages whose token Meta rejected (190): they fail at once until the token
-    changes (here: until the dispatcher restarts with a new one)."""
-
-    def __init__(self, tokens: Mapping[str, str]) -> None:
-        self._tokens = dict(tokens)
-        self._rejected: set[str] = set()
-
-    def token(self, page_id: str) -> str | None:
-        """The token to send with, or None (see `unavailable`)."""
-        return None if page_id in self._rejected else self._tokens.get(page_id)
-
-    def unavailable(self, page_id: str) -> tuple[int | None, str]:
-        """(code, message) of a page without a usable token."""
-        if page_id in self._rejected:
-            return 190, "page needs re-authorization (error 190 earlier)"
-        return None, f"no access token for page {page_id}"
-
-    def reject(self, page_id: str) -> None:
-        """Meta answered 190 for this page's token."""
-        if page_id not in self._rejected:
-            log.error("page %s: Meta rejected its access token (error 190): re-authorize the page", page_id)
-        self._rejected.add(page_id)
-        metrics.PAGES_NEED_REAUTH.labels(page_id).set(1)
-
-    def secrets(self) -> Iterable[str]:
-        """Every token, for redaction."""
-        return self._tokens.values()
-
-    def __len__(self) -> int:
-        return len(self._tokens)
 
 
 @dataclass
@@ -289,9 +260,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class Dispatcher:
     """The consume → record → send → record → result loop. `await run(stop)` until `stop` is set."""
 
-    def __init__(self, opts: DispatchOptions, tokens: PageTokens | None = None) -> None:
+    def __init__(self, opts: DispatchOptions, credentials: PageCredentials | None = None) -> None:
         self.opts = opts
-        self.tokens = tokens if tokens is not None else PageTokens(opts.tokens)
+        self.credentials: PageCredentials = credentials if credentials is not None else StaticCredentials(opts.tokens)
         self.tracker = OffsetTracker()
         self.queues: dict[str, deque[_Item]] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -310,6 +281,7 @@ class Dispatcher:
 
     async def start(self, timeout: float = 30.0) -> None:
         o = self.opts
+        await self.credentials.start()  # the page directory is read to its end before any record is handled
         # linger 0: a send waits for three acks in a row (marker, outcome, result), each would pay the linger
         self.producer = AIOKafkaProducer(
             bootstrap_servers=o.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=0
@@ -357,12 +329,13 @@ class Dispatcher:
                 await self.producer.stop()
         self.consumer = self.producer = None
         self.ledger = None
+        await self.credentials.stop()
 
     def fail(self, exc: BaseException) -> None:
         """Stop the dispatcher: it exits non-zero, uncommitted records are redelivered."""
         if self.fatal is None:
             self.fatal = exc
-            log.error("dispatcher stops: %s", redact(f"{type(exc).__name__}: {exc}", self.tokens.secrets()))
+            log.error("dispatcher stops: %s", self.credentials.redact(f"{type(exc).__name__}: {exc}"))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then release every partition (in-flight sends finish), commit."""
@@ -556,7 +529,7 @@ class Dispatcher:
             raise
         except Exception as exc:  # noqa: BLE001 - one record must not stop the dispatcher
             await self.dead_letter(rec, "processing_error",
-                                   redact(f"{type(exc).__name__}: {exc}", self.tokens.secrets()))
+                                   self.credentials.redact(f"{type(exc).__name__}: {exc}"))
             return True
 
     async def dispatch(self, own: Ownership, rec: Any, out: OutboundRequest) -> bool:
@@ -577,6 +550,7 @@ class Dispatcher:
                 await ledger.write(p, key, entry_value(conv, out.outbox_id, verdict, _now_ms(), own.token,
                                                        _stored(result)))
                 await self._emit(result_key, serde.dumps(result), result.status)
+                self.credentials.note_result(out.page_id, result.status)  # `pages list`: the page's last send
                 return True
             seen = ledger.log(p).get(conv, out.outbox_id)
         if verdict == REPLAY and seen is not None and seen.result is not None:
@@ -600,13 +574,11 @@ class Dispatcher:
             days = self.opts.sent_log.max_age_ms / DAY_MS
             return FAILED, self._failed(out, "expired", f"not sent: created more than {days:g} days ago",
                                         retryable=False, attempts=0)
-        token = self.tokens.token(out.page_id)
-        if token is None:
-            code, msg = self.tokens.unavailable(out.page_id)
-            log.warning("outbox %s not sent: %s", out.outbox_id, msg)
-            return FAILED, self._failed(out, "reauth_required" if code == 190 else "no_token", msg,
-                                        retryable=False, attempts=0, code=code)
-        url = self.opts.url_for(out.endpoint)  # #15
+        token = self.credentials.lookup(out.page_id)
+        if not isinstance(token, Credential):  # refused before any Graph call: no marker, nothing in doubt
+            log.warning("outbox %s not sent: %s", out.outbox_id, token.message)
+            return FAILED, self._failed(out, token.reason, token.message, retryable=False, attempts=0, code=token.code)
+        url = self.opts.url_for(out.endpoint)  # #15: refused before any marker too
         if url is None:
             return FAILED, self._failed(out, "unknown_endpoint", f"endpoint {out.endpoint!r} is not supported",
                                         retryable=False, attempts=0)
@@ -631,7 +603,7 @@ class Dispatcher:
             raise _Released
         return result.status, result
 
-    async def send(self, own: Ownership, out: OutboundRequest, token: str,
+    async def send(self, own: Ownership, out: OutboundRequest, token: Credential,
                    parts: list[dict[str, Any]], url: str | None = None) -> SendResult | None:
         """Send every part of one request in order; the SendResult of the whole, or None when the
         partition is being released and no part reached Graph."""
@@ -649,7 +621,7 @@ class Dispatcher:
                                     mids=mids, parts=len(parts))
             if last.error is not None:
                 e = last.error
-                return self._failed(out, e.reason, redact(e.message, self.tokens.secrets()),
+                return self._failed(out, e.reason, self.credentials.redact(e.message),
                                     retryable=e.retryable or e.reason == IN_DOUBT, attempts=last.attempts,
                                     code=e.code, subcode=e.subcode, mids=mids, parts=len(parts))
             if last.mid:
@@ -657,7 +629,7 @@ class Dispatcher:
         return SendResult(**_common(out), status="sent", mid=last.mid, mids=mids, attempts=last.attempts,
                           parts=len(parts), timestamp=_now_ms())
 
-    async def send_one(self, page_id: str, token: str, body: dict[str, Any],
+    async def send_one(self, page_id: str, token: Credential, body: dict[str, Any],
                        stop: asyncio.Event | None = None, url: str | None = None) -> _Outcome:
         """POST one body with retries on retryable errors; throttled per page. When `stop` is set, a
         wait (rate limit, backoff) ends the send before its next attempt (`stopped`)."""
@@ -670,7 +642,7 @@ class Dispatcher:
                 return _Outcome(attempts=attempt - 1, stopped=True)
             try:
                 target = url or self.opts.send_url
-                async with self.session.post(target, params={"access_token": token}, json=body) as resp:
+                async with self.session.post(target, params=token.params(), json=body) as resp:
                     data = await resp.read()
                     if resp.status == 200:
                         return _Outcome(mid=_message_id(data), attempts=attempt)
@@ -680,7 +652,7 @@ class Dispatcher:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 err = make_transport_error(exc, reached=True)
             if err.reauth:
-                self.tokens.reject(page_id)
+                self.credentials.token_rejected(token, err.code or 190, err.subcode, err.message)
             if not err.retryable or attempt >= backoff.max_attempts:
                 return _Outcome(error=err, attempts=attempt)
             delay = backoff.delay(attempt)
@@ -903,10 +875,10 @@ def load_tokens(env_value: str | None, path: str | None) -> dict[str, str]:
 
 
 def options_from_args(args: argparse.Namespace) -> DispatchOptions:
+    """The options of the command line; raises CliError (one line). `tokens` may be empty: the page
+    directory may hold every token (see `dispatch_credentials`)."""
     settings = load_settings()
     tokens = load_tokens(os.environ.get("MESSENGER_STREAMS_PAGE_TOKENS"), args.tokens_file)
-    if not tokens:
-        raise CliError("no page access tokens: set MESSENGER_STREAMS_PAGE_TOKENS or --tokens-file")
     if args.max_attempts < 1 or args.backoff_base < 0 or args.backoff_max < 0:
         raise CliError("--max-attempts must be >= 1 and backoff times >= 0")
     if args.rate_per_page <= 0 or args.request_timeout <= 0 or args.max_in_flight < 1:
@@ -945,12 +917,12 @@ async def serve(
     opts: DispatchOptions,
     stop: asyncio.Event,
     on_ready: Callable[[], Awaitable[None]] | None = None,
-    tokens: PageTokens | None = None,
+    credentials: PageCredentials | None = None,
     dispatcher: Dispatcher | None = None,
 ) -> None:
-    """Run a dispatcher (and its /metrics server) until `stop` is set. `tokens`: where page tokens come
-    from (default: `opts.tokens`); `dispatcher`: run this one (a test can watch its state)."""
-    d = dispatcher if dispatcher is not None else Dispatcher(opts, tokens)
+    """Run a dispatcher (and its /metrics server) until `stop` is set. `credentials`: where page tokens
+    come from (default: the static `opts.tokens`); `dispatcher`: run this one (a test can watch its state)."""
+    d = dispatcher if dispatcher is not None else Dispatcher(opts, credentials)
     with quiet_kafka_startup():
         await ensure_topics(
             opts.bootstrap_servers,
@@ -965,7 +937,7 @@ async def serve(
     try:
         if opts.web_port:
             runner = await start_web(opts.web_host, opts.web_port, lambda: d.consumer is not None)
-        log.info("dispatching %s → %s (%d pages)", opts.outbound_topic, opts.send_url, len(d.tokens))
+        log.info("dispatching %s → %s (%s)", opts.outbound_topic, opts.send_url, d.credentials.describe())
         if on_ready is not None:
             await on_ready()
         await d.run(stop)
@@ -977,10 +949,13 @@ async def serve(
 
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
-    configure_logging(load_settings().log_level)
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    # the page directory (connector.pages) with the tokens file as fallback; ConfigError: one line
+    credentials = dispatch_credentials(settings, opts.tokens)
 
     try:
-        run_until_signalled(lambda stop: serve(opts, stop))
+        run_until_signalled(lambda stop: serve(opts, stop, credentials=credentials))
     except (ConnectionError, DispatchError) as exc:
         raise CliError(str(exc)) from None
     return 0

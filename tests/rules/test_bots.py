@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from streams.core.config_bots import PAGE_INBOX_APP_ID
-from streams.rules.conversation.api import Decision, Input
+from streams.rules.conversation.api import Decision, Env, Input
 from streams.rules.conversation.bots import parse_metadata
 from tests.rules.convo import HOUR, MINUTE, SECOND, T0, Convo, cfg, console, outbound, rejections, types
 
@@ -103,6 +103,30 @@ def test_the_skill_comes_from_json_metadata_or_the_page() -> None:
     assert of_type(bot_to_agent(unknown, metadata="weather"), "conversation_opened")[0]["skill"] == "billing"
     none = bots_convo()
     assert of_type(bot_to_agent(none, metadata=None), "conversation_opened")[0]["skill"] == "billing"
+
+
+class LiveBotsConvo(Convo):
+    """A #15 conversation decided with the Env the stage builds from the live page directory (#14)."""
+
+    def __init__(self, skills: frozenset[str]) -> None:
+        super().__init__(cfg(BOTS))
+        config = self.d.config
+        self.env = Env(config.page(self.page), config.routing, config.external_user, skills)
+
+    def feed(self, inp: Input) -> Decision:
+        out = self.d.decide(self.state, inp, self.key, self.env)
+        if not out.duplicate:
+            self.state = out.state
+        return out
+
+
+def test_metadata_may_name_a_skill_connected_live() -> None:
+    live = LiveBotsConvo(frozenset({*cfg(BOTS).all_skills(), "returns"}))  # a page was connected live to `returns`
+    assert of_type(bot_to_agent(live, metadata="returns"), "conversation_opened")[0]["skill"] == "returns"
+    static = bots_convo()  # no live directory: `returns` has no topic, so the page's skill
+    assert of_type(bot_to_agent(static, metadata="returns"), "conversation_opened")[0]["skill"] == "billing"
+    narrow = LiveBotsConvo(frozenset({"billing", "general"}))  # the live set is the whole list
+    assert of_type(bot_to_agent(narrow, metadata="support"), "conversation_opened")[0]["skill"] == "billing"
 
 
 def test_the_transcript_is_bounded_by_minutes_messages_and_bytes() -> None:

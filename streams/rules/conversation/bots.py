@@ -55,13 +55,14 @@ def parse_metadata(metadata: str | None) -> tuple[str | None, dict[str, Any] | N
 
 def skill_for(ctx: Ctx, metadata: str | None) -> str:
     """The skill of a hand-over: the metadata's name through `[bots.skills]`, or the name itself when
-    it is a configured skill, else the page's skill (routing)."""
+    it is a known skill (configured, or of a page connected live: `Ctx.skills`), else the page's skill
+    (routing)."""
     name, _ = parse_metadata(metadata)
     if name is not None:
         mapped = ctx.config.bots.skills.get(name)
         if mapped is not None:
             return mapped
-        if name in ctx.rules.skills:
+        if name in ctx.skills:
             return name
     return ctx.route()[0]
 
