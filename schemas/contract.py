@@ -11,12 +11,31 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
+
+from schemas.messages import QUICK_REPLIES_MAX, MessageAttachment, QuickReplyOut, Template, inline_schema
 
 ActionType = Literal["accept", "message", "typing", "read", "transfer", "close", "open"]
 Origin = Literal["agent", "system", "csat"]
+
+
+def _optional(schema: dict[str, Any], description: str) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [schema, {"type": "null"}], "default": None, "description": description})
+
+
+# Rich message fields (#17): any JSON passes here; `streams.rules.messages.check_message` checks them
+# and rejects with `invalid_message` naming the field. The JSON Schema shows their shape and limits.
+RichAttachment = Annotated[Any, _optional(inline_schema(MessageAttachment), "a file by URL: image, video, audio, file")]
+RichQuickReplies = Annotated[
+    Any,
+    _optional(
+        {"type": "array", "items": inline_schema(QuickReplyOut), "minItems": 1, "maxItems": QUICK_REPLIES_MAX},
+        "quick replies under the message (with text, an attachment or a template)",
+    ),
+]
+RichTemplate = Annotated[Any, _optional(inline_schema(Template), "a button, generic or media template")]
 
 
 class AgentAction(BaseModel):
@@ -30,6 +49,9 @@ class AgentAction(BaseModel):
     psid: str = Field(min_length=1)
     agent_id: str = Field(min_length=1)
     text: str | None = None
+    attachment: RichAttachment = None
+    quick_replies: RichQuickReplies = None
+    template: RichTemplate = None
     on: bool | None = None
     to_skill: str | None = None
     timestamp: int | None = None
