@@ -19,7 +19,7 @@ from streams.core.config import ConfigError, ConnectorConfig, load_config
 from streams.core.process import CliError
 from streams.core.settings import Settings, load_settings
 from streams.core.topics import TopicError, create_topics
-from streams.edges import dispatch, webhook
+from streams.edges import dispatch, media, webhook
 from streams.rules.normalize import split_body
 
 EXIT_USAGE = 2
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dispatch", help="send messenger.outbound requests to the Graph API Send endpoint")
     dispatch.add_arguments(p)
 
+    p = sub.add_parser("media", help="keep inbound attachments: download them before their URLs expire (#17)")
+    media.add_arguments(p)
+
     p = sub.add_parser("dlq", help="show the dead letters, or replay their original bytes")
     dlq.add_arguments(p)
 
@@ -199,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dispatch.run(args)
         if args.command == "dlq":
             return dlq.run(args)
+        if args.command == "media":
+            return media.run(args)
         return cmd_worker(args, extra)
     except (ConfigError, CliError) as exc:
         return _fail(str(exc))

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from streams.core.automessages import AutoMessage, check_templates
+from streams.core.config_rich import Media, Personas, Profile
 
 
 class ConfigError(ValueError):
@@ -103,6 +104,9 @@ class ConnectorConfig(_Section):
     csat: Csat = Csat()
     messaging: Messaging = Messaging()
     auto_messages: dict[str, AutoMessage] = Field(default_factory=dict)
+    profile: Profile = Profile()  # #17: config_rich.py
+    personas: Personas = Personas()
+    media: Media = Media()
 
     @model_validator(mode="after")
     def _unique_pages(self) -> ConnectorConfig:

@@ -76,6 +76,18 @@ CSAT_FACTS_SKIPPED = Counter(
     "CSAT facts not counted: redelivered, duplicate (fact id already counted), expired or invalid",
     ["reason"],
 )
+MEDIA_STORED = Counter(
+    "messenger_media_stored", "Inbound attachments kept by `messenger-streams media` (a media_stored event each)"
+)
+MEDIA_STORED_BYTES = Counter(
+    "messenger_media_stored_bytes", "Bytes written to the media store (new files only: same content is one file)"
+)
+MEDIA_FAILURES = Counter(
+    "messenger_media_failures",
+    "Inbound attachments not stored, by reason (host_not_allowed, type_not_allowed, too_large, http_error, "
+    "timeout, connection_error, write_error)",
+    ["reason"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -98,6 +110,9 @@ CATALOGUE = (
     CSAT_AGGREGATE_ANSWERS,
     CSAT_AGGREGATE_SURVEYS,
     CSAT_FACTS_SKIPPED,
+    MEDIA_STORED,
+    MEDIA_STORED_BYTES,
+    MEDIA_FAILURES,
 )
 
 
