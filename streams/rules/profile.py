@@ -24,7 +24,7 @@ from typing import Any, TypedDict
 from streams.core.config_rich import Profile
 
 NAME_MAX = 100
-URL_MAX = 2048
+URL_MAX = 1000  # a longer picture URL is left out: the state stays small
 LOCALE = re.compile(r"[a-z]{2,3}(_[A-Z]{2})?")
 ENDPOINT = "user_profile"
 
