@@ -17,8 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from schemas.messages import QUICK_REPLIES_MAX, MessageAttachment, QuickReplyOut, Template, inline_schema
 
-ActionType = Literal["accept", "message", "typing", "read", "transfer", "close", "open"]
+ActionType = Literal[
+    "accept", "message", "typing", "read", "transfer", "close", "open",
+    "join", "leave", "return_to_queue", "set_response_time", "forget",
+]
+Role = Literal["agent", "manager", "admin"]
 Origin = Literal["agent", "system", "csat"]
+MAX_RESPONSE_SECONDS = 30 * 86_400
 
 
 def _optional(schema: dict[str, Any], description: str) -> WithJsonSchema:
@@ -39,7 +44,11 @@ RichTemplate = Annotated[Any, _optional(inline_schema(Template), "a button, gene
 
 
 class AgentAction(BaseModel):
-    """An agent console's action. `action_id` is unique: a repeated id is applied once."""
+    """An agent console's action. `action_id` is unique: a repeated id is applied once.
+
+    `role`: `manager` may act on any conversation (and `join` / `leave` it); `admin` may `forget`
+    a person. `conversation_id` (optional) names the conversation the agent sees: an action for
+    one that is closed is rejected at once instead of being held."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -47,22 +56,43 @@ class AgentAction(BaseModel):
     action_id: str = Field(min_length=1, max_length=200)
     page_id: str = Field(min_length=1)
     psid: str = Field(min_length=1)
-    agent_id: str = Field(min_length=1)
+    agent_id: str = Field(min_length=1, max_length=128)
+    role: Role = "agent"
+    agent_nickname: str | None = Field(default=None, max_length=200)
+    conversation_id: str | None = Field(default=None, max_length=200)
     text: str | None = None
     attachment: RichAttachment = None
     quick_replies: RichQuickReplies = None
     template: RichTemplate = None
     on: bool | None = None
     to_skill: str | None = None
+    to_agent_id: str | None = Field(default=None, min_length=1, max_length=128)
+    to_agent_nickname: str | None = Field(default=None, max_length=200)
+    seconds: int | None = Field(default=None, gt=0, le=MAX_RESPONSE_SECONDS)
+    reason: str | None = Field(default=None, max_length=64)
     timestamp: int | None = None
 
 
+CONSOLE_EVENT_TYPES = (
+    "conversation_opened", "consumer_message", "external_message", "agent_message", "system_message", "status",
+    "typing", "conversation_accepted", "conversation_transferred", "conversation_returned", "conversation_closed",
+    "manager_joined", "manager_left", "agent_not_responding", "response_time_set", "urgency_changed",
+    "csat_requested", "csat_received", "action_rejected", "send_failed", "postback", "referral", "reaction",
+    "message_edit", "standby_event", "context_event",
+)
+REJECTION_REASONS = (
+    "invalid_action", "text_too_long", "window_closed", "unknown_conversation", "not_owner", "not_assigned",
+)
+
+
 class ConsoleEvent(BaseModel):
-    """Common fields of every console event on `skill.<skill_id>`; types add fields of their own."""
+    """Common fields of every console event on `skill.<skill_id>`; types add fields of their own
+    (docs/console-events.md). Consumers should ignore types they do not know."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    type: str
+    type: str = Field(description="one of: " + ", ".join(CONSOLE_EVENT_TYPES)
+                      + "; `action_rejected.reason` is one of: " + ", ".join(REJECTION_REASONS))
     event_id: str
     conversation_id: str | None
     page_id: str
@@ -144,7 +174,10 @@ class CsatFact(BaseModel):
 
 
 class ConversationSummary(BaseModel):
-    """A closed conversation on `conversations.history` (compacted, keyed by conversation id)."""
+    """A closed conversation on `conversations.history` (compacted, keyed by conversation id).
+
+    `agents`: every agent who sent a message (the last 10), `skills`: the skills it went through (the
+    last 8); the figures are computed by the conversation rules at the close."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -164,6 +197,13 @@ class ConversationSummary(BaseModel):
     external_messages: int = 0
     system_messages: int = 0
     csat_score: int | None = None
+    opened_by: Literal["consumer", "agent"] | None = None
+    first_agent_response_ms: int | None = Field(
+        default=None, description="open → first agent message; null if no agent wrote"
+    )
+    queue_ms: int | None = Field(default=None, description="total time unassigned while open")
+    handle_ms: int | None = Field(default=None, description="open → close")
+    abandoned: bool | None = Field(default=None, description="closed before any agent message")
 
 
 EXPORTS: dict[str, type[BaseModel] | TypeAdapter[Any]] = {

@@ -5,6 +5,8 @@ docs/metrics.md lists the same names; tests check the Grafana dashboard only use
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge, Histogram
 
 RAW_BODIES = Counter(
@@ -88,6 +90,42 @@ MEDIA_FAILURES = Counter(
     "timeout, connection_error, write_error)",
     ["reason"],
 )
+_WAIT_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
+FIRST_RESPONSE = Histogram(
+    "messenger_first_response_seconds",
+    "Time from a consumer opening a conversation to the first agent message, by skill",
+    ["skill"],
+    buckets=_WAIT_BUCKETS,
+)
+QUEUE_WAIT = Histogram(
+    "messenger_queue_wait_seconds",
+    "Time a conversation waited unassigned in a skill's queue, per queue stay, by skill",
+    ["skill"],
+    buckets=_WAIT_BUCKETS,
+)
+HANDLE = Histogram(
+    "messenger_handle_seconds",
+    "Time from opening to closing a conversation, by the skill it closed in",
+    ["skill"],
+    buckets=(60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0, 86400.0, 259200.0, 604800.0),
+)
+CONVERSATIONS_ABANDONED = Counter(
+    "messenger_conversations_abandoned", "Conversations closed before any agent replied, by skill", ["skill"]
+)
+PAGE_MESSAGES = Counter(
+    "messenger_page_messages",
+    "Messages per page: inbound (consumer) and outbound (agent, automatic, survey, page); page is a connected "
+    "page id or other",
+    ["page", "direction"],
+)
+AGENT_MESSAGES = Counter(
+    "messenger_agent_messages", "Agent messages sent, by agent (the first 50 agents seen, then other)", ["agent"]
+)
+TIMERS_FIRED = Counter(
+    "messenger_conversation_timers_fired",
+    "Conversation timers fired: idle (auto-close), warn, agent_nr (agent not responding), waiting",
+    ["timer"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -113,6 +151,13 @@ CATALOGUE = (
     MEDIA_STORED,
     MEDIA_STORED_BYTES,
     MEDIA_FAILURES,
+    FIRST_RESPONSE,
+    QUEUE_WAIT,
+    HANDLE,
+    CONVERSATIONS_ABANDONED,
+    PAGE_MESSAGES,
+    AGENT_MESSAGES,
+    TIMERS_FIRED,
 )
 
 
@@ -128,6 +173,69 @@ class BoundLabels:
         if child is None:
             child = self.children[labels] = self.metric.labels(*labels)
         child.inc()
+
+
+TOP_AGENTS = 50  # agents with a label of their own in messenger_agent_messages; the rest are `other`
+
+
+class _TopAgents:
+    """The first `TOP_AGENTS` agent ids seen keep their label (a counter cannot move labels later)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.known: set[str] = set()
+
+    def label(self, agent_id: str) -> str:
+        if agent_id in self.known:
+            return agent_id
+        if len(self.known) < self.size:
+            self.known.add(agent_id)
+            return agent_id
+        return "other"
+
+
+_top_agents = _TopAgents(TOP_AGENTS)
+_counters: dict[tuple[int, tuple[str, ...]], Counter] = {}
+_HISTOGRAMS = {"first_response_seconds": FIRST_RESPONSE, "queue_wait_seconds": QUEUE_WAIT, "handle_seconds": HANDLE}
+
+
+def _inc(metric: Counter, *labels: str) -> None:
+    slot = (id(metric), labels)
+    child = _counters.get(slot)
+    if child is None:
+        child = _counters[slot] = metric.labels(*labels) if labels else metric
+    child.inc()
+
+
+def record_notes(notes: Iterable[tuple[str, str]], figures: Iterable[tuple[str, str, float]] = ()) -> None:
+    """Count a decision's notes and observe its figures (`Decision.notes`, `Decision.figures`).
+
+    Labels stay bounded: skills are configured skills, pages connected page ids or `other`, agents the
+    first `TOP_AGENTS` seen or `other`, reasons and kinds fixed sets. Notes for the stage's own
+    gauges (`open+`, `open-`, `queue+`, `queue-`) and informational ones are left to the stage."""
+    for name, label in notes:
+        if name == "outbound":
+            _inc(OUTBOUND_REQUESTS, label)
+        elif name == "rejected":
+            _inc(ACTIONS_REJECTED, label)
+        elif name == "duplicate":
+            _inc(DUPLICATES, label)
+        elif name == "unknown_page":
+            _inc(UNKNOWN_PAGES)
+        elif name == "abandoned":
+            _inc(CONVERSATIONS_ABANDONED, label)
+        elif name == "page_in":
+            _inc(PAGE_MESSAGES, label, "inbound")
+        elif name == "page_out":
+            _inc(PAGE_MESSAGES, label, "outbound")
+        elif name == "agent_message":
+            _inc(AGENT_MESSAGES, _top_agents.label(label))
+        elif name == "timer":
+            _inc(TIMERS_FIRED, label)
+    for name, label, value in figures:
+        histogram = _HISTOGRAMS.get(name)
+        if histogram is not None:
+            histogram.labels(label).observe(value)
 
 
 def exported_names() -> set[str]:

@@ -1,9 +1,9 @@
 """CSAT survey logic, pure (no I/O): which question, the survey message, is this an answer, expiry.
 
-The conversation stage calls these on an agent close (`should_survey`, `choose_question`,
-`survey_message`, `fact`) and on every consumer message while a survey is pending
-(`parse_answer`, `survey_expired`, `fact`). The CSAT stage (streams/csat_stage.py) counts
-the `CsatFact`s it emits, each `fact_id` once.
+The conversation rules call these on a close (`should_survey`, `choose_question`,
+`survey_message`, `fact`) and on the consumer's next message while a survey is pending
+(`parse_answer`, `survey_expired`, `fact`); see `streams/rules/conversation/csat_hooks.py`. The
+CSAT stage (`streams/stages/csat.py`) counts the `CsatFact`s they emit, keyed by skill.
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ def fact(
     timestamp: int,
     score: int | None = None,
 ) -> CsatFact:
-    """The fact for `csat.facts` (key: the conversation key `<page_id>:<psid>`): `survey_sent`
-    without a score, `answer` with one."""
+    """The fact for `csat.facts` (key: the skill, so every fact of a skill meets on one partition):
+    `survey_sent` without a score, `answer` with one."""
     return CsatFact(
         fact="survey_sent" if score is None else "answer",
         fact_id=survey_fact_id(conversation_id) if score is None else answer_fact_id(conversation_id),

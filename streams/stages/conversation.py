@@ -16,7 +16,13 @@ import orjson
 
 from streams.core import metrics, serde
 from streams.rules.conversation.api import Decision, Input
-from streams.rules.conversation.decider import BUCKET_MS, CURSOR_PREFIX, TIMER_PREFIX, Decider
+from streams.rules.conversation.decider import Decider
+from streams.rules.conversation.timers import wants_timer
+
+# --- lifecycle (#13): the wheel's constants moved here from the old single-class Decider --------------
+BUCKET_MS = 1_000  # timer wheel resolution: one bucket of conversation keys per second
+TIMER_PREFIX = "\x00timers:"
+CURSOR_PREFIX = "\x00cursor:"
 
 if TYPE_CHECKING:
     from streams.stages.app import Pipeline
@@ -34,13 +40,8 @@ def register(pipe: Pipeline) -> None:
     table = app.Table("conversations", default=None, partitions=settings.partitions)
     pipe.extras["conversations"] = table
 
-    def csat_totals(skill: str) -> tuple[int, int]:
-        fn = pipe.extras.get("csat_totals")
-        return fn(skill) if callable(fn) else (0, 0)
-
-    decider = Decider(
+    decider = Decider(  # lifecycle (#13): no csat_totals hook (decision C), the rules are pure
         pipe.config,
-        csat_totals,
         dedupe_horizon_ms=settings.dedupe_horizon_seconds * 1000,
         dedupe_max_keys=settings.dedupe_max_keys,
     )
@@ -68,15 +69,7 @@ def register(pipe: Pipeline) -> None:
                 console_events.inc(out.skill, out.value["type"])
             else:
                 await send(dests[out.dest], out.key.encode(), value)
-        for note, label in decision.notes:
-            if note == "outbound":
-                metrics.OUTBOUND_REQUESTS.labels(label).inc()
-            elif note == "rejected":
-                metrics.ACTIONS_REJECTED.labels(label).inc()
-            elif note == "unknown_page":
-                metrics.UNKNOWN_PAGES.inc()
-            elif note == "duplicate":
-                metrics.DUPLICATES.labels(label).inc()
+        metrics.record_notes(decision.notes, decision.figures)  # lifecycle (#13)
 
     def arm(partition: int, key: str, due: int) -> None:
         cursor_key = f"{CURSOR_PREFIX}{partition}"
@@ -103,9 +96,10 @@ def register(pipe: Pipeline) -> None:
             await send(names["events"], key.encode(), raw)
         await emit(decision)
         if decision.state is None:
-            del table[key]
+            if key in table:  # lifecycle (#13): `forget` may name a key never stored
+                del table[key]
             return
-        decision.state["o"][topic] = offset
+        decision.state.setdefault("o", {})[topic] = offset
         table[key] = decision.state
         for due in decision.arms:
             arm(partition, key, due)
@@ -124,12 +118,9 @@ def register(pipe: Pipeline) -> None:
             if keys is None:
                 continue
             for key in keys:
-                state = table.get(key)
-                conv = (state or {}).get("conv")
-                if not conv or not any(due <= now for due in conv.get("wheel", {}).values()):
-                    continue  # closed, or a newer conversation with timers of its own: lazy deletion
-                inp = Input("timer", f"timer:{conv['id']}:{sorted(conv['wheel'].items())}", now, {})
-                await apply(key, inp, topic, offset, partition)
+                if not wants_timer(table.get(key), now):  # lifecycle (#13): the wake-ups live in the state
+                    continue  # moved later or gone: lazy deletion
+                await apply(key, Input("timer", f"timer:{bucket}", now, {}), topic, offset, partition)
             del table[bucket_key]
         table[cursor_key] = upto
 

@@ -331,7 +331,8 @@ async def test_agent_reply_through_the_conversation_stage(
     harness.opts = dataclasses.replace(harness.opts, outbound_topic=w.topic("messenger.outbound"),
                                        results_topic=w.topic("messenger.send.results"))
     await harness.start()
-    harness.graph.script("psid-blocked", Answer(400, PERSON_UNAVAILABLE), Answer(400, PERSON_UNAVAILABLE))
+    # welcome, "connected to" (lifecycle #13: the accept below) and the agent's reply all fail for this person
+    harness.graph.script("psid-blocked", *(Answer(400, PERSON_UNAVAILABLE) for _ in range(3)))
     now = int(time.time() * 1000)
     psids = ("psid-ok", "psid-blocked")
     for psid in psids:
@@ -342,6 +343,10 @@ async def test_agent_reply_through_the_conversation_stage(
     opened = await kafka.read_json(w.topic("skill.billing"), min_count=2, timeout=60, settle=0.3)
     assert {e["psid"] for e in opened if e["type"] == "conversation_opened"} == set(psids)
     for psid in psids:
+        # lifecycle (#13): only the assigned agent may write; billing has no auto-accept, so accept first
+        await kafka.send(w.topic("agent.actions"), {
+            "type": "accept", "action_id": f"acc-{psid}", "page_id": PAGE, "psid": psid, "agent_id": "agent7",
+            "timestamp": int(time.time() * 1000)}, key=f"{PAGE}:{psid}")
         await kafka.send(w.topic("agent.actions"), {
             "type": "message", "action_id": f"act-{psid}", "page_id": PAGE, "psid": psid, "agent_id": "agent7",
             "text": "Let me check that for you.", "timestamp": int(time.time() * 1000)}, key=f"{PAGE}:{psid}")

@@ -6,69 +6,11 @@ from typing import Any
 
 import pytest
 
-from streams.core.config import ConnectorConfig, parse_config
-from streams.rules.conversation.api import Decision, Input
+from streams.rules.conversation.api import Input
 from streams.rules.conversation.decider import Decider
-from tests.conftest import BASE_CONFIG
+from tests.rules.convo import HOUR, KEY, PAGE, PSID, T0, Convo, cfg, console, outbound, types
 
-PAGE, PSID = "1691462197845448", "u1"
-KEY = f"{PAGE}:{PSID}"
-T0 = 1_700_000_000_000
-HOUR = 3_600_000
-
-
-def cfg(extra: str = "") -> ConnectorConfig:
-    return parse_config(BASE_CONFIG + extra)
-
-
-class Convo:
-    """Feeds inputs to a Decider for one conversation key and keeps its state."""
-
-    def __init__(self, config: ConnectorConfig | None = None, key: str = KEY) -> None:
-        self.d = Decider(config or cfg())
-        self.key = key
-        self.page, _, self.psid = key.partition(":")
-        self.state: dict[str, Any] | None = None
-        self.n = 0
-
-    def feed(self, inp: Input) -> Decision:
-        out = self.d.decide(self.state, inp, self.key)
-        self.state = out.state
-        return out
-
-    def msg(self, text: str = "hello", at: int = T0, mid: str | None = None, **extra: Any) -> Decision:
-        self.n += 1
-        mid = mid or f"m{self.n}"
-        ev = {"kind": "message", "page_id": self.page, "psid": self.psid, "mid": mid, "timestamp": at,
-              "standby": False, "conversation_key": self.key, "idempotency_key": f"msg:{self.page}:{mid}",
-              "received_at": at, "text": text, "attachments": [], "quick_reply_payload": None, "data": {}}
-        ev.update(extra)
-        return self.feed(Input("event", ev["idempotency_key"], at, ev))
-
-    def event(self, kind: str, at: int = T0, **fields: Any) -> Decision:
-        self.n += 1
-        ev = {"kind": kind, "page_id": self.page, "psid": self.psid, "timestamp": at, "standby": False,
-              "conversation_key": self.key, "idempotency_key": f"{kind}:{self.n}:{at}", "received_at": at,
-              "data": {}, **fields}
-        return self.feed(Input("event", ev["idempotency_key"], at, ev))
-
-    def act(self, type_: str, at: int = T0 + 1000, agent: str = "a1", **fields: Any) -> Decision:
-        self.n += 1
-        action = {"type": type_, "action_id": f"act{self.n}", "page_id": self.page, "psid": self.psid,
-                  "agent_id": agent, **fields}
-        return self.feed(Input("action", f"action:act{self.n}", at, action))
-
-
-def console(d: Decision) -> list[dict[str, Any]]:
-    return [o.value for o in d.outputs if o.dest == "skill"]
-
-
-def types(d: Decision) -> list[str]:
-    return [v["type"] for v in console(d)]
-
-
-def outbound(d: Decision) -> list[dict[str, Any]]:
-    return [o.value for o in d.outputs if o.dest == "outbound"]
+__all__ = ["HOUR", "KEY", "T0", "Convo", "cfg", "console", "outbound", "types"]
 
 
 def test_first_message_opens_a_conversation_in_the_pages_skill() -> None:
@@ -113,8 +55,7 @@ def test_duplicate_event_is_ignored() -> None:
 
 
 def test_dedupe_horizon_and_key_cap_come_from_the_decider() -> None:
-    c = Convo()
-    c.d = Decider(cfg(), dedupe_horizon_ms=HOUR, dedupe_max_keys=3)
+    c = Convo(decider=Decider(cfg(), dedupe_horizon_ms=HOUR, dedupe_max_keys=3))
     c.msg("hi", mid="same")
     assert c.msg("hi", mid="same", at=T0 + HOUR - 1).duplicate
     redelivered_late = c.msg("hi", mid="same", at=T0 + 2 * HOUR)  # past the horizon: counts as new
@@ -133,6 +74,7 @@ def test_consumer_text_over_the_limit_is_truncated() -> None:
 def test_agent_reply_within_24h_is_a_response_with_outbox_metadata() -> None:
     c = Convo()
     c.msg()
+    c.act("accept")
     out = c.act("message", text="On it!")
     ev = console(out)[-1]
     assert ev["type"] == "agent_message" and ev["mid"] is None and ev["agent_id"] == "a1"
@@ -145,18 +87,21 @@ def test_agent_reply_within_24h_is_a_response_with_outbox_metadata() -> None:
 def test_agent_reply_after_24h_uses_human_agent_then_window_closes() -> None:
     c = Convo()
     c.msg(at=T0)
+    c.act("accept")
     late = outbound(c.act("message", at=T0 + 30 * HOUR, text="sorry for the wait"))[0]["request"]
     assert late["messaging_type"] == "MESSAGE_TAG" and late["tag"] == "HUMAN_AGENT"
     out = c.act("message", at=T0 + 8 * 24 * HOUR, text="hello?")
     assert outbound(out) == [] and console(out)[0]["reason"] == "window_closed"
     no_tag = Convo(cfg().model_copy(update={"account": cfg().account.model_copy(update={"human_agent_tag": False})}))
     no_tag.msg(at=T0)
+    no_tag.act("accept")
     assert console(no_tag.act("message", at=T0 + 30 * HOUR, text="x"))[0]["reason"] == "window_closed"
 
 
 def test_our_echo_gives_the_mid_once_and_others_are_external() -> None:
     c = Convo()
     c.msg()
+    c.act("accept")
     outbox_id = outbound(c.act("message", text="hello"))[0]["outbox_id"]
     echo = c.event("echo", mid="mid.agent1", app_id="950864918368986", metadata=outbox_id, text="hello")
     (ev,) = console(echo)
@@ -174,6 +119,7 @@ def test_our_echo_gives_the_mid_once_and_others_are_external() -> None:
 def test_send_result_before_echo_still_shows_once() -> None:
     c = Convo()
     c.msg()
+    c.act("accept")
     outbox_id = outbound(c.act("message", text="hello"))[0]["outbox_id"]
     out = c.feed(Input("result", "r1", T0, {"outbox_id": outbox_id, "status": "sent", "mid": "mid.x"}))
     assert [(v["type"], v["mid"]) for v in console(out)] == [("agent_message", "mid.x")]
@@ -183,11 +129,14 @@ def test_send_result_before_echo_still_shows_once() -> None:
 def test_failed_send_becomes_send_failed_on_the_skill() -> None:
     c = Convo()
     c.msg()
+    c.act("accept")
     outbox_id = outbound(c.act("message", text="hello"))[0]["outbox_id"]
     out = c.feed(Input("result", "r1", T0, {"outbox_id": outbox_id, "status": "failed", "code": 551,
                                              "subcode": 1545041, "message": "unavailable", "retryable": False}))
     (ev,) = console(out)
     assert ev["type"] == "send_failed" and ev["skill"] == "billing" and ev["code"] == 551 and ev["retryable"] is False
+    redelivered = c.feed(Input("result", "r1", T0, {"outbox_id": outbox_id, "status": "failed", "code": 551}))
+    assert console(redelivered) == []  # shown once
 
 
 def test_receipts_are_monotonic() -> None:
@@ -238,13 +187,20 @@ def test_close_sends_history_and_reopen_is_a_new_conversation() -> None:
     ],
 )
 def test_actions_without_a_conversation_are_rejected(action: str, fields: dict[str, Any], reason: str) -> None:
-    out = Convo().act(action, **fields)
+    """Held first (its conversation's opening may still be replaying), rejected when the hold ends."""
+    c = Convo()
+    held = c.act(action, at=T0, **fields)
+    assert console(held) == [] and held.arms == [T0 + 10_000]
+    assert c.tick(T0 + 9_999).outputs == []
+    out = c.tick(T0 + 10_000)
     assert [(v["type"], v["reason"]) for v in console(out)] == [("action_rejected", reason)]
+    assert c.state is not None and c.state["held"] == []
 
 
 def test_malformed_and_overlong_actions_are_rejected() -> None:
     c = Convo()
     c.msg()
+    c.act("accept")
     out = c.feed(Input("action", "bad", T0, {"type": "dance", "page_id": PAGE, "psid": PSID}))
     assert console(out)[0]["reason"] == "invalid_action"
     long = c.act("message", text="y" * 641)
@@ -259,6 +215,7 @@ def test_malformed_and_overlong_actions_are_rejected() -> None:
 def test_repeated_action_id_is_applied_once() -> None:
     c = Convo()
     c.msg()
+    c.act("accept", agent="a")
     action = {"type": "message", "action_id": "same", "page_id": PAGE, "psid": PSID, "agent_id": "a", "text": "x"}
     assert len(outbound(c.feed(Input("action", "action:same", T0, action)))) == 1
     assert c.feed(Input("action", "action:same", T0, action)).outputs == []

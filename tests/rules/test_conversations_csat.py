@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from streams.rules.conversation.api import Decision
-from tests.rules.test_conversations import HOUR, T0, Convo, cfg, console, outbound, types
+from tests.rules.convo import HOUR, T0, Convo, cfg, console, outbound, types
 
 SURVEY = "\n[csat]\nenabled = true\nexpire_after_seconds = 600\n[csat.question_by_page]\n\"298733926841562\" = \"How did support do?\"\n"
 
@@ -49,12 +49,10 @@ def test_question_by_page_then_locale() -> None:
 def test_quick_reply_answer_is_counted_once() -> None:
     c, _ = closed_with_survey()
     out = answer(c, 5)
-    assert types(out) == ["system_message", "csat_received"]
-    received = console(out)[1]
-    assert received["score"] == 5 and received["agent_id"] == "ana" and received["csat_percent"] == 100.0
+    assert types(out) == ["system_message"]  # the thank-you; csat_received comes from the CSAT stage
     (resp,) = [o.value for o in out.outputs if o.dest == "csat_responses"]
     assert resp["score"] == 5 and resp["skill"] == "billing" and resp["agent_id"] == "ana"
-    assert [f["fact"] for f in facts(out)] == ["answer"]
+    assert [(f["fact"], f["score"], f["agent_id"]) for f in facts(out)] == [("answer", 5, "ana")]
     (hist,) = [o.value for o in out.outputs if o.dest == "history"]
     assert hist["csat_score"] == 5
     # tapping again (a new mid) counts nothing and opens nothing
@@ -107,17 +105,19 @@ def test_consumer_close_surveys_only_when_configured() -> None:
     assert "csat_requested" in types(out2)
 
 
-def test_csat_percent_uses_the_skill_totals() -> None:
-    c, _ = closed_with_survey()
-    c.d.csat_totals = lambda skill: (3, 4) if skill == "billing" else (0, 0)
-    received = [v for v in console(answer(c, 2)) if v["type"] == "csat_received"][0]
-    assert received["csat_percent"] == 60.0  # (3 + 0) / (4 + 1)
-    assert received["skill"] == "billing"
+def test_facts_are_keyed_by_skill_and_the_rules_read_no_totals() -> None:
+    """Decision C: facts go to the CSAT stage keyed by skill; the rules emit no csat_received."""
+    c, closed = closed_with_survey()
+    out = answer(c, 2)
+    assert [o.key for o in closed.outputs + out.outputs if o.dest == "csat_facts"] == ["billing", "billing"]
+    assert "csat_received" not in types(closed) + types(out)
+    assert not hasattr(c.d, "csat_totals")
 
 
 def test_thank_you_comes_from_csat_config_and_can_be_overridden_per_skill() -> None:
     c = Convo(cfg(SURVEY.replace("enabled = true", 'enabled = true\nthank_you = "Gracias por tu respuesta"')))
     c.msg("help", at=T0)
+    c.act("accept", at=T0 + 1000, agent="ana")
     c.act("close", at=T0 + 2000, agent="ana")
     thanks = [v for v in console(answer(c, 5)) if v["type"] == "system_message"]
     assert [v["text"] for v in thanks] == ["Gracias por tu respuesta"]

@@ -1,4 +1,7 @@
-"""Automatic messages, sender actions, auto-accept, auto-close and proactive open on real Kafka."""
+"""Automatic messages, sender actions, auto-accept, auto-close and proactive open on real Kafka.
+
+Timers are at least 15 s (LivePerson's minimum); where a test only needs a timer to be overdue it
+backdates the input instead of waiting (the rules run on the inputs' own time)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import BASE_CONFIG
@@ -27,11 +31,11 @@ pytestmark = pytest.mark.kafka
 CONFIG = BASE_CONFIG + """
 [skills.billing]
 auto_accept = true
-auto_close_after_seconds = 4
-waiting_for_agent_after_seconds = 2
+auto_close_after_seconds = 15
+waiting_for_agent_after_seconds = 15
 
 [skills.support]
-auto_close_after_seconds = 5
+auto_close_after_seconds = 15
 
 [csat]
 enabled = false
@@ -49,11 +53,16 @@ def mine(evs: list[dict[str, Any]], psid: str, type_: str) -> list[dict[str, Any
     return [e for e in of_type(evs, type_) if e["psid"] == psid]
 
 
+async def send_raw(kafka: KafkaIO, w: Worker, page: str, item: dict[str, Any], received_at: int | None = None) -> None:
+    headers = [("received-at", str(received_at).encode())] if received_at is not None else None
+    await kafka.send(w.topic("messenger.webhook.raw"), body(page, item), headers=headers)
+
+
 async def test_triggers_sender_actions_and_auto_accept(make_worker: Callable[..., Worker], kafka: KafkaIO) -> None:
     w = make_worker(CONFIG)
     con = Console(kafka, w)
-    raw = w.topic("messenger.webhook.raw")
-    await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, "alice", "a1", "hello")))
+    # alice wrote 20 s ago (the record says when it was received): the 15 s queue timer is overdue
+    await send_raw(kafka, w, BILLING_PAGE, consumer_msg(BILLING_PAGE, "alice", "a1", "hello"), now_ms() - 20_000)
     evs = await con.wait_for("billing", lambda e: "waiting_for_agent" in triggers(e, "alice"))
     assert triggers(evs, "alice") == ["welcome_first", "waiting_for_agent"]
 
@@ -61,11 +70,14 @@ async def test_triggers_sender_actions_and_auto_accept(make_worker: Callable[...
     await action(kafka, w, BILLING_PAGE, "alice", "typing", "t-1", on=True, agent_nickname="Ana")
     await action(kafka, w, BILLING_PAGE, "alice", "typing", "t-2", on=False)
     await action(kafka, w, BILLING_PAGE, "alice", "read", "t-3")
-    evs = await con.wait_for("billing", lambda e: "accepted" in triggers(e, "alice"))
+    await action(kafka, w, BILLING_PAGE, "alice", "typing", "t-3b", on=True, agent_id="intruder")  # not hers
+    evs = await con.wait_for("billing", lambda e: "accepted" in triggers(e, "alice")
+                             and len(mine(e, "alice", "action_rejected")) == 1)
     (accepted,) = mine(evs, "alice", "conversation_accepted")
     assert accepted["agent_id"] == "agent-7"
     assert [e["text"] for e in mine(evs, "alice", "system_message") if e["trigger"] == "accepted"] == [
         "Billing agent Ana is with you"]
+    assert [e["reason"] for e in mine(evs, "alice", "action_rejected")] == ["not_owner"]
     out = await kafka.read_json(w.topic("messenger.outbound"), min_count=5)
     actions = [o["request"].get("sender_action") for o in out if o["psid"] == "alice" and o["origin"] == "agent"]
     assert actions == ["typing_on", "typing_off", "mark_seen"]
@@ -77,10 +89,12 @@ async def test_triggers_sender_actions_and_auto_accept(make_worker: Callable[...
     await action(kafka, w, BILLING_PAGE, "alice", "accept", "t-5")
     await action(kafka, w, BILLING_PAGE, "alice", "close", "t-6")
     await action(kafka, w, BILLING_PAGE, "alice", "typing", "t-7", on=True)  # closed: dropped
-    await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, "alice", "a2", "me again")))
+    await send_raw(kafka, w, BILLING_PAGE, consumer_msg(BILLING_PAGE, "alice", "a2", "me again"))
     evs = await con.wait_for("billing", lambda e: "welcome_returning" in triggers(e, "alice"))
     support = await con.events("support")
     assert triggers(support, "alice") == ["transferred", "accepted", "closed_by_agent"]
+    assert [e["text"] for e in mine(support, "alice", "system_message") if e["trigger"] == "closed_by_agent"] == [
+        "This conversation has been closed by an agent. Thank you for contacting us!"]  # no nickname: whole words
     out = await kafka.read_json(w.topic("messenger.outbound"))
     assert [o["request"].get("sender_action") for o in out if o["psid"] == "alice" and o["origin"] == "agent"] == [
         "typing_on", "typing_off", "mark_seen"]
@@ -92,31 +106,36 @@ async def test_triggers_sender_actions_and_auto_accept(make_worker: Callable[...
     assert sent.items() <= {e["outbox_id"]: e["text"] for e in of_type(everything, "system_message")}.items()
 
 
-async def test_auto_close_once_reset_by_messages_and_across_a_restart(
+async def test_auto_close_on_the_consumers_turn_once_and_across_a_restart(
     make_worker: Callable[..., Worker], kafka: KafkaIO
 ) -> None:
     w = make_worker(CONFIG)
     con = Console(kafka, w)
-    raw = w.topic("messenger.webhook.raw")
-    # bob keeps writing for 7 s: more than the 4 s idle limit overall, but never 4 s of silence
-    for i in range(5):
-        await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, "bob", f"b{i}", f"msg {i}")))
-        await asyncio.sleep(1.7)
-    evs = await con.events("billing")
-    assert mine(evs, "bob", "conversation_closed") == []
-    last_message_at = time.monotonic()
-    evs = await con.wait_for("billing", lambda e: len(mine(e, "bob", "conversation_closed")) == 1, timeout=30)
-    silent_for = time.monotonic() - last_message_at
+    # bob is answered, then keeps the conversation alive by answering back within 15 s
+    await send_raw(kafka, w, BILLING_PAGE, consumer_msg(BILLING_PAGE, "bob", "b0", "hi"))
+    await con.wait_for("billing", lambda e: len(mine(e, "bob", "conversation_opened")) == 1)
+    await action(kafka, w, BILLING_PAGE, "bob", "message", "b-act-1", text="How can I help?")
+    await con.wait_for("billing", lambda e: len(mine(e, "bob", "agent_message")) == 1)
+    await asyncio.sleep(8)
+    await send_raw(kafka, w, BILLING_PAGE, consumer_msg(BILLING_PAGE, "bob", "b1", "my invoice"))  # the agent's turn
+    await asyncio.sleep(12)  # 20 s since the agent's message: no idle close while the consumer waits
+    assert mine(await con.events("billing"), "bob", "conversation_closed") == []
+    await action(kafka, w, BILLING_PAGE, "bob", "message", "b-act-2", text="Fixed, anything else?")
+    answered_at = time.monotonic()
+    evs = await con.wait_for("billing", lambda e: len(mine(e, "bob", "conversation_closed")) == 1, timeout=60)
+    assert time.monotonic() - answered_at >= 13  # 15 s after the agent's last message (tick resolution aside)
     closed = mine(evs, "bob", "conversation_closed")[0]
     assert (closed["closed_by"], closed["reason"]) == ("system", "idle")
     assert "closed_idle" in triggers(evs, "bob")
-    assert silent_for < 15
 
-    # carol's timer is armed, then the worker restarts before it fires
-    await kafka.send(raw, body(SUPPORT_PAGE, consumer_msg(SUPPORT_PAGE, "carol", "c1", "hola")))
+    # carol's idle timer is armed, then the worker restarts before it fires
+    await send_raw(kafka, w, SUPPORT_PAGE, consumer_msg(SUPPORT_PAGE, "carol", "c1", "hola"))
     await con.wait_for("support", lambda e: len(mine(e, "carol", "conversation_opened")) == 1)
+    await action(kafka, w, SUPPORT_PAGE, "carol", "accept", "c-act-1")
+    await action(kafka, w, SUPPORT_PAGE, "carol", "message", "c-act-2", text="¿En qué puedo ayudar?")
+    await con.wait_for("support", lambda e: len(mine(e, "carol", "agent_message")) == 1)
     w.restart()
-    evs = await con.wait_for("support", lambda e: len(mine(e, "carol", "conversation_closed")) == 1, timeout=40)
+    evs = await con.wait_for("support", lambda e: len(mine(e, "carol", "conversation_closed")) == 1, timeout=60)
     await asyncio.sleep(4)  # a few more ticks: it must not fire again
     evs = await con.events("support")
     billing = await con.events("billing")
@@ -128,14 +147,13 @@ async def test_auto_close_once_reset_by_messages_and_across_a_restart(
 async def test_proactive_open_inside_and_outside_the_window(make_worker: Callable[..., Worker], kafka: KafkaIO) -> None:
     w = make_worker(CONFIG)
     con = Console(kafka, w)
-    raw = w.topic("messenger.webhook.raw")
     day = 86_400_000
-    # frank wrote 2 hours ago, erin 3 days ago, dave 9 days ago; zoe never
+    # frank wrote 2 hours ago, erin 3 days ago, dave 9 days ago; zoe never; a manager closed them since
     for psid, age in (("frank", 2 * 3_600_000), ("erin", 3 * day), ("dave", 9 * day)):
-        sent = str(now_ms() - age).encode()
-        await kafka.send(raw, body(SUPPORT_PAGE, consumer_msg(SUPPORT_PAGE, psid, f"{psid}-1", "hi")),
-                         headers=[("received-at", sent)])
-    # their last messages are older than support's 5 s idle limit: the system closes all three
+        await send_raw(kafka, w, SUPPORT_PAGE, consumer_msg(SUPPORT_PAGE, psid, f"{psid}-1", "hi"), now_ms() - age)
+    await con.wait_for("support", lambda e: len(of_type(e, "conversation_opened")) == 3)
+    for psid in ("frank", "erin", "dave"):
+        await action(kafka, w, SUPPORT_PAGE, psid, "close", f"{psid}-close", agent_id="sup", role="manager")
     await con.wait_for("support", lambda e: len(of_type(e, "conversation_closed")) == 3)
     for psid in ("frank", "erin", "dave", "zoe"):
         await action(kafka, w, SUPPORT_PAGE, psid, "open", f"{psid}-open", text="We have an update on your case")
@@ -152,3 +170,9 @@ async def test_proactive_open_inside_and_outside_the_window(make_worker: Callabl
         opened = mine(evs, psid, "conversation_opened")[-1]
         assert opened["opened_by"] == "agent"
         assert mine(evs, psid, "conversation_accepted")[-1]["agent_id"] == "agent-7"
+        assert "accepted" not in triggers([e for e in evs if e["timestamp"] >= opened["timestamp"]], psid)
+    # the proactive open starts on the consumer's turn from now: not closed a second later
+    await asyncio.sleep(3)
+    evs = await con.events("support")
+    assert [len(mine(evs, p, "conversation_closed")) for p in ("frank", "erin")] == [1, 1]
+    assert orjson.dumps(sends)  # the requests are JSON as sent

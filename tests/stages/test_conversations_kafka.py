@@ -141,6 +141,9 @@ async def test_whole_conversations_across_two_pages(make_worker: Callable[..., W
 
     # close and reopen: history gets the summary; the next message opens a new conversation,
     # routed by its page again (billing), while the transferred one was closed in support
+    # lifecycle (#13): after a transfer to a skill the conversation waits in that skill's queue; only
+    # its new owner may close it, so the agent accepts it there first
+    await action(kafka, w, BILLING_PAGE, "alice", "accept", "act-4b")
     await action(kafka, w, BILLING_PAGE, "alice", "close", "act-5")
     await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, "alice", "m-a2", "one more thing")))
     support = await con.wait_for("support", lambda e: len(of_type(e, "conversation_closed")) == 1)

@@ -53,10 +53,13 @@ class Output:
 @dataclass(slots=True)
 class Decision:
     """The outcome of one input: the new state (None: delete the key), outputs, timers to arm
-    (epoch ms), and notes for metrics (`(name, label)`)."""
+    (epoch ms: feed a `timer` input back once stream time reaches each), notes for counters
+    (`(name, label)`) and figures for histograms (`(name, label, value)`); both go to
+    `streams.core.metrics.record_notes`."""
 
     state: dict[str, Any] | None
     outputs: list[Output] = field(default_factory=list)
     arms: list[int] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
     duplicate: bool = False  # the input was a duplicate: nothing changed, nothing to write
+    figures: list[tuple[str, str, float]] = field(default_factory=list)
