@@ -115,6 +115,12 @@ class OutboundRequest(BaseModel):
     skill: str | None = None
     agent_id: str | None = None
     created_at: int | None = None
+    agent_nickname: str | None = Field(default=None, description="#17: names the agent's persona")
+    endpoint: str | None = Field(
+        default=None,
+        description="absent: `messages` (the Send API). `user_profile` (#17): a User Profile API read for "
+        "`request.psid` and `request.fields`; its answer comes back as a SendResult with `profile`",
+    )
 
 
 class SendResult(BaseModel):
@@ -136,6 +142,8 @@ class SendResult(BaseModel):
     retryable: bool = False
     attempts: int = 1
     timestamp: int
+    endpoint: str | None = Field(default=None, description="as on the outbound record (#17: `user_profile`)")
+    profile: dict[str, Any] | None = Field(default=None, description="#17: the User Profile API's answer")
 
 
 class CsatResponse(BaseModel):

@@ -40,6 +40,8 @@ def compact(st: State, now: int, config: ConnectorConfig, horizon_ms: int) -> St
         if until > now:
             kept["survey"] = survey
             expiries.append(until)
+    if "profile" in st and kept["person"] is not None:
+        kept["profile"] = st["profile"]  # #17: with the person (it is refreshed after its TTL)
     kept["held"] = st["held"]
     if not expiries and not kept["held"]:
         return None

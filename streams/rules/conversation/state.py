@@ -123,6 +123,7 @@ class State(TypedDict):
     armed: list[int]  # wake-ups handed to the stage and not fired yet
     expire_at: int | None  # when a state without an open conversation is compacted or deleted
     last_closed: str | None  # the conversation closed last: actions naming it are rejected at once
+    profile: NotRequired[Any]  # the person's User Profile, kept with a TTL (#17: streams.rules.profile)
     o: NotRequired[dict[str, Any]]  # the stage's own fields (offset guard, pending outputs): kept as is
     pending: NotRequired[Any]
 
