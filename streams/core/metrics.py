@@ -126,6 +126,16 @@ TIMERS_FIRED = Counter(
     "Conversation timers fired: idle (auto-close), warn, agent_nr (agent not responding), waiting",
     ["timer"],
 )
+PROFILES = Counter(
+    "messenger_profiles",
+    "User Profile lookups of the conversation rules: asked (a request to the dispatcher), fetched, failed",
+    ["result"],
+)
+PERSONAS = Counter(
+    "messenger_personas",
+    "Persona lookups of the dispatcher: created, found (listed at Meta, not remembered), failed (sent without)",
+    ["result"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -151,6 +161,8 @@ CATALOGUE = (
     MEDIA_STORED,
     MEDIA_STORED_BYTES,
     MEDIA_FAILURES,
+    PROFILES,
+    PERSONAS,
     FIRST_RESPONSE,
     QUEUE_WAIT,
     HANDLE,
@@ -232,6 +244,8 @@ def record_notes(notes: Iterable[tuple[str, str]], figures: Iterable[tuple[str, 
             _inc(AGENT_MESSAGES, _top_agents.label(label))
         elif name == "timer":
             _inc(TIMERS_FIRED, label)
+        elif name == "profile":
+            _inc(PROFILES, label)  # #17: asked / fetched / failed
     for name, label, value in figures:
         histogram = _HISTOGRAMS.get(name)
         if histogram is not None:
