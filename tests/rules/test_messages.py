@@ -3,6 +3,9 @@ and the Send API bodies built from a valid action."""
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -396,3 +399,27 @@ def test_what_the_checker_accepts_the_schema_models_accept(name: str, value: Any
     model: Any = {"attachment": m.MessageAttachment, "quick_replies": list[m.QuickReplyOut],
                   "template": m.Template}[name]
     TypeAdapter(model).validate_python(value)
+
+
+# --- the README's examples are what the checker accepts ----------------------------------------------
+
+def readme_examples() -> list[dict[str, Any]]:
+    text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Agent actions"):text.index("## Topics")]
+    code = section[section.index("```jsonc") + len("```jsonc"):]
+    code = code[:code.index("```")]
+    lines = [line for line in code.splitlines() if not line.strip().startswith("//")]
+    return [json.loads(chunk) for chunk in re.split(r"\n(?=\{)", "\n".join(lines).strip())]
+
+
+def test_every_readme_example_is_accepted() -> None:
+    examples = readme_examples()
+    assert len(examples) == 8
+    kinds = set()
+    for action in examples:
+        checked = check_message(action, text_limit=640)
+        assert checked.ok, (action, checked.detail())
+        kinds.update(k for k in ("text", "attachment", "quick_replies") if k in action)
+        if "template" in action:
+            kinds.add(action["template"]["template_type"])
+    assert kinds == {"text", "attachment", "quick_replies", "button", "generic", "media"}
