@@ -32,6 +32,7 @@ class Topics(BaseSettings):
     csat_facts: str = "csat.facts"
     history: str = "conversations.history"
     skill_prefix: str = "skill."
+    personas: str = "messenger.personas"  # personas the dispatcher created, per page (compacted; #17)
 
     def name(self, attr: str) -> str:
         """The full name of one topic, with the prefix."""
