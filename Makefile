@@ -7,7 +7,7 @@ KAFKA := $(BIN)/python deploy/kafka/localkafka.py
 CONFIG ?= deploy/connector.example.toml
 RATE ?= 20
 
-.PHONY: install run test lint typecheck unit kafka-up kafka-down kafka-fetch bench schemas clean
+.PHONY: install run test lint typecheck unit kafka-up kafka-down kafka-fetch bench bench-history schemas clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ run: install kafka-up
 
 bench: install kafka-up
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The history sink's write rate into an embedded PostgreSQL (docs/history.md): HISTORY_BENCH_ARGS="--conversations 50000"
+bench-history: install kafka-up
+	$(BIN)/python -m bench.history $(HISTORY_BENCH_ARGS)
 
 clean:
 	rm -rf .messenger-streams-data bench/results/*.tmp

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 export MESSENGER_STREAMS_CONFIG="${MESSENGER_STREAMS_CONFIG:-deploy/connector.example.toml}"
 export MESSENGER_STREAMS_WEB_PORT="${MESSENGER_STREAMS_WEB_PORT:-6066}"
+# history store (issue 16): the embedded PostgreSQL (pgserver) under the data dir unless a DSN is given
+export MESSENGER_STREAMS_HISTORY_DSN="${MESSENGER_STREAMS_HISTORY_DSN:-embedded}"
 LOG_DIR=.messenger-streams-data
 mkdir -p "$LOG_DIR"
 pids=()
@@ -22,6 +24,9 @@ $BIN/messenger-streams topics create
 $BIN/messenger-streams worker >"$LOG_DIR/worker.log" 2>&1 &
 pids+=($!)
 echo "worker started (pid ${pids[0]}), log in $LOG_DIR/worker.log; web on :$MESSENGER_STREAMS_WEB_PORT"
+$BIN/messenger-streams history sink >"$LOG_DIR/history.log" 2>&1 &
+pids+=($!)
+echo "history sink started, log in $LOG_DIR/history.log; try http://127.0.0.1:$MESSENGER_STREAMS_WEB_PORT/conversations?q=refund"
 $BIN/messenger-streams simulate --rate "${RATE:-20}" >"$LOG_DIR/simulate.log" 2>&1 &
 pids+=($!)
 echo "demo traffic at ${RATE:-20} records/s; live summary every 3 s, Ctrl-C to stop"

@@ -15,7 +15,10 @@ DeadLetterReason = Literal[
     "invalid_envelope",
     "invalid_item",
     "invalid_action",
+    "invalid_outbound",
     "processing_error",
+    "history_invalid_record",  # the history sink: a skill/history/CSAT record it cannot read
+    "history_write_error",  # the history sink: a record the database refuses
 ]
 
 

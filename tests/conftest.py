@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from streams.history.embedded import start_embedded, stop_embedded
 from tests.kafkatools import KafkaIO, Worker, kafka_broker, worker_env
+from tests.pgtools import new_database
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -75,3 +79,30 @@ def make_worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., 
     yield factory
     for w in workers:
         w.stop()
+
+
+# --- the embedded PostgreSQL of the history store (issue 16) -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """One embedded PostgreSQL 16 (pgserver) for the run, deleted at exit: its connection URI.
+
+    Not under pytest's temp dir: pytest resets that tree to mode 0700 at every run, and the server
+    runs as its own user (pgserver's when we are root). HISTORY_TEST_POSTGRES_URI runs the history
+    tests on another server instead (another PostgreSQL version): each test creates a database there."""
+    if other := os.environ.get("HISTORY_TEST_POSTGRES_URI"):
+        yield other
+        return
+    base = Path(tempfile.mkdtemp(prefix="ms-pg-"))
+    try:
+        yield start_embedded(base / "data", delete_on_exit=True)
+    finally:
+        stop_embedded(base / "data")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def history_dsn(pg_server: str) -> str:
+    """A fresh, empty database on the embedded server for one test."""
+    return new_database(pg_server)

@@ -1,10 +1,18 @@
 """A local fake of the Graph API Send endpoint: records every request, answers with scripted
-successes and errors (real error bodies from tests/samples)."""
+successes and errors (real error bodies from tests/samples).
+
+Counting sends (for the dispatcher's tests and the chaos suite): a request *delivered* a message when
+the fake answered it 200, whether or not the dispatcher lived to read the answer. `deliveries()`
+counts them per outbox id (the `message.metadata` the conversation stage sets), `duplicates()` lists
+the outbox ids whose same part was delivered more than once, `max_concurrent` the most requests one
+recipient had open at once. `GET /_stats` serves the same as JSON for a fake in another process."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +59,7 @@ class GraphRequest:
     body: dict[str, Any]
     at: float
     status: int = 0
+    mid: str | None = None  # the message_id the fake answered with
 
     @property
     def psid(self) -> str:
@@ -61,6 +70,36 @@ class GraphRequest:
         msg = self.body.get("message")
         return msg.get("text") if isinstance(msg, dict) else None
 
+    @property
+    def outbox_id(self) -> str | None:
+        """The outbox id the conversation stage puts in `message.metadata` (None for sender actions)."""
+        msg = self.body.get("message")
+        meta = msg.get("metadata") if isinstance(msg, dict) else None
+        return str(meta) if meta is not None else None
+
+    @property
+    def delivered(self) -> bool:
+        return self.status == 200
+
+
+def deliveries(requests: Iterable[GraphRequest]) -> Counter[str]:
+    """Outbox id → requests that delivered a message (answered 200). A split text counts one per part."""
+    return Counter(r.outbox_id for r in requests if r.delivered and r.outbox_id is not None)
+
+
+def duplicates(requests: Iterable[GraphRequest]) -> dict[str, int]:
+    """Outbox id → times its most-repeated part was delivered, for the ids delivered more than once
+    (the same body twice: a message the person saw twice). Empty when every send happened once."""
+    seen: Counter[tuple[str, str]] = Counter()
+    for r in requests:
+        if r.delivered and r.outbox_id is not None:
+            seen[(r.outbox_id, orjson.dumps(r.body, option=orjson.OPT_SORT_KEYS).decode())] += 1
+    out: dict[str, int] = {}
+    for (oid, _), n in seen.items():
+        if n > 1:
+            out[oid] = max(out.get(oid, 0), n)
+    return out
+
 
 @dataclass
 class FakeGraph:
@@ -70,6 +109,9 @@ class FakeGraph:
     requests: list[GraphRequest] = field(default_factory=list)
     scripts: dict[str, list[Answer]] = field(default_factory=dict)
     url: str = ""
+    default_delay: float = 0.0  # seconds before every unscripted answer (the Graph API is not instant)
+    open_now: Counter[str] = field(default_factory=Counter)  # recipient → requests not answered yet
+    max_concurrent: Counter[str] = field(default_factory=Counter)  # recipient → most open at once
     _runner: web.AppRunner | None = None
     _count: int = 0
 
@@ -79,26 +121,56 @@ class FakeGraph:
     def sent_to(self, psid: str) -> list[GraphRequest]:
         return [r for r in self.requests if r.psid == psid]
 
+    def deliveries(self) -> Counter[str]:
+        """Outbox id → requests answered 200 (see the module docstring)."""
+        return deliveries(self.requests)
+
+    def duplicates(self) -> dict[str, int]:
+        """Outbox ids whose same part was delivered more than once (goal: empty)."""
+        return duplicates(self.requests)
+
+    def in_flight(self) -> list[GraphRequest]:
+        """Requests received and not answered yet."""
+        return [r for r in self.requests if r.status == 0]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "requests": len(self.requests),
+            "delivered": sum(1 for r in self.requests if r.delivered),
+            "deliveries": dict(self.deliveries()),
+            "duplicates": self.duplicates(),
+            "max_concurrent_per_recipient": max(self.max_concurrent.values(), default=0),
+        }
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
     async def _handle(self, request: web.Request) -> web.Response:
         body = orjson.loads(await request.read())
         rec = GraphRequest(request.path, dict(request.query), body, time.monotonic())
         self.requests.append(rec)
         queue = self.scripts.get(rec.psid)
-        answer = queue.pop(0) if queue else Answer()
-        if answer.delay:
-            await asyncio.sleep(answer.delay)
+        answer = queue.pop(0) if queue else Answer(delay=self.default_delay)
+        self.open_now[rec.psid] += 1
+        self.max_concurrent[rec.psid] = max(self.max_concurrent[rec.psid], self.open_now[rec.psid])
+        try:
+            if answer.delay:
+                await asyncio.sleep(answer.delay)
+        finally:
+            self.open_now[rec.psid] -= 1
         rec.status = answer.status
         if answer.body is None and answer.status == 200:
             self._count += 1
             out: dict[str, Any] = {"recipient_id": rec.psid}
             if "message" in body:
-                out["message_id"] = f"m_{self._count}"
+                out["message_id"] = rec.mid = f"m_{self._count}"
             return web.json_response(out)
         return web.json_response(answer.body or {}, status=answer.status)
 
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/{version}/me/messages", self._handle)
+        app.router.add_get("/_stats", self._stats)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         port = free_port()

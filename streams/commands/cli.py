@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from streams.commands import dlq, simulate, summary
+from streams.commands import dlq, history, simulate, summary
 from streams.core import serde
 from streams.core.config import ConfigError, ConnectorConfig, load_config
 from streams.core.process import CliError
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dlq", help="show the dead letters, or replay their original bytes")
     dlq.add_arguments(p)
 
+    p = sub.add_parser("history", help="conversation history in PostgreSQL: sink, export, forget, migrate, retain")
+    history.add_arguments(p)
+
     p = sub.add_parser("summary", help="print a live summary from a worker's /metrics")
     p.add_argument("--url", default=os.environ.get("MESSENGER_STREAMS_SUMMARY_URL", "http://127.0.0.1:6066/metrics"))
     p.add_argument("--interval", type=float, default=2.0)
@@ -202,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return dispatch.run(args)
         if args.command == "dlq":
             return dlq.run(args)
+        if args.command == "history":
+            return history.run(args)
         if args.command == "media":
             return media.run(args)
         return cmd_worker(args, extra)

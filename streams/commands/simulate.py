@@ -32,6 +32,7 @@ CONSUMER_LINES = (
     "The app keeps logging me out",
     "Hola, necesito ayuda con mi factura",
     "How do I reset my password?",
+    "I would like a refund for my last order",
 )
 AGENT_LINES = (
     "Hi! Let me look into that for you.",

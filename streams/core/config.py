@@ -238,6 +238,13 @@ class Retention(_Section):
     returning_days: int = Field(default=365, ge=1, description="a person counts as returning this long")
 
 
+class History(_Section):
+    """The history store (issue 16): how long transcripts are kept."""
+
+    retain_days: int = Field(default=365, ge=0, description="delete conversations idle this long; 0 keeps all")
+    retention_check_seconds: int = Field(default=3600, gt=0, description="how often the sink deletes old ones")
+
+
 class ConnectorConfig(_Section):
     account: Account
     routing: Routing = Routing()
@@ -251,6 +258,7 @@ class ConnectorConfig(_Section):
     agents: Agents = Agents()
     retention: Retention = Retention()
     words: dict[str, Words] = Field(default_factory=dict, description="locale or language → words")
+    history: History = History()
     profile: Profile = Profile()  # #17: config_rich.py
     personas: Personas = Personas()
     media: Media = Media()

@@ -58,6 +58,14 @@ SEND_RESULTS = Counter(
 PAGES_NEED_REAUTH = Gauge(
     "messenger_pages_need_reauth", "Pages whose access token Meta rejected (error 190)", ["page_id"]
 )
+SENT_LOG_IDS = Gauge(
+    "messenger_dispatch_sent_log_ids",
+    "Outbox ids the dispatcher remembers (its sent log, over the partitions it owns or kept)",
+)
+SENT_LOG_EVICTED = Counter(
+    "messenger_dispatch_sent_log_evicted",
+    "Outbox ids the dispatcher's sent log forgot by its count bounds before their age (raise the bounds if it grows)",
+)
 CSAT_RESPONSE_RATE = Gauge(
     "messenger_csat_response_rate",
     "CSAT answers over surveys sent (0-1) on this worker's csat.facts partitions, by skill",
@@ -154,6 +162,8 @@ CATALOGUE = (
     WEBHOOK_REQUESTS,
     SEND_RESULTS,
     PAGES_NEED_REAUTH,
+    SENT_LOG_IDS,
+    SENT_LOG_EVICTED,
     CSAT_RESPONSE_RATE,
     CSAT_AGGREGATE_ANSWERS,
     CSAT_AGGREGATE_SURVEYS,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from streams.core.config import ConfigError, describe_validation_error
@@ -28,6 +28,7 @@ class Topics(BaseSettings):
     ticks: str = "conversations.ticks"
     outbound: str = "messenger.outbound"
     send_results: str = "messenger.send.results"
+    dispatch_sent: str = "messenger.dispatch.sent"  # the dispatcher's sent log (co-partitioned with outbound)
     csat_responses: str = "csat.responses"
     csat_facts: str = "csat.facts"
     history: str = "conversations.history"
@@ -71,6 +72,12 @@ class Settings(BaseSettings):
     stream_buffer_maxsize: int = Field(default=16_384, gt=0)
     producer_buffer_max: int = Field(default=10_000, gt=0, description="table changelog records queued before a stall")
     log_level: str = "warn"
+    # history store (issue 16): a PostgreSQL URI / conninfo, or `embedded[:dir]` for the pgserver of make run
+    history_dsn: SecretStr | None = Field(default=None, description="PostgreSQL of the history store")
+    history_group: str = Field(default="", description="consumer group of the history sink (default <app_id>-history)")
+    history_batch_size: int = Field(default=2000, gt=0, le=50_000, description="records per sink transaction")
+    history_topic_refresh_ms: int = Field(default=10_000, gt=0, description="new skill topics are found this fast")
+    admin_password: SecretStr | None = Field(default=None, description="password of the admin HTTP endpoints")
 
     @cached_property
     def topics(self) -> Topics:

@@ -1,16 +1,25 @@
-"""`messenger-streams dispatch`: the Send API dispatcher.
+"""`messenger-streams dispatch`: the Send API dispatcher, the edge that talks to people.
 
 Consumes `messenger.outbound` (OutboundRequest JSON, key `<page_id>:<psid>`) in its own consumer
 group, POSTs each request to `{graph_url}/{api_version}/me/messages?access_token=<page token>` and
 writes one `SendResult` per request to `messenger.send.results` (same key).
 
+- At most once per outbox id: a sent log (streams/edges/sentlog.py; the fold in
+  streams/rules/sendapi.py), co-partitioned with messenger.outbound, records each outbox id
+  `in_flight` before the Graph call and `sent` / `failed` (with its SendResult) after it. A
+  redelivered outbox id is answered from the log (the same SendResult again, no Graph call); one
+  whose marker has no outcome (the owner died between the call and the record) is reported
+  `failed` with reason `in_doubt`, never resent. Owners fence each other through claims in the log.
 - Order: one task per conversation key drains that key's records strictly in order (a retry blocks
   the later records of the same key); different keys proceed concurrently.
-- At-least-once: manual commits; a partition's committed offset never passes a record that is not
-  fully handled (sent or failed for good, and its SendResult acknowledged by Kafka).
-- Meta's limits, error classification and backoff: `streams/sendapi.py`; per-page token bucket.
-- Page access tokens: env MESSENGER_STREAMS_PAGE_TOKENS (JSON object page_id → token) and/or
-  --tokens-file; never logged (every error text is redacted).
+- Rebalances: before a partition is released its in-flight sends finish or stop at a safe point
+  (and are recorded); records not started are left to the next owner.
+- At-least-once delivery of records to this code: manual commits; a partition's committed offset
+  never passes a record that is not fully handled (recorded, and its SendResult acknowledged).
+- Bad records: an invalid OutboundRequest, or any exception while handling one record, goes to the
+  dead-letter topic with its original bytes; the dispatcher moves on.
+- Meta's limits, error classification and backoff: streams/rules/sendapi.py; per-page token bucket.
+- Page access tokens: behind `PageTokens` (one small class: lookup, 190 rejection, redaction list).
 """
 
 from __future__ import annotations
@@ -18,11 +27,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +46,37 @@ from aiokafka.structs import TopicPartition
 from pydantic import ValidationError
 
 from schemas.contract import OutboundRequest, SendResult
+from schemas.events import Source
 from streams.core import metrics, serde
+from streams.core.deadletter import dead_letter
 from streams.core.process import CliError, configure_logging, quiet_kafka_startup, run_until_signalled
 from streams.core.settings import load_settings
 from streams.core.topics import ensure_topics
-from streams.rules.sendapi import Backoff, Limits, SendError, TokenBucket, classify_error, prepare_requests, redact
+from streams.edges.sentlog import SentLedger, SentLogError, ensure_sent_log_topic
+from streams.rules.sendapi import (
+    DAY_MS,
+    FAILED,
+    IN_DOUBT,
+    IN_FLIGHT,
+    NEW,
+    REPLAY,
+    SEND,
+    SENT,
+    SUPERSEDED,
+    Backoff,
+    Limits,
+    SendError,
+    SentLogBounds,
+    TokenBucket,
+    after_marker,
+    before_marker,
+    classify_error,
+    entry_key,
+    entry_value,
+    is_expired,
+    prepare_requests,
+    redact,
+)
 from streams.rules.sendapi import transport_error as make_transport_error
 
 log = logging.getLogger("messenger_streams.dispatch")
@@ -48,10 +84,17 @@ log = logging.getLogger("messenger_streams.dispatch")
 DEFAULT_GRAPH_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v21.0"
 DEFAULT_WEB_PORT = 6067
+DEAD_LETTER_MAX_PAYLOAD = 512 * 1024  # a dead letter keeps at most this much of the original value
+
+IN_DOUBT_MESSAGE = (
+    "in doubt: a dispatcher stopped after calling the Graph API and before recording its answer, so this "
+    "message may or may not have been delivered; it is not resent. If it was delivered, its echo (metadata = "
+    "outbox id) reaches the conversation and the console shows the mid"
+)
 
 
 class DispatchError(RuntimeError):
-    """The dispatcher cannot go on (Kafka gone while writing a result): exit, records are redelivered."""
+    """The dispatcher cannot go on (Kafka gone while recording): exit, records are redelivered."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +104,8 @@ class DispatchOptions:
     bootstrap_servers: str
     outbound_topic: str
     results_topic: str
+    sent_topic: str  # the sent log, co-partitioned with outbound_topic
+    dlq_topic: str
     group_id: str
     tokens: dict[str, str]
     graph_url: str = DEFAULT_GRAPH_URL
@@ -71,7 +116,9 @@ class DispatchOptions:
     request_timeout: float = 10.0
     max_in_flight: int = 1000
     limits: Limits = Limits()
-    shutdown_timeout: float = 30.0
+    sent_log: SentLogBounds = SentLogBounds()
+    shutdown_timeout: float = 30.0  # longest wait for in-flight sends on revoke / stop (then cancelled)
+    kafka_timeout: float = 30.0
     web_host: str = "0.0.0.0"  # noqa: S104 - /metrics is meant to be scraped
     web_port: int = 0  # 0: no HTTP server
     partitions: int = 8
@@ -85,11 +132,46 @@ class DispatchOptions:
         return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}/me/messages"
 
 
+class PageTokens:
+    """Where the dispatcher gets a page's access token: the one place to swap for a live page
+    directory. Holds the pages whose token Meta rejected (190): they fail at once until the token
+    changes (here: until the dispatcher restarts with a new one)."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        self._tokens = dict(tokens)
+        self._rejected: set[str] = set()
+
+    def token(self, page_id: str) -> str | None:
+        """The token to send with, or None (see `unavailable`)."""
+        return None if page_id in self._rejected else self._tokens.get(page_id)
+
+    def unavailable(self, page_id: str) -> tuple[int | None, str]:
+        """(code, message) of a page without a usable token."""
+        if page_id in self._rejected:
+            return 190, "page needs re-authorization (error 190 earlier)"
+        return None, f"no access token for page {page_id}"
+
+    def reject(self, page_id: str) -> None:
+        """Meta answered 190 for this page's token."""
+        if page_id not in self._rejected:
+            log.error("page %s: Meta rejected its access token (error 190): re-authorize the page", page_id)
+        self._rejected.add(page_id)
+        metrics.PAGES_NEED_REAUTH.labels(page_id).set(1)
+
+    def secrets(self) -> Iterable[str]:
+        """Every token, for redaction."""
+        return self._tokens.values()
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+
 @dataclass
 class _Outcome:
     mid: str | None = None
     error: SendError | None = None
     attempts: int = 0
+    stopped: bool = False  # the partition is being released: gave up before an attempt
 
 
 @dataclass
@@ -144,41 +226,78 @@ class OffsetTracker:
             self.parts.pop(tp, None)
 
 
+@dataclass
+class Ownership:
+    """One assignment of one outbound partition to this dispatcher: its owner token in the sent log,
+    and whether it is being released (then nothing new starts and waits stop)."""
+
+    tp: TopicPartition
+    token: str
+    releasing: asyncio.Event = field(default_factory=asyncio.Event)
+    active: int = 0  # records of this partition being handled right now
+    next_offset: int = 0  # one past the last record handed out under this ownership
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+@dataclass
+class _Item:
+    own: Ownership
+    rec: Any
+
+
+class _Released(Exception):  # noqa: N818 - control flow, not an error
+    """The record was not handled because its partition is being released: the next owner handles it."""
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka swallows listener exceptions; a failure here stops the dispatcher instead."""
+
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.dispatcher.on_revoked(set(revoked))
+        try:
+            await self.dispatcher.on_revoked(set(revoked))
+        except Exception as exc:  # noqa: BLE001 - see class docstring
+            self.dispatcher.fail(exc)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("assigned %d partitions", len(assigned))
+        try:
+            await self.dispatcher.on_assigned(set(assigned))
+        except Exception as exc:  # noqa: BLE001 - see class docstring
+            self.dispatcher.fail(exc)
 
 
 class Dispatcher:
-    """The consume → send → result loop. `await run(stop)` until `stop` is set."""
+    """The consume → record → send → record → result loop. `await run(stop)` until `stop` is set."""
 
-    def __init__(self, opts: DispatchOptions) -> None:
+    def __init__(self, opts: DispatchOptions, tokens: PageTokens | None = None) -> None:
         self.opts = opts
+        self.tokens = tokens if tokens is not None else PageTokens(opts.tokens)
         self.tracker = OffsetTracker()
-        self.queues: dict[str, deque[Any]] = {}
+        self.queues: dict[str, deque[_Item]] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.owned: dict[TopicPartition, Ownership] = {}
         self.buckets: dict[str, TokenBucket] = {}
-        self.reauth: set[str] = set()
         self.slots = asyncio.Semaphore(opts.max_in_flight)
         self.fatal: BaseException | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.ledger: SentLedger | None = None
         self.session: aiohttp.ClientSession | None = None
-        self._secrets = list(opts.tokens.values())
         self._commit_lock = asyncio.Lock()
+        self._ownership_changed = asyncio.Condition()
 
     # --- lifecycle -------------------------------------------------------------------------------
 
     async def start(self, timeout: float = 30.0) -> None:
         o = self.opts
+        # linger 0: a send waits for three acks in a row (marker, outcome, result), each would pay the linger
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=o.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=2
+            bootstrap_servers=o.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=0
         )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=o.bootstrap_servers,
@@ -187,48 +306,93 @@ class Dispatcher:
             auto_offset_reset="earliest",
             max_poll_interval_ms=600_000,
             metadata_max_age_ms=5_000,
+            # a dead dispatcher's partitions move within ~10 s; a rebalance is noticed within ~1 s
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            # the group waits this long for our revoke (in-flight sends finish, then are recorded)
+            rebalance_timeout_ms=int((o.shutdown_timeout + 2 * o.kafka_timeout + 10) * 1000),
         )
         try:
             await asyncio.wait_for(self.producer.start(), timeout)
+            self.ledger = SentLedger(o.bootstrap_servers, o.sent_topic, self.producer, o.sent_log,
+                                     timeout=o.kafka_timeout)
+            await self.ledger.start()
             await asyncio.wait_for(self.consumer.start(), timeout)
         except (TimeoutError, KafkaError, OSError) as exc:
             await self.stop()
             raise ConnectionError(f"cannot reach Kafka at {o.bootstrap_servers}: {type(exc).__name__}") from None
         self.consumer.subscribe([o.outbound_topic], listener=_Rebalance(self))
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=o.request_timeout))
+        # a connect that times out (ConnectionTimeoutError) never reached Graph and is retried; the total
+        # timeout expiring later means the request was written: in doubt
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=o.request_timeout, connect=max(0.1, o.request_timeout / 2))
+        )
 
     async def stop(self) -> None:
         if self.session is not None:
             await self.session.close()
             self.session = None
-        for client in (self.consumer, self.producer):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.stop()
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+        if self.ledger is not None:
+            await self.ledger.stop()
+        if self.producer is not None:
+            with contextlib.suppress(Exception):
+                await self.producer.stop()
         self.consumer = self.producer = None
+        self.ledger = None
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop the dispatcher: it exits non-zero, uncommitted records are redelivered."""
+        if self.fatal is None:
+            self.fatal = exc
+            log.error("dispatcher stops: %s", redact(f"{type(exc).__name__}: {exc}", self.tokens.secrets()))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until `stop` is set, then let in-flight records finish (shutdown_timeout), commit."""
+        """Consume until `stop` is set, then release every partition (in-flight sends finish), commit."""
         if self.consumer is None:
             raise RuntimeError("start() the dispatcher first")
         last_commit = time.monotonic()
         try:
             while not stop.is_set() and self.fatal is None:
                 batch = await self.consumer.getmany(timeout_ms=200, max_records=500)
+                # the ownership each batch was fetched under, taken before any await lets a rebalance run
+                fetched_under = {tp: self.owned.get(tp) for tp in batch}
                 for tp, records in batch.items():
+                    own = fetched_under[tp] or await self._ownership(tp, stop)
+                    if own is None or own.releasing.is_set():
+                        continue  # not ours any more: the next owner reads them from the committed offset
                     for rec in records:
+                        if rec.offset < own.next_offset:
+                            continue  # already handed out under this ownership
                         if not await self._slot(stop):
                             break  # stopping: records not handed out are not committed, so redelivered
-                        self._enqueue(tp, rec)
+                        own.next_offset = rec.offset + 1
+                        self._enqueue(own, rec)
                 if time.monotonic() - last_commit >= 0.2 or not batch:
                     await self.commit()
                     last_commit = time.monotonic()
         finally:
-            await self._drain(self.opts.shutdown_timeout)
             with contextlib.suppress(Exception):
-                await self.commit()
+                await self.on_revoked(set(self.owned))
         if self.fatal is not None:
             raise DispatchError(str(self.fatal)) from self.fatal
+
+    async def _ownership(self, tp: TopicPartition, stop: asyncio.Event) -> Ownership | None:
+        """The live ownership of `tp`, waiting while its assignment callback still runs (aiokafka can
+        hand out records of a partition before `on_partitions_assigned` returned)."""
+        if self.consumer is None:
+            return None
+        async with self._ownership_changed:
+            while True:
+                own = self.owned.get(tp)
+                if own is not None and not own.releasing.is_set():
+                    return own
+                if tp not in self.consumer.assignment() or stop.is_set() or self.fatal is not None:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ownership_changed.wait(), 0.5)
 
     async def _slot(self, stop: asyncio.Event) -> bool:
         """One of `max_in_flight` slots; False when stopping (or a fatal error) while waiting for one."""
@@ -239,15 +403,6 @@ class Dispatcher:
             except TimeoutError:
                 if stop.is_set() or self.fatal is not None:
                     return False
-
-    async def _drain(self, timeout: float) -> None:
-        tasks = list(self.tasks.values())
-        if tasks:
-            _, still = await asyncio.wait(tasks, timeout=timeout)
-            for t in still:
-                t.cancel()
-            if still:
-                await asyncio.gather(*still, return_exceptions=True)
 
     async def commit(self, only: set[TopicPartition] | None = None) -> None:
         if self.consumer is None:
@@ -263,129 +418,249 @@ class Dispatcher:
                 return
             self.tracker.committed(offsets)
 
+    # --- rebalances ------------------------------------------------------------------------------
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Claim the assigned partitions in the sent log and read it through the claims, before any
+        of their records is handled."""
+        mine = {tp for tp in assigned if tp.topic == self.opts.outbound_topic}
+        if self.ledger is None or not mine:
+            return
+        tokens = await self.ledger.acquire({tp.partition for tp in mine})
+        async with self._ownership_changed:
+            for tp in mine:
+                self.owned[tp] = Ownership(tp, tokens[tp.partition])
+            self._ownership_changed.notify_all()
+        metrics.SENT_LOG_IDS.set(self.ledger.entries())
+        log.info("assigned %d partitions", len(mine))
+
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Let the revoked partitions' in-flight records finish (bounded), commit them, forget them."""
-        deadline = time.monotonic() + self.opts.shutdown_timeout
-        while self.tracker.pending_in(revoked) and time.monotonic() < deadline and self.fatal is None:
-            await asyncio.sleep(0.05)
+        """Release partitions: nothing new starts, sends in progress finish or stop at a safe point and
+        are recorded (bounded by `shutdown_timeout`, then cancelled: their markers stay in doubt),
+        handled records are committed, and the sent log stops following them."""
+        owns = [o for tp, o in self.owned.items() if tp in revoked]
+        for own in owns:
+            own.releasing.set()
+        busy = [own.idle.wait() for own in owns if own.active]
+        if busy:
+            _, late = await asyncio.wait([asyncio.ensure_future(b) for b in busy], timeout=self.opts.shutdown_timeout)
+            if late:
+                self._cancel_busy({own.tp for own in owns if own.active})
+                for fut in late:
+                    fut.cancel()
         await self.commit(revoked)
-        left = self.tracker.pending_in(revoked)
-        if left:
-            log.warning("%d in-flight records of revoked partitions will be redelivered", left)
         self.tracker.forget(revoked)
+        async with self._ownership_changed:
+            for own in owns:
+                if self.owned.get(own.tp) is own:
+                    del self.owned[own.tp]
+            self._ownership_changed.notify_all()
+        if self.ledger is not None and owns:
+            await self.ledger.release({o.tp.partition for o in owns})
+            log.info("released %d partitions", len(owns))
+
+    def _cancel_busy(self, tps: set[TopicPartition]) -> None:
+        for key, q in list(self.queues.items()):
+            if q and q[0].own.tp in tps and q[0].own.active:
+                task = self.tasks.get(key)
+                if task is not None:
+                    log.warning("cancelling the send of %s after %.0fs: its outbox id stays in doubt",
+                                key, self.opts.shutdown_timeout)
+                    task.cancel()
+
+    def _superseded(self, own: Ownership) -> None:
+        """Another dispatcher claimed this partition: stop working on it until the rebalance reaches us."""
+        if not own.releasing.is_set():
+            log.warning("partition %d was claimed by another dispatcher: stopping work on it", own.tp.partition)
+            own.releasing.set()
+            if self.consumer is not None:
+                with contextlib.suppress(Exception):
+                    self.consumer.pause(own.tp)
 
     # --- per conversation ------------------------------------------------------------------------
 
-    def _enqueue(self, tp: TopicPartition, rec: Any) -> None:
-        self.tracker.add(tp, rec.offset)
-        key = rec.key.decode("utf-8", "replace") if rec.key is not None else f"<null>:{tp.partition}"
+    def _enqueue(self, own: Ownership, rec: Any) -> None:
+        self.tracker.add(own.tp, rec.offset)
+        key = rec.key.decode("utf-8", "replace") if rec.key is not None else f"<null>:{own.tp.partition}"
         q = self.queues.get(key)
         if q is None:
             q = self.queues[key] = deque()
-        q.append((tp, rec))
+        q.append(_Item(own, rec))
         if key not in self.tasks:
             self.tasks[key] = asyncio.create_task(self._conversation(key), name=f"dispatch:{key}")
 
     async def _conversation(self, key: str) -> None:
         q = self.queues[key]
         try:
-            while q:
-                tp, rec = q[0]
-                try:
-                    await self.handle(rec)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - stop everything, do not commit this record
-                    self.fatal = exc
-                    log.error("cannot finish a record of %s: %s", key,
-                              redact(f"{type(exc).__name__}: {exc}", self._secrets))
-                    return
+            while q and self.fatal is None:
+                item = q[0]
+                own = item.own
+                done = False
+                if not own.releasing.is_set():
+                    own.active += 1
+                    own.idle.clear()
+                    try:
+                        done = await self.handle(own, item.rec)
+                    except (DispatchError, SentLogError) as exc:
+                        self.fail(exc)
+                        return
+                    finally:
+                        own.active -= 1
+                        if not own.active:
+                            own.idle.set()
                 q.popleft()
-                self.tracker.done(tp, rec.offset)
                 self.slots.release()
+                if done:
+                    self.tracker.done(own.tp, item.rec.offset)
         finally:
-            if not q or self.fatal is not None:
-                self.tasks.pop(key, None)
-                if not q:
-                    self.queues.pop(key, None)
+            self.tasks.pop(key, None)
+            if self.fatal is None and q and q[0].own.releasing.is_set():
+                q.popleft()  # the record whose send was cancelled on revoke: left to the next owner
+                self.slots.release()
+            if not q:
+                self.queues.pop(key, None)
+            elif self.fatal is None:
+                self.tasks[key] = asyncio.create_task(self._conversation(key), name=f"dispatch:{key}")
 
-    async def handle(self, rec: Any) -> None:
-        """Send one outbound record (all its parts) and write its SendResult."""
+    async def handle(self, own: Ownership, rec: Any) -> bool:
+        """Handle one outbound record. True: done (its offset may be committed); False: left to the
+        partition's next owner. Raises DispatchError / SentLogError when Kafka fails."""
         try:
+            if rec.value is None:
+                raise ValueError("a null value (tombstone) is not an outbound request")
             out = OutboundRequest.model_validate_json(rec.value)
-        except ValidationError as exc:
+        except (ValidationError, ValueError) as exc:
             metrics.SEND_RESULTS.labels("invalid").inc()
-            log.warning("skipping an invalid outbound record at %s[%d]@%d: %s", rec.topic, rec.partition,
-                        rec.offset, exc.errors()[0].get("msg") if exc.errors() else "invalid")
-            return
-        key = rec.key if rec.key is not None else f"{out.page_id}:{out.psid}".encode()
-        result = await self.send(out)
-        if self.producer is None:
-            raise DispatchError("the results producer is stopped")
-        for attempt in range(1, 6):
-            try:
-                await asyncio.wait_for(
-                    self.producer.send_and_wait(self.opts.results_topic, serde.dumps(result), key=key), 30
-                )
-                break
-            except (KafkaError, TimeoutError) as exc:
-                if attempt == 5:
-                    raise DispatchError(f"cannot write the send result: {type(exc).__name__}") from None
-                await asyncio.sleep(0.5 * attempt)
-        metrics.SEND_RESULTS.labels(result.status).inc()
+            await self.dead_letter(rec, "invalid_outbound", _describe_invalid(exc))
+            return True
+        try:
+            return await self.dispatch(own, rec, out)
+        except _Released:
+            return False
+        except (DispatchError, SentLogError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one record must not stop the dispatcher
+            await self.dead_letter(rec, "processing_error",
+                                   redact(f"{type(exc).__name__}: {exc}", self.tokens.secrets()))
+            return True
 
-    async def send(self, out: OutboundRequest) -> SendResult:
-        """Send every part of one request in order; the SendResult of the whole."""
-        common: dict[str, Any] = {
-            "outbox_id": out.outbox_id,
-            "page_id": out.page_id,
-            "psid": out.psid,
-            "conversation_id": out.conversation_id,
-            "origin": out.origin,
-        }
-        token = self.opts.tokens.get(out.page_id)
-        if token is None or out.page_id in self.reauth:
-            msg = ("page needs re-authorization (error 190 earlier)" if token is not None
-                   else f"no access token for page {out.page_id}")
-            code = 190 if token is not None else None
+    async def dispatch(self, own: Ownership, rec: Any, out: OutboundRequest) -> bool:
+        """Send one valid outbound request at most once: the sent log decides (see module docstring)."""
+        ledger = self._ledger()
+        p = own.tp.partition
+        conv = rec.key.decode("utf-8", "replace") if rec.key is not None else f"{out.page_id}:{out.psid}"
+        result_key: bytes = rec.key if rec.key is not None else conv.encode()
+        key = entry_key(conv, out.outbox_id)
+        seen = ledger.log(p).get(conv, out.outbox_id)
+        verdict = before_marker(seen)
+        if verdict == NEW:
+            if own.releasing.is_set():
+                raise _Released
+            verdict, result = await self._new(own, out, conv, key)
+            if verdict in (SENT, FAILED):
+                assert result is not None  # noqa: S101 - set with the verdict
+                await ledger.write(p, key, entry_value(conv, out.outbox_id, verdict, _now_ms(), own.token,
+                                                       _stored(result)))
+                await self._emit(result_key, serde.dumps(result), result.status)
+                return True
+            seen = ledger.log(p).get(conv, out.outbox_id)
+        if verdict == REPLAY and seen is not None and seen.result is not None:
+            metrics.SEND_RESULTS.labels("deduplicated").inc()
+            log.info("outbox %s was handled before (%s): its result again, no Graph call", out.outbox_id, seen.state)
+            await self._emit(result_key, serde.dumps(_restored(out, seen.result)), None)
+            return True
+        result = self._failed(out, IN_DOUBT, IN_DOUBT_MESSAGE, retryable=True, attempts=0)
+        log.warning("outbox %s is in doubt (a marker without outcome): reported, not resent", out.outbox_id)
+        await ledger.write(p, key, entry_value(conv, out.outbox_id, FAILED, _now_ms(), own.token, _stored(result)))
+        await self._emit(result_key, serde.dumps(result), IN_DOUBT)
+        return True
+
+    async def _new(self, own: Ownership, out: OutboundRequest, conv: str, key: bytes) -> tuple[str, SendResult | None]:
+        """An outbox id the log has never seen: (SENT | FAILED, its result) when this call decided it,
+        else the verdict of the records another owner wrote first (REPLAY / in doubt)."""
+        ledger = self._ledger()
+        p = own.tp.partition
+        now = _now_ms()
+        if is_expired(out.created_at, now, self.opts.sent_log):
+            days = self.opts.sent_log.max_age_ms / DAY_MS
+            return FAILED, self._failed(out, "expired", f"not sent: created more than {days:g} days ago",
+                                        retryable=False, attempts=0)
+        token = self.tokens.token(out.page_id)
+        if token is None:
+            code, msg = self.tokens.unavailable(out.page_id)
             log.warning("outbox %s not sent: %s", out.outbox_id, msg)
-            return SendResult(**common, status="failed", code=code, message=msg, retryable=False, attempts=0,
-                              timestamp=_now_ms())
+            return FAILED, self._failed(out, "reauth_required" if code == 190 else "no_token", msg,
+                                        retryable=False, attempts=0, code=code)
         parts, warnings = prepare_requests(out.request, self.opts.limits)
         for w in warnings:
             log.warning("outbox %s: %s", out.outbox_id, w)
+        offset = await ledger.write(p, key, entry_value(conv, out.outbox_id, IN_FLIGHT, now, own.token))
+        await ledger.wait_applied(p, offset)
+        lg = ledger.log(p)
+        verdict = after_marker(lg, lg.get(conv, out.outbox_id), own.token)
+        if verdict == SUPERSEDED:
+            mine = lg.get(conv, out.outbox_id)
+            if mine is not None and mine.only_marked_by(own.token):
+                await ledger.write(p, key, None)  # release our marker: nothing was sent
+            self._superseded(own)
+            raise _Released
+        if verdict != SEND:
+            return verdict, None
+        result = await self.send(own, out, token, parts)
+        if result is None:  # released before anything reached Graph
+            await ledger.write(p, key, None)
+            raise _Released
+        return result.status, result
+
+    async def send(self, own: Ownership, out: OutboundRequest, token: str,
+                   parts: list[dict[str, Any]]) -> SendResult | None:
+        """Send every part of one request in order; the SendResult of the whole, or None when the
+        partition is being released and no part reached Graph."""
+        if own.releasing.is_set():
+            return None
         mids: list[str] = []
         last = _Outcome()
-        for body in parts:
-            last = await self.send_one(out.page_id, token, body)
+        for done, body in enumerate(parts):
+            last = await self.send_one(out.page_id, token, body, own.releasing)
+            if last.stopped:
+                if not done:
+                    return None
+                return self._failed(out, "cancelled", f"the dispatcher released this conversation after "
+                                    f"{done} of {len(parts)} parts", retryable=True, attempts=last.attempts,
+                                    mids=mids, parts=len(parts))
             if last.error is not None:
                 e = last.error
-                return SendResult(**common, status="failed", mid=mids[-1] if mids else None, mids=mids, code=e.code,
-                                  subcode=e.subcode, message=redact(e.message, self._secrets), retryable=e.retryable,
-                                  attempts=last.attempts, reason=e.reason, parts=len(parts), timestamp=_now_ms())
+                return self._failed(out, e.reason, redact(e.message, self.tokens.secrets()),
+                                    retryable=e.retryable or e.reason == IN_DOUBT, attempts=last.attempts,
+                                    code=e.code, subcode=e.subcode, mids=mids, parts=len(parts))
             if last.mid:
                 mids.append(last.mid)
-        return SendResult(**common, status="sent", mid=last.mid, mids=mids, attempts=last.attempts,
+        return SendResult(**_common(out), status="sent", mid=last.mid, mids=mids, attempts=last.attempts,
                           parts=len(parts), timestamp=_now_ms())
 
-    async def send_one(self, page_id: str, token: str, body: dict[str, Any]) -> _Outcome:
-        """POST one body with retries on retryable errors; throttled per page."""
+    async def send_one(self, page_id: str, token: str, body: dict[str, Any],
+                       stop: asyncio.Event | None = None) -> _Outcome:
+        """POST one body with retries on retryable errors; throttled per page. When `stop` is set, a
+        wait (rate limit, backoff) ends the send before its next attempt (`stopped`)."""
         if self.session is None:
             raise DispatchError("the HTTP session is closed")
         backoff = self.opts.backoff
         err: SendError | None = None
         for attempt in range(1, backoff.max_attempts + 1):
-            await self._throttle(page_id)
+            if not await self._throttle(page_id, stop):
+                return _Outcome(attempts=attempt - 1, stopped=True)
             try:
                 async with self.session.post(self.opts.send_url, params={"access_token": token}, json=body) as resp:
                     data = await resp.read()
                     if resp.status == 200:
                         return _Outcome(mid=_message_id(data), attempts=attempt)
                     err = classify_error(resp.status, data)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                err = make_transport_error(exc)  # no connection: the request cannot have reached Graph
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                err = make_transport_error(exc)
+                err = make_transport_error(exc, reached=True)
             if err.reauth:
-                self.mark_reauth(page_id)
+                self.tokens.reject(page_id)
             if not err.retryable or attempt >= backoff.max_attempts:
                 return _Outcome(error=err, attempts=attempt)
             delay = backoff.delay(attempt)
@@ -393,14 +668,9 @@ class Dispatcher:
             log.info("page %s: %s (code %s), retry %d in %.2fs", page_id, err.reason, err.code, attempt, delay)
             if err.reason == "rate_limited":
                 self._bucket(page_id).pause_until(time.monotonic() + delay)
-            await asyncio.sleep(delay)
+            if await _wait(stop, delay):
+                return _Outcome(error=err, attempts=attempt, stopped=True)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def mark_reauth(self, page_id: str) -> None:
-        if page_id not in self.reauth:
-            log.error("page %s: Meta rejected its access token (error 190): re-authorize the page", page_id)
-        self.reauth.add(page_id)
-        metrics.PAGES_NEED_REAUTH.labels(page_id).set(1)
 
     def _bucket(self, page_id: str) -> TokenBucket:
         b = self.buckets.get(page_id)
@@ -408,10 +678,104 @@ class Dispatcher:
             b = self.buckets[page_id] = TokenBucket(self.opts.rate_per_page, self.opts.burst, time.monotonic())
         return b
 
-    async def _throttle(self, page_id: str) -> None:
+    async def _throttle(self, page_id: str, stop: asyncio.Event | None = None) -> bool:
+        """Wait for the page's token bucket; False when `stop` was set first."""
         wait = self._bucket(page_id).reserve(time.monotonic())
         if wait > 0:
-            await asyncio.sleep(wait)
+            return not await _wait(stop, wait)
+        return True
+
+    # --- results and dead letters ------------------------------------------------------------------
+
+    def _failed(self, out: OutboundRequest, reason: str, message: str, *, retryable: bool, attempts: int,
+                code: int | None = None, subcode: int | None = None, mids: list[str] | None = None,
+                parts: int | None = None) -> SendResult:
+        extra: dict[str, Any] = {"reason": reason}
+        if parts is not None:
+            extra["parts"] = parts
+        return SendResult(**_common(out), status="failed", mid=mids[-1] if mids else None, mids=mids or [],
+                          code=code, subcode=subcode, message=message, retryable=retryable, attempts=attempts,
+                          timestamp=_now_ms(), **extra)
+
+    async def _emit(self, key: bytes, value: bytes, counted: str | None) -> None:
+        await self._produce(self.opts.results_topic, value, key)
+        if counted is not None:
+            metrics.SEND_RESULTS.labels(counted).inc()
+
+    async def dead_letter(self, rec: Any, reason: str, error: str) -> None:
+        """One record to the dead-letter topic: reason, error, source and its original bytes (a prefix
+        when it is too large for Kafka, with the size and SHA-256 of the whole in `error`)."""
+        raw: bytes = rec.value if isinstance(rec.value, bytes) else b""
+        if len(raw) > DEAD_LETTER_MAX_PAYLOAD:
+            error = (f"{error} (payload truncated to {DEAD_LETTER_MAX_PAYLOAD} of {len(raw)} bytes, "
+                     f"sha256 {hashlib.sha256(raw).hexdigest()})")
+            raw = raw[:DEAD_LETTER_MAX_PAYLOAD]
+        letter = dead_letter(raw, reason, error, Source(topic=rec.topic, partition=rec.partition, offset=rec.offset))
+        log.warning("dead-lettered %s[%d]@%d: %s: %s", rec.topic, rec.partition, rec.offset, reason, error[:200])
+        await self._produce(self.opts.dlq_topic, serde.dumps(letter), rec.key)
+        metrics.DEAD_LETTERS.labels(reason).inc()
+
+    async def _produce(self, topic: str, value: bytes, key: bytes | None) -> None:
+        if self.producer is None:
+            raise DispatchError("the producer is stopped")
+        for attempt in range(1, 6):
+            try:
+                await asyncio.wait_for(self.producer.send_and_wait(topic, value, key=key), self.opts.kafka_timeout)
+                return
+            except (KafkaError, TimeoutError) as exc:
+                if attempt == 5:
+                    raise DispatchError(f"cannot write to {topic}: {type(exc).__name__}") from None
+                await asyncio.sleep(0.5 * attempt)
+
+    def _ledger(self) -> SentLedger:
+        if self.ledger is None:
+            raise DispatchError("the sent log is not started")
+        return self.ledger
+
+
+def _common(out: OutboundRequest) -> dict[str, Any]:
+    return {"outbox_id": out.outbox_id, "page_id": out.page_id, "psid": out.psid,
+            "conversation_id": out.conversation_id, "origin": out.origin}
+
+
+_COMMON = frozenset({"outbox_id", "page_id", "psid", "conversation_id", "origin"})
+
+
+def _stored(result: SendResult) -> dict[str, Any]:
+    """A SendResult as kept in the sent log: without what the outbound record repeats and without
+    defaults (the log holds many), its message bounded."""
+    data: dict[str, Any] = result.model_dump(mode="json", exclude=set(_COMMON), exclude_defaults=True)
+    data["status"] = result.status
+    if isinstance(data.get("message"), str):
+        data["message"] = data["message"][:1000]
+    return data
+
+
+def _restored(out: OutboundRequest, stored: str) -> SendResult:
+    """The SendResult of a stored outcome, for a redelivery of `out` (the same outbox id)."""
+    fields = {k: v for k, v in orjson.loads(stored).items() if k not in _COMMON}
+    return SendResult(**_common(out), **fields)
+
+
+def _describe_invalid(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        errs = exc.errors()
+        where = ".".join(str(p) for p in errs[0].get("loc", ())) if errs else ""
+        msg = errs[0].get("msg", "invalid") if errs else "invalid"
+        return f"not an outbound request: {where + ': ' if where else ''}{msg}"
+    return f"not an outbound request: {exc}"
+
+
+async def _wait(stop: asyncio.Event | None, seconds: float) -> bool:
+    """Sleep `seconds`, or less when `stop` is set first; True when stopped."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return False
+    if stop.is_set():
+        return True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
 
 
 def _message_id(data: bytes) -> str | None:
@@ -482,6 +846,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=10.0, help="Graph call timeout in s (default 10)")
     parser.add_argument("--max-in-flight", type=int, default=1000,
                         help="records taken from Kafka and not yet finished (default 1000)")
+    parser.add_argument("--sent-log-days", type=float,
+                        default=_env_float("MESSENGER_STREAMS_SENT_LOG_DAYS", SentLogBounds().max_age_ms / DAY_MS),
+                        help="outbound records older than this are not sent; the sent log keeps ids one day "
+                        "longer (env MESSENGER_STREAMS_SENT_LOG_DAYS; default 7)")
+    parser.add_argument("--sent-log-per-conversation", type=int, default=SentLogBounds().per_conversation,
+                        help="most recent outbox ids remembered per conversation (default %(default)s)")
+    parser.add_argument("--sent-log-per-partition", type=int, default=SentLogBounds().per_partition,
+                        help="most recent outbox ids remembered per partition (default %(default)s)")
     parser.add_argument("--web-port", type=int,
                         default=int(env("MESSENGER_STREAMS_DISPATCH_WEB_PORT") or DEFAULT_WEB_PORT),
                         help="port of /metrics and /healthz, 0 for none "
@@ -519,12 +891,16 @@ def options_from_args(args: argparse.Namespace) -> DispatchOptions:
         raise CliError("--max-attempts must be >= 1 and backoff times >= 0")
     if args.rate_per_page <= 0 or args.request_timeout <= 0 or args.max_in_flight < 1:
         raise CliError("--rate-per-page, --request-timeout and --max-in-flight must be > 0")
+    if not args.sent_log_days > 0 or args.sent_log_per_conversation < 1 or args.sent_log_per_partition < 1:
+        raise CliError("--sent-log-days, --sent-log-per-conversation and --sent-log-per-partition must be > 0")
     if not args.graph_url.startswith(("http://", "https://")):
         raise CliError(f"--graph-url must be an http(s) URL, got {args.graph_url!r}")
     return DispatchOptions(
         bootstrap_servers=settings.bootstrap_servers,
         outbound_topic=settings.topics.name("outbound"),
         results_topic=settings.topics.name("send_results"),
+        sent_topic=settings.topics.name("dispatch_sent"),
+        dlq_topic=settings.topics.name("dlq"),
         group_id=args.group or f"{settings.app_id}-dispatch",
         tokens=tokens,
         graph_url=args.graph_url,
@@ -533,6 +909,11 @@ def options_from_args(args: argparse.Namespace) -> DispatchOptions:
         rate_per_page=args.rate_per_page,
         request_timeout=args.request_timeout,
         max_in_flight=args.max_in_flight,
+        sent_log=SentLogBounds(
+            max_age_ms=int(args.sent_log_days * DAY_MS),
+            per_conversation=args.sent_log_per_conversation,
+            per_partition=args.sent_log_per_partition,
+        ),
         web_host=settings.web_host,
         web_port=args.web_port,
         partitions=settings.partitions,
@@ -541,23 +922,30 @@ def options_from_args(args: argparse.Namespace) -> DispatchOptions:
 
 
 async def serve(
-    opts: DispatchOptions, stop: asyncio.Event, on_ready: Callable[[], Awaitable[None]] | None = None
+    opts: DispatchOptions,
+    stop: asyncio.Event,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+    tokens: PageTokens | None = None,
+    dispatcher: Dispatcher | None = None,
 ) -> None:
-    """Run a dispatcher (and its /metrics server) until `stop` is set."""
-    d = Dispatcher(opts)
+    """Run a dispatcher (and its /metrics server) until `stop` is set. `tokens`: where page tokens come
+    from (default: `opts.tokens`); `dispatcher`: run this one (a test can watch its state)."""
+    d = dispatcher if dispatcher is not None else Dispatcher(opts, tokens)
     with quiet_kafka_startup():
         await ensure_topics(
             opts.bootstrap_servers,
-            dict.fromkeys([opts.outbound_topic, opts.results_topic], False),
+            dict.fromkeys([opts.outbound_topic, opts.results_topic, opts.dlq_topic], False),
             opts.partitions,
             opts.replication_factor,
         )
+        await ensure_sent_log_topic(opts.bootstrap_servers, opts.sent_topic, opts.outbound_topic, opts.sent_log,
+                                    opts.replication_factor, opts.kafka_timeout)
         await d.start()
     runner = None
     try:
         if opts.web_port:
             runner = await start_web(opts.web_host, opts.web_port, lambda: d.consumer is not None)
-        log.info("dispatching %s → %s (%d pages)", opts.outbound_topic, opts.send_url, len(opts.tokens))
+        log.info("dispatching %s → %s (%d pages)", opts.outbound_topic, opts.send_url, len(d.tokens))
         if on_ready is not None:
             await on_ready()
         await d.run(stop)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -184,6 +186,7 @@ def prepare_requests(request: dict[str, Any], limits: Limits = Limits()) -> tupl
 # --- errors ----------------------------------------------------------------------------------------
 
 RETRYABLE_CODES = frozenset({2, 4, 613, 1200})
+IN_DOUBT = "in_doubt"  # the reason of a send that may or may not have reached the person
 PERMANENT_CODES = frozenset({10, 100, 190, 200, 551, 199})
 WINDOW_SUBCODES = frozenset({2018278, 2018065})
 
@@ -258,9 +261,14 @@ def classify_error(http_status: int | None, body: bytes | str | dict[str, Any] |
     return SendError(code, subcode, message, retry, reauth=code == 190, http_status=http_status, reason=reason)
 
 
-def transport_error(exc: BaseException) -> SendError:
-    """A timeout or connection error: always retried."""
+def transport_error(exc: BaseException, reached: bool = False) -> SendError:
+    """A timeout or connection error. Retried when the request cannot have reached Graph (no
+    connection was made); when it may have (`reached`: a timeout or a dropped connection after the
+    request was written) it is in doubt: never resent blindly (the echo tells whether it arrived)."""
     kind = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
+    if reached:
+        return SendError(None, None, f"in doubt after {kind}: {type(exc).__name__}; the message may have been "
+                         "delivered (its echo carries the outbox id as metadata)", False, reason=IN_DOUBT)
     return SendError(None, None, f"{kind}: {type(exc).__name__}", True, reason=kind)
 
 
@@ -326,3 +334,208 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     for s in sorted((s for s in secrets if s and len(s) > 3), key=len, reverse=True):
         text = text.replace(s, "***")
     return text
+
+
+# --- the sent log: what the dispatcher sent, per conversation --------------------------------------
+#
+# A compacted topic co-partitioned with messenger.outbound (record i of outbound partition p is
+# recorded in partition p of the log). One record per (conversation, outbox id), written before the
+# Graph call (`in_flight`) and after it (`sent` / `failed`, with the SendResult), plus one `claim`
+# record per partition written by each new owner when the partition is assigned to it. Every reader
+# applies the records in log order; this module is that fold, without I/O (streams/edges/sentlog.py
+# reads and writes the topic).
+#
+# The fence: an owner may call Graph for an outbox id only when its own in_flight record is the
+# first record of that id in the log AND, when that record is applied, the partition's latest claim
+# is its own. A dispatcher that lost the partition without noticing (a zombie) therefore never sends
+# after the new owner's claim, and the new owner, which read the log through its claim, sees every
+# marker the old owner wrote before it.
+
+DAY_MS = 86_400_000
+SENT_LOG_VERSION = 1
+CLAIM_KEY = b"~claim"
+IN_FLIGHT, SENT, FAILED = "in_flight", "sent", "failed"
+SENT_STATES = frozenset({IN_FLIGHT, SENT, FAILED})
+
+
+@dataclass(frozen=True)
+class SentLogBounds:
+    """How much of the sent log a dispatcher keeps.
+
+    `max_age_ms`: outbound records created longer ago are not sent (`expired`), and entries are kept
+    `max_age_ms + margin_ms` (the margin absorbs clock skew between workers and dispatchers), so an
+    outbox id young enough to be sent is never one whose entry was dropped for age. The topic's
+    `retention.ms` is the same sum. `per_conversation` / `per_partition`: most recent ids kept per
+    conversation / per partition; an id pushed out by newer ones is forgotten (counted)."""
+
+    max_age_ms: int = 7 * DAY_MS
+    margin_ms: int = DAY_MS
+    per_conversation: int = 500
+    per_partition: int = 100_000
+
+    @property
+    def keep_ms(self) -> int:
+        return self.max_age_ms + self.margin_ms
+
+
+def entry_key(conversation: str, outbox_id: str) -> bytes:
+    """The sent-log record key of one outbox id of one conversation (unambiguous for any strings)."""
+    return orjson.dumps([conversation, outbox_id])
+
+
+def entry_value(conversation: str, outbox_id: str, state: str, at: int, by: str,
+                result: dict[str, Any] | None = None) -> bytes:
+    """A sent-log record: `state` of `outbox_id` written at `at` (epoch ms) by owner token `by`;
+    `result` is the SendResult (as a dict) for `sent` / `failed`."""
+    return orjson.dumps({"v": SENT_LOG_VERSION, "conversation": conversation, "outbox_id": outbox_id,
+                         "state": state, "at": at, "by": by, "result": result})
+
+
+def claim_value(by: str, at: int) -> bytes:
+    """The record a new owner writes (key CLAIM_KEY) when a partition is assigned to it."""
+    return orjson.dumps({"v": SENT_LOG_VERSION, "claim": by, "at": at})
+
+
+@dataclass(slots=True)
+class SentEntry:
+    """What the log says about one outbox id. `granted` is the owner allowed to call Graph for it
+    (the writer of the first record, if that was an in_flight written under its own claim)."""
+
+    conversation: str
+    outbox_id: str
+    state: str
+    at: int
+    by: str  # the writer of the latest record
+    granted: str | None
+    result: str | None = None  # the SendResult JSON of a `sent` / `failed` entry
+    first_by: str = ""  # the writer of the first record
+
+    def only_marked_by(self, token: str) -> bool:
+        """True when the only thing the log holds about this id is `token`'s in_flight marker."""
+        return self.state == IN_FLIGHT and self.first_by == token and self.by == token
+
+
+class SentLog:
+    """One partition of the sent log, folded from its records in log order (`apply`)."""
+
+    def __init__(self, bounds: SentLogBounds = SentLogBounds()) -> None:
+        self.bounds = bounds
+        self.position = 0  # the next offset to apply
+        self.claim: str | None = None
+        self.entries: OrderedDict[bytes, SentEntry] = OrderedDict()  # order of first record
+        self.by_conversation: dict[str, list[bytes]] = {}
+        self.skipped = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, conversation: str, outbox_id: str) -> SentEntry | None:
+        return self.entries.get(entry_key(conversation, outbox_id))
+
+    def apply(self, offset: int, key: bytes | None, value: bytes | None) -> None:
+        """Apply one record of this partition (records must come in offset order)."""
+        self.position = max(self.position, offset + 1)
+        if key is None:
+            self.skipped += 1
+            return
+        if key == CLAIM_KEY:
+            claim = _decode(value).get("claim") if value is not None else None
+            self.claim = claim if isinstance(claim, str) else None
+            return
+        if value is None:  # a released in_flight marker: the id was not sent
+            self._drop(key)
+            return
+        rec = _decode(value)
+        conv, oid, state, at, by = (rec.get(k) for k in ("conversation", "outbox_id", "state", "at", "by"))
+        if not (isinstance(conv, str) and isinstance(oid, str) and state in SENT_STATES
+                and isinstance(at, int) and isinstance(by, str)):
+            self.skipped += 1
+            return
+        res = rec.get("result")
+        # kept as str: orjson's bytes keep a buffer of 4 KiB or more whatever their length
+        result = orjson.dumps(res).decode() if isinstance(res, dict) else None
+        entry = self.entries.get(key)
+        if entry is None:
+            conv, by = sys.intern(conv), sys.intern(by)  # shared by every entry of a conversation / owner
+            granted = by if state == IN_FLIGHT and self.claim == by else None
+            self.entries[key] = SentEntry(conv, oid, state, at, by, granted, result, first_by=by)
+            ids = self.by_conversation.setdefault(conv, [])
+            ids.append(key)
+            if len(ids) > self.bounds.per_conversation:
+                self._drop(ids[0])
+                self.evicted += 1
+            if len(self.entries) > self.bounds.per_partition:
+                self._drop(next(iter(self.entries)))  # O(1): OrderedDict
+                self.evicted += 1
+            return
+        if entry.state != IN_FLIGHT and state == IN_FLIGHT:
+            return  # a stale marker after the outcome (a zombie's): the outcome stands
+        if entry.by != by:
+            entry.first_by = ""  # several writers: nobody may release it alone
+        entry.state, entry.by = state, by
+        if result is not None:
+            entry.result = result
+
+    def _drop(self, key: bytes) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return
+        ids = self.by_conversation.get(entry.conversation)
+        if ids is not None:
+            ids.remove(key)
+            if not ids:
+                del self.by_conversation[entry.conversation]
+
+    def prune(self, now_ms: int) -> int:
+        """Forget entries first written more than `keep_ms` ago; returns how many. Entries are in
+        the order of their first record, so this stops at the first young one."""
+        horizon = now_ms - self.bounds.keep_ms
+        old: list[bytes] = []
+        for k, e in self.entries.items():
+            if e.at >= horizon:
+                break
+            old.append(k)
+        for k in old:
+            self._drop(k)
+        return len(old)
+
+
+def _decode(value: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_expired(created_at: int | None, now_ms: int, bounds: SentLogBounds) -> bool:
+    """An outbound record too old to send: its sent-log entry may already be forgotten."""
+    return created_at is not None and now_ms - created_at > bounds.max_age_ms
+
+
+# What to do with one outbound record, from the sent log.
+NEW, REPLAY, IN_DOUBT_AGAIN, SEND, SUPERSEDED = "new", "replay", "in_doubt", "send", "superseded"
+
+
+def before_marker(entry: SentEntry | None) -> str:
+    """Before writing an in_flight marker: NEW (never seen), REPLAY (an outcome is recorded: send
+    its SendResult again, no Graph call), or IN_DOUBT_AGAIN (a marker without outcome: an owner
+    stopped between the Graph call and recording it)."""
+    if entry is None:
+        return NEW
+    if entry.state in (SENT, FAILED) and entry.result is not None:
+        return REPLAY
+    return IN_DOUBT_AGAIN
+
+
+def after_marker(log: SentLog, entry: SentEntry | None, token: str) -> str:
+    """After our in_flight marker was read back: SEND only if the log granted the id to us;
+    SUPERSEDED when another owner claimed the partition (stop working on it); else what
+    `before_marker` says about the records another owner wrote first."""
+    if entry is not None and entry.granted == token:
+        return SEND
+    if log.claim != token:
+        return SUPERSEDED
+    verdict = before_marker(entry)
+    return IN_DOUBT_AGAIN if verdict == NEW else verdict

@@ -21,7 +21,7 @@ from streams.core.config import ConnectorConfig
 from streams.core.deadletter import dead_letter
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
-from streams.stages import conversation, csat, ingest, web
+from streams.stages import conversation, csat, history, ingest, web
 
 log = logging.getLogger("messenger_streams")
 
@@ -127,6 +127,7 @@ def create_pipeline(
         "conversations": conversation.register,
         "csat": csat.register,
         "web": web.register,
+        "history": history.register,
     }
     app = create_app(settings)
     pipe = Pipeline(settings=settings, config=config, app=app)

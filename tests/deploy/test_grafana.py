@@ -79,7 +79,11 @@ def test_every_dashboard_expr_uses_catalogue_metrics() -> None:
     # the panels the issue asks for are there
     for needed in ("messenger_csat_answers_total", "messenger_csat_aggregate_answers", "messenger_csat_percent",
                    "messenger_csat_response_rate", "messenger_console_events_total", "messenger_events_in_total",
-                   "messenger_dead_letters_total", "messenger_processing_latency_seconds_bucket"):
+                   "messenger_dead_letters_total", "messenger_processing_latency_seconds_bucket",
+                   # the contact-center figures of PLAN §G (issue 16)
+                   "messenger_first_response_seconds_bucket", "messenger_queue_wait_seconds_bucket",
+                   "messenger_handle_seconds_bucket", "messenger_conversations_abandoned_total",
+                   "messenger_page_messages_total", "messenger_agent_messages_total"):
         assert needed in used
 
 
