@@ -101,6 +101,76 @@ def duplicates(requests: Iterable[GraphRequest]) -> dict[str, int]:
     return out
 
 
+NO_PROFILE = graph_error(100, "No profile available for this user.", 2018218, type_="GraphMethodException")
+
+
+@dataclass
+class FakePeople:
+    """#17: the User Profile API (`GET /{version}/{psid}?fields=…`) and the Personas API
+    (`GET|POST /{version}/{page_id}/personas`). `profiles` answers by PSID (only the fields asked for);
+    an unknown PSID gets Meta's "No profile available" (100/2018218); `profile_errors` scripts another
+    error for a PSID; `persona_failures` makes the next persona calls answer 500."""
+
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile_errors: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    profile_delay: float = 0.0
+    personas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # page id → its personas
+    persona_failures: int = 0
+    calls: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path, query)
+    _n: int = 0
+
+    def profile_reads(self) -> list[str]:
+        """The PSIDs whose profile was read, in order."""
+        return [path.rsplit("/", 1)[-1] for method, path, _ in self.calls if method == "GET"
+                and not path.endswith("/personas")]
+
+    def persona_creations(self, page_id: str | None = None) -> list[str]:
+        """The names of the personas created (on one page, or on all)."""
+        return [p["name"] for page, ps in self.personas.items() if page_id in (None, page) for p in ps]
+
+    async def profile(self, request: web.Request) -> web.Response:
+        psid = request.match_info["psid"]
+        self.calls.append(("GET", request.path, dict(request.query)))
+        if self.profile_delay:
+            await asyncio.sleep(self.profile_delay)
+        if psid in self.profile_errors:
+            status, body = self.profile_errors[psid]
+            return web.json_response(body, status=status)
+        known = self.profiles.get(psid)
+        if known is None:
+            return web.json_response(NO_PROFILE, status=400)
+        fields = [f for f in request.query.get("fields", "").split(",") if f]
+        return web.json_response({"id": psid, **{k: v for k, v in known.items() if k in fields}})
+
+    async def persona_list(self, request: web.Request) -> web.Response:
+        page_id = request.match_info["page_id"]
+        self.calls.append(("GET", request.path, dict(request.query)))
+        if self.persona_failures > 0:
+            self.persona_failures -= 1
+            return web.json_response(TEMPORARY, status=500)
+        return web.json_response({"data": [{"id": p["id"], "name": p["name"]} for p in self.personas.get(page_id, [])]})
+
+    async def persona_create(self, request: web.Request) -> web.Response:
+        page_id = request.match_info["page_id"]
+        self.calls.append(("POST", request.path, dict(request.query)))
+        body = orjson.loads(await request.read() or b"{}")
+        if self.persona_failures > 0:
+            self.persona_failures -= 1
+            return web.json_response(TEMPORARY, status=500)
+        if not body.get("name") or not body.get("profile_picture_url"):
+            return web.json_response(graph_error(100, "(#100) name and profile_picture_url are required"),
+                                     status=400)
+        self._n += 1
+        persona = {"id": f"9{self._n:015d}", "name": body["name"], "profile_picture_url": body["profile_picture_url"]}
+        self.personas.setdefault(page_id, []).append(persona)
+        return web.json_response({"id": persona["id"]})
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/{version}/{page_id}/personas", self.persona_list)
+        app.router.add_post("/{version}/{page_id}/personas", self.persona_create)
+        app.router.add_get(r"/{version}/{psid:\d+}", self.profile)
+
+
 @dataclass
 class FakeGraph:
     """`await start()` → base URL. `script(psid, Answer, ...)` queues answers for one recipient; the
@@ -112,6 +182,7 @@ class FakeGraph:
     default_delay: float = 0.0  # seconds before every unscripted answer (the Graph API is not instant)
     open_now: Counter[str] = field(default_factory=Counter)  # recipient → requests not answered yet
     max_concurrent: Counter[str] = field(default_factory=Counter)  # recipient → most open at once
+    people: FakePeople = field(default_factory=FakePeople)  # #17: profiles and personas
     _runner: web.AppRunner | None = None
     _count: int = 0
 
@@ -171,6 +242,7 @@ class FakeGraph:
         app = web.Application()
         app.router.add_post("/{version}/me/messages", self._handle)
         app.router.add_get("/_stats", self._stats)
+        self.people.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         port = free_port()

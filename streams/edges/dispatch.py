@@ -48,11 +48,15 @@ from pydantic import ValidationError
 from schemas.contract import OutboundRequest, SendResult
 from schemas.events import Source
 from streams.core import metrics, serde
+from streams.core.config import ConfigError, load_config
+from streams.core.config_rich import Personas
 from streams.core.deadletter import dead_letter
 from streams.core.process import CliError, configure_logging, quiet_kafka_startup, run_until_signalled
 from streams.core.settings import load_settings
 from streams.core.topics import ensure_topics
+from streams.edges.personas import PersonaBook, with_persona
 from streams.edges.sentlog import SentLedger, SentLogError, ensure_sent_log_topic
+from streams.rules.profile import ENDPOINT as PROFILE_ENDPOINT
 from streams.rules.sendapi import (
     DAY_MS,
     FAILED,
@@ -123,6 +127,9 @@ class DispatchOptions:
     web_port: int = 0  # 0: no HTTP server
     partitions: int = 8
     replication_factor: int = 1
+    personas: Personas = Personas()  # #17: off by default
+    personas_topic: str = "messenger.personas"
+    profile_timeout: float = 5.0  # #17: a User Profile read that takes longer fails (never waited for)
 
     def __repr__(self) -> str:  # tokens never appear in reprs or logs
         return f"DispatchOptions(group_id={self.group_id!r}, pages={sorted(self.tokens)!r})"
@@ -130,6 +137,10 @@ class DispatchOptions:
     @property
     def send_url(self) -> str:
         return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}/me/messages"
+
+    @property
+    def graph_base(self) -> str:
+        return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}"
 
 
 class PageTokens:
@@ -290,6 +301,8 @@ class Dispatcher:
         self.session: aiohttp.ClientSession | None = None
         self._commit_lock = asyncio.Lock()
         self._ownership_changed = asyncio.Condition()
+        self.personas = (PersonaBook(opts.personas, opts.bootstrap_servers, opts.personas_topic, opts.graph_base,
+                                     timeout=opts.request_timeout) if opts.personas.enabled else None)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -327,8 +340,12 @@ class Dispatcher:
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=o.request_timeout, connect=max(0.1, o.request_timeout / 2))
         )
+        if self.personas is not None:
+            await self.personas.start(self.producer, self.session, timeout)
 
     async def stop(self) -> None:
+        if self.personas is not None:
+            await self.personas.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -618,10 +635,20 @@ class Dispatcher:
         partition is being released and no part reached Graph."""
         if own.releasing.is_set():
             return None
+        if out.endpoint == PROFILE_ENDPOINT:
+            return await self.read_profile(out, token)
+        persona = await self._persona(out, token)
         mids: list[str] = []
         last = _Outcome()
         for done, body in enumerate(parts):
-            last = await self.send_one(out.page_id, token, body, own.releasing)
+            last = await self.send_one(out.page_id, token, with_persona(body, persona), own.releasing)
+            if persona is not None and last.error is not None and last.error.code == 100 and "message" in body:
+                # Meta refused the request with the persona (deleted at Meta?): once more without it
+                assert self.personas is not None  # noqa: S101 - a persona comes from the book
+                self.personas.forget(out.page_id, persona)
+                metrics.PERSONAS.labels("refused").inc()
+                persona = None
+                last = await self.send_one(out.page_id, token, body, own.releasing)
             if last.stopped:
                 if not done:
                     return None
@@ -671,6 +698,47 @@ class Dispatcher:
             if await _wait(stop, delay):
                 return _Outcome(error=err, attempts=attempt, stopped=True)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- #17: the customer's profile and personas ------------------------------------------------------
+
+    async def _persona(self, out: OutboundRequest, token: str) -> str | None:
+        """The persona to send `out` as (None: personas off, or none to be had: sent without)."""
+        if self.personas is None or "message" not in out.request:
+            return None
+        return await self.personas.persona_id(out.page_id, out.origin, out.agent_nickname, {"access_token": token})
+
+    async def read_profile(self, out: OutboundRequest, token: str) -> SendResult:
+        """A User Profile API read (`endpoint: user_profile`): one attempt, `profile_timeout`, throttled
+        with the page's sends; the answer (or the failure) goes back to the conversation as a SendResult."""
+        if self.session is None:
+            raise DispatchError("the HTTP session is closed")
+        psid = str(out.request.get("psid") or out.psid)
+        fields = [f for f in out.request.get("fields") or [] if isinstance(f, str)]
+        common = {**_common(out), "endpoint": PROFILE_ENDPOINT}
+        await self._throttle(out.page_id)
+        err: SendError
+        try:
+            async with self.session.get(f"{self.opts.graph_base}/{psid}",
+                                        params={"fields": ",".join(fields), "access_token": token},
+                                        timeout=aiohttp.ClientTimeout(total=self.opts.profile_timeout)) as resp:
+                data = await resp.read()
+                if resp.status == 200:
+                    body = orjson.loads(data)
+                    if isinstance(body, dict):
+                        return SendResult(**common, status="sent", profile=body, timestamp=_now_ms())
+                    err = classify_error(resp.status, b"")
+                else:
+                    err = classify_error(resp.status, data)
+        except orjson.JSONDecodeError:
+            err = classify_error(None, b"")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            err = make_transport_error(exc)
+        if err.reauth:
+            self.tokens.reject(out.page_id)
+        log.info("page %s: no profile for a person (%s, code %s)", out.page_id, err.reason, err.code)
+        return SendResult(**common, status="failed", code=err.code, subcode=err.subcode,
+                          message=redact(err.message, self.tokens.secrets()), retryable=False, attempts=1,
+                          timestamp=_now_ms())
 
     def _bucket(self, page_id: str) -> TokenBucket:
         b = self.buckets.get(page_id)
@@ -918,7 +986,19 @@ def options_from_args(args: argparse.Namespace) -> DispatchOptions:
         web_port=args.web_port,
         partitions=settings.partitions,
         replication_factor=settings.replication_factor,
+        personas=_personas_config(),
+        personas_topic=settings.topics.name("personas"),
     )
+
+
+def _personas_config() -> Personas:
+    """`[personas]` of the connector config when one is set (MESSENGER_STREAMS_CONFIG), else off (#17)."""
+    if not os.environ.get("MESSENGER_STREAMS_CONFIG"):
+        return Personas()
+    try:
+        return load_config().personas
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
 
 
 async def serve(
@@ -940,6 +1020,8 @@ async def serve(
         )
         await ensure_sent_log_topic(opts.bootstrap_servers, opts.sent_topic, opts.outbound_topic, opts.sent_log,
                                     opts.replication_factor, opts.kafka_timeout)
+        if opts.personas.enabled:  # #17: the personas created, per page (compacted)
+            await ensure_topics(opts.bootstrap_servers, {opts.personas_topic: True}, 1, opts.replication_factor)
         await d.start()
     runner = None
     try:

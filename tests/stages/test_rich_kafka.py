@@ -4,13 +4,19 @@ an ad referral in whole, a broken rich message rejected before anything is sent.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import BASE_CONFIG, SAMPLES
+from tests.dispatchtools import DispatcherProcess
+from tests.fakegraph import FakeGraph
 from tests.kafkatools import KafkaIO, Worker
 from tests.stages.test_conversations_kafka import BILLING_PAGE, Console, action, body, consumer_msg, now_ms, of_type
 
@@ -92,3 +98,125 @@ async def test_rich_out_taps_and_attachments_in(make_worker: Callable[..., Worke
     assert [a["type"] for a in lines["m-5"]["attachments"]] == ["sticker", "image"]
     assert lines["m-6"]["referral"]["ad_id"] == "6045246247433"
     assert lines["m-6"]["referral"]["ads_context_data"]["ad_title"] == "Spring sale: shirts"
+
+
+# --- the profile and personas: a real worker, the real dispatcher, the fake Graph API -----------------
+
+SUPPORT = "298733926841562"
+PEOPLE_CONFIG = BASE_CONFIG + """
+[skills.billing]
+auto_accept = true
+[skills.support]
+auto_accept = true
+[csat]
+enabled = true
+question = "How did we do?"
+[csat.question_by_locale]
+es = "¿Qué tal lo hicimos?"
+[auto_messages.accepted]
+text = "Hi {consumer_first_name}, you are now connected to {agent_nickname}."
+[auto_messages.welcome_returning]
+text = "Welcome back, {consumer_first_name}!"
+[auto_messages.welcome_returning.by_locale]
+es = "¡Hola de nuevo, {consumer_first_name}!"
+[profile]
+enabled = true
+first_name_fallback = "there"
+[personas]
+enabled = true
+system_name = "Acme Assistant"
+system_picture_url = "https://example.com/assistant.png"
+agents = true
+agent_picture_url = "https://example.com/agent.png"
+retry_after_seconds = 2
+"""
+TOKENS = {BILLING_PAGE: "EAAtokenForBillingPage0001", SUPPORT: "EAAtokenForSupportPage0002"}
+
+
+async def until(cond: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.1)
+
+
+async def test_profile_locale_placeholder_and_personas(make_worker: Callable[..., Worker], kafka: KafkaIO,
+                                                       tmp_path: Path) -> None:
+    graph = FakeGraph()
+    await graph.start()
+    ana, nobody = "7100000000000001", "7100000000000002"
+    graph.people.profiles[ana] = {"first_name": "Ana", "last_name": "López", "locale": "es_MX", "timezone": -6,
+                                  "profile_pic": "https://platform-lookaside.fbsbx.com/p/ana", "gender": "female"}
+    w = make_worker(PEOPLE_CONFIG)
+    env = {**w.env, "MESSENGER_STREAMS_PAGE_TOKENS": orjson.dumps(TOKENS).decode(),
+           "MESSENGER_STREAMS_GRAPH_URL": graph.url}
+    dispatcher = DispatcherProcess(env, tmp_path / "dispatch.log", ["--web-port", "0"])
+    await asyncio.to_thread(dispatcher.start)
+    con = Console(kafka, w)
+    raw = w.topic("messenger.webhook.raw")
+    try:
+        # Ana writes: the conversation opens at once (the page's locale), her profile is read, the
+        # welcome goes out as the system persona
+        await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, ana, "a-1", "hello")))
+        evs = await con.wait_for("billing", lambda e: len(of_type(e, "profile")) == 1)
+        [profile] = of_type(evs, "profile")
+        assert (profile["first_name"], profile["locale"], profile["source"]) == ("Ana", "es_MX", "graph")
+        assert "gender" not in profile and of_type(evs, "conversation_opened")[0]["locale"] == "en_US"
+        assert graph.people.profile_reads() == [ana]
+        # the agent accepts, then sends quick replies as their own persona; Ana taps one
+        await action(kafka, w, BILLING_PAGE, ana, "accept", "p-1", agent_nickname="Maria")
+        await action(kafka, w, BILLING_PAGE, ana, "message", "p-2", agent_nickname="Maria", text="What is it about?",
+                     quick_replies=QUICK)
+        await until(lambda: any(r.text == "What is it about?" for r in graph.requests))
+        tap = consumer_msg(BILLING_PAGE, ana, "a-2", "Billing")
+        tap["message"]["quick_reply"] = {"payload": "TOPIC_BILLING"}
+        await kafka.send(raw, body(BILLING_PAGE, tap))
+        await action(kafka, w, BILLING_PAGE, ana, "close", "p-3", agent_nickname="Maria")
+        evs = await con.wait_for("billing", lambda e: len(of_type(e, "csat_requested")) == 1
+                                 and any(m.get("tap") == "quick_reply" for m in of_type(e, "consumer_message")))
+        texts = [e["text"] for e in of_type(evs, "system_message")]
+        assert "Hi Ana, you are now connected to Maria." in texts  # the placeholder, from the profile
+        assert of_type(evs, "csat_requested")[0]["question"] == "How did we do?"  # locale fixed at the start
+        await until(lambda: len([r for r in graph.requests if r.text]) >= 4)
+        personas = {p["name"]: p["id"] for p in graph.people.personas[BILLING_PAGE]}
+        assert sorted(personas) == ["Acme Assistant", "Maria"]
+        by_text = {r.text: r.body.get("persona_id") for r in graph.requests if r.text}
+        assert by_text["What is it about?"] == personas["Maria"]
+        assert by_text["Hi Ana, you are now connected to Maria."] == personas["Acme Assistant"]
+        assert all(r.body.get("persona_id") == personas["Acme Assistant"] for r in graph.requests
+                   if r.text and r.text.startswith("Welcome"))
+
+        # a new dispatcher process remembers the personas (no second creation); Ana answers the survey
+        # and writes again: the new conversation opens in her locale, with her name
+        dispatcher.stop()
+        await asyncio.to_thread(dispatcher.start)
+        await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, ana, "a-3", "5")))
+        await kafka.send(raw, body(BILLING_PAGE, consumer_msg(BILLING_PAGE, ana, "a-4", "hola otra vez")))
+        evs = await con.wait_for("billing", lambda e: len(of_type(e, "conversation_opened")) == 2)
+        assert of_type(evs, "conversation_opened")[1]["locale"] == "es_MX"
+        assert "¡Hola de nuevo, Ana!" in [e["text"] for e in of_type(evs, "system_message")]
+        assert [p["source"] for p in of_type(evs, "profile")] == ["graph", "cache"]
+        await until(lambda: any(r.text == "¡Hola de nuevo, Ana!" for r in graph.requests))
+        assert [r.body.get("persona_id") for r in graph.requests if r.text == "¡Hola de nuevo, Ana!"] == [
+            personas["Acme Assistant"]]
+        assert graph.people.persona_creations(BILLING_PAGE) == ["Acme Assistant", "Maria"]
+        assert graph.people.profile_reads() == [ana]  # kept: not read again within its TTL
+
+        # someone without a profile, on a page whose personas cannot be had for now: nothing waits,
+        # the placeholder falls back, the welcome goes without a persona
+        graph.people.persona_failures = 1
+        await kafka.send(raw, body(SUPPORT, consumer_msg(SUPPORT, nobody, "n-1", "hola")))
+        await action(kafka, w, SUPPORT, nobody, "accept", "n-2", agent_nickname="Luis")
+        evs = await con.wait_for("support", lambda e: len(of_type(e, "conversation_accepted")) == 1
+                                 and len(of_type(e, "system_message")) == 2)
+        assert of_type(evs, "profile") == [] and of_type(evs, "send_failed") == []
+        assert "Hi there, you are now connected to Luis." in [e["text"] for e in of_type(evs, "system_message")]
+        await until(lambda: len([r for r in graph.sent_to(nobody) if r.text]) == 2)
+        first = [r for r in graph.sent_to(nobody) if r.text][0]
+        assert "persona_id" not in first.body  # the persona lookup failed: sent without one
+        assert graph.people.profile_reads() == [ana, nobody]
+        assert all(r.status == 200 for r in graph.sent_to(nobody))
+    finally:
+        dispatcher.stop()
+        await graph.stop()
