@@ -141,7 +141,7 @@ PROFILES = Counter(
 )
 PERSONAS = Counter(
     "messenger_personas",
-    "Persona lookups of the dispatcher: created, found (listed at Meta, not remembered), failed (sent without)",
+    "Persona lookups of the dispatcher: created, found (listed at Meta), failed (sent without), refused by Meta",
     ["result"],
 )
 
