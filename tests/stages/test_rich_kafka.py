@@ -18,6 +18,7 @@ from tests.conftest import BASE_CONFIG, SAMPLES
 from tests.dispatchtools import DispatcherProcess
 from tests.fakegraph import FakeGraph
 from tests.kafkatools import KafkaIO, Worker
+from tests.rules.test_rich_conversation import AUTO, PROFILE
 from tests.stages.test_conversations_kafka import BILLING_PAGE, Console, action, body, consumer_msg, now_ms, of_type
 
 pytestmark = pytest.mark.kafka
@@ -103,25 +104,9 @@ async def test_rich_out_taps_and_attachments_in(make_worker: Callable[..., Worke
 # --- the profile and personas: a real worker, the real dispatcher, the fake Graph API -----------------
 
 SUPPORT = "298733926841562"
-PEOPLE_CONFIG = BASE_CONFIG + """
-[skills.billing]
-auto_accept = true
+PEOPLE_CONFIG = BASE_CONFIG + AUTO + PROFILE + """
 [skills.support]
 auto_accept = true
-[csat]
-enabled = true
-question = "How did we do?"
-[csat.question_by_locale]
-es = "¿Qué tal lo hicimos?"
-[auto_messages.accepted]
-text = "Hi {consumer_first_name}, you are now connected to {agent_nickname}."
-[auto_messages.welcome_returning]
-text = "Welcome back, {consumer_first_name}!"
-[auto_messages.welcome_returning.by_locale]
-es = "¡Hola de nuevo, {consumer_first_name}!"
-[profile]
-enabled = true
-first_name_fallback = "there"
 [personas]
 enabled = true
 system_name = "Acme Assistant"
