@@ -738,7 +738,7 @@ class Dispatcher:
         log.info("page %s: no profile for a person (%s, code %s)", out.page_id, err.reason, err.code)
         return SendResult(**common, status="failed", code=err.code, subcode=err.subcode,
                           message=redact(err.message, self.tokens.secrets()), retryable=False, attempts=1,
-                          timestamp=_now_ms())
+                          reason=err.reason, timestamp=_now_ms())
 
     def _bucket(self, page_id: str) -> TokenBucket:
         b = self.buckets.get(page_id)
