@@ -77,11 +77,12 @@ CONSOLE_EVENT_TYPES = (
     "conversation_opened", "consumer_message", "external_message", "agent_message", "system_message", "status",
     "typing", "conversation_accepted", "conversation_transferred", "conversation_returned", "conversation_closed",
     "manager_joined", "manager_left", "agent_not_responding", "response_time_set", "urgency_changed",
-    "csat_requested", "csat_received", "action_rejected", "send_failed", "postback", "referral", "reaction",
-    "message_edit", "standby_event", "context_event",
+    "csat_requested", "csat_received", "action_rejected", "send_failed", "referral", "reaction",
+    "message_edit", "standby_event", "context_event", "profile", "media_stored",
 )
 REJECTION_REASONS = (
     "invalid_action", "text_too_long", "window_closed", "unknown_conversation", "not_owner", "not_assigned",
+    "invalid_message",
 )
 
 
