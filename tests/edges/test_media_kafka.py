@@ -8,11 +8,12 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
@@ -20,7 +21,9 @@ from prometheus_client import REGISTRY
 from streams.core.config_rich import Media
 from streams.core.process import CliError
 from streams.edges.media import MediaOptions, serve
-from tests.kafkatools import KafkaIO, free_port
+from tests.conftest import BASE_CONFIG
+from tests.kafkatools import KafkaIO, Worker, free_port
+from tests.stages.test_conversations_kafka import BILLING_PAGE
 
 pytestmark = pytest.mark.kafka
 
@@ -177,3 +180,35 @@ async def test_off_without_a_store(tmp_path: Path) -> None:
                         media=Media(store=str(blocked)))
     with pytest.raises(CliError, match="is not a writable directory"):
         await serve(opts, asyncio.Event())
+
+
+async def test_a_photo_from_messenger_is_kept_end_to_end(
+    make_worker: Callable[..., Worker], kafka: KafkaIO, cdn: Cdn, tmp_path: Path
+) -> None:
+    """webhook → worker → consumer_message on the skill topic → media keeper → media_stored."""
+    w = make_worker(BASE_CONFIG + "\n[csat]\nenabled = false\n")
+    store = tmp_path / "kept"
+    opts = MediaOptions(bootstrap_servers=kafka.bootstrap, skill_topic_prefix=w.topic("skill."),
+                        group_id=f"media-{uuid.uuid4().hex[:8]}",
+                        media=Media(store=str(store), allowed_hosts=["127.0.0.1"]))
+    stop, ready = asyncio.Event(), asyncio.Event()
+
+    async def on_ready() -> None:
+        ready.set()
+
+    task = asyncio.create_task(serve(opts, stop, on_ready=on_ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 60)
+        item = {"sender": {"id": "u1"}, "recipient": {"id": BILLING_PAGE}, "timestamp": int(time.time() * 1000),
+                "message": {"mid": "m-photo", "attachments": [{"type": "image", "payload": {"url": f"{cdn.url}/a.png"}}]}}
+        await kafka.send(w.topic("messenger.webhook.raw"),
+                         orjson.dumps({"object": "page", "entry": [{"id": BILLING_PAGE, "messaging": [item]}]}))
+        [kept] = await wait_for(kafka, w.topic("skill.billing"), 1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    events = await kafka.read_json(w.topic("skill.billing"))
+    [message] = [e for e in events if e["type"] == "consumer_message"]
+    assert (kept["mid"], kept["conversation_id"], kept["event_id"]) == (
+        "m-photo", message["conversation_id"], message["event_id"] + ":media:0")
+    assert (store / kept["key"]).read_bytes() == PNG
