@@ -191,6 +191,22 @@ def test_attachment_by_reusable_id() -> None:
     assert checked.parts[0].message == {"attachment": {"type": "file", "payload": {"attachment_id": "1857777774821032"}}}
 
 
+def test_attachment_id_64_digits_and_65() -> None:
+    ok({"attachment": {"type": "video", "attachment_id": "1" * 64}})
+    ok({"attachment": {"type": "video", "attachment_id": 1857777774821032}})  # a JSON number is fine too
+    assert problems({"attachment": {"type": "video", "attachment_id": "1" * 65}}) == [
+        "attachment.attachment_id: must be a numeric id from an earlier reusable send"
+    ]
+
+
+def test_quick_reply_image_url_2048_and_2049() -> None:
+    base = "https://example.com/"
+    ok({"text": "Pick", "quick_replies": [qr(image_url=base + "i" * (2048 - len(base)))]})
+    assert problems({"text": "Pick", "quick_replies": [qr(image_url=base + "i" * (2049 - len(base)))]}) == [
+        "quick_replies[0].image_url: 2049 characters, at most 2048"
+    ]
+
+
 def test_attachment_url_2048_and_2049() -> None:
     base = "https://example.com/"
     ok({"attachment": {"type": "image", "url": base + "a" * (2048 - len(base))}})
