@@ -241,7 +241,7 @@ class _Checker:
         kind = self.choice(a, "type", where, ATTACHMENT_TYPES)
         self.flag(a, "is_reusable", where)
         att_id = self.attachment_id(a, where)
-        url = self.url(a, "url", where, required=att_id is None)
+        url = self.url(a, "url", where, required=a.get("attachment_id") is None)
         if url is not None and att_id is not None:
             self.fail(where, "give url or attachment_id, not both")
         if att_id is not None and a.get("is_reusable") is not None:
@@ -343,7 +343,7 @@ class _Checker:
             return {}
         out: dict[str, Any] = {"media_type": self.choice(e, "media_type", where, MEDIA_TYPES)}
         att_id = self.attachment_id(e, where)
-        url = self.url(e, "url", where, required=att_id is None, facebook_only=True)
+        url = self.url(e, "url", where, required=e.get("attachment_id") is None, facebook_only=True)
         if url is not None and att_id is not None:
             self.fail(where, "give url or attachment_id, not both")
         if att_id is not None:
