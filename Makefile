@@ -7,7 +7,7 @@ KAFKA := $(BIN)/python deploy/kafka/localkafka.py
 CONFIG ?= deploy/connector.example.toml
 RATE ?= 20
 
-.PHONY: install run test lint typecheck unit kafka-up kafka-down kafka-fetch bench bench-history schemas clean
+.PHONY: install run demo-reset test lint typecheck unit kafka-up kafka-down kafka-reset kafka-status kafka-fetch bench bench-history schemas clean
 
 install: $(STAMP)
 
@@ -23,8 +23,16 @@ kafka-fetch: install
 kafka-up: install
 	$(KAFKA) up
 
+# Stops the broker (SIGTERM, clean shutdown) and keeps its data: kafka-up brings back the same topics and offsets.
 kafka-down: install
 	$(KAFKA) down
+
+# Stops the broker and deletes its data (every topic, offset and table changelog).
+kafka-reset: install
+	$(KAFKA) reset
+
+kafka-status: install
+	$(KAFKA) status
 
 lint: install
 	$(BIN)/ruff check .
@@ -45,6 +53,10 @@ test: install kafka-fetch lint typecheck
 # The main job: local Kafka, topics, a worker, demo traffic and a live summary until Ctrl-C.
 run: install kafka-up
 	MESSENGER_STREAMS_CONFIG=$(CONFIG) RATE=$(RATE) ./deploy/run-demo.sh
+
+# Forget everything the demo did (its topics, offsets and tables); the broker and other apps keep theirs.
+demo-reset: install kafka-up
+	MESSENGER_STREAMS_CONFIG=$(CONFIG) ./deploy/run-demo.sh reset
 
 bench: install kafka-up
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

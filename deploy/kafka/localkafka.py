@@ -1,12 +1,16 @@
 """The project's own single-node Apache Kafka (KRaft), from Maven Central jars: no Docker.
 
-    python deploy/kafka/localkafka.py up     # fetch jars (cached), format, start, wait for metadata
-    python deploy/kafka/localkafka.py down   # stop and remove its data
+    python deploy/kafka/localkafka.py up     # fetch jars (cached), format once, start, wait for metadata
+    python deploy/kafka/localkafka.py down   # stop (SIGTERM, wait for a clean shutdown); data kept
+    python deploy/kafka/localkafka.py reset  # stop and delete its data: every topic, offset and changelog
     python deploy/kafka/localkafka.py status
 
-Both `up` and `down` are idempotent. The broker listens on 127.0.0.1:$KAFKA_PORT (default 9092);
-its controller on the next port. State lives in .kafka/ at the project root. Tests import
-`LocalKafka` to start a broker of their own when none is running.
+`up`, `down` and `reset` are idempotent; `up` after `down` brings back the same topics and offsets.
+The broker listens on 127.0.0.1:$KAFKA_PORT (default 9092), its controller on
+$KAFKA_CONTROLLER_PORT (default the next port); its state lives in $KAFKA_HOME (default .kafka/ at
+the project root). Topics are never created implicitly (`auto.create.topics.enable=false`): the
+processor creates what it uses, with the right partition count. Tests import `LocalKafka` to start
+a broker of their own when none is running.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -57,7 +62,7 @@ transaction.state.log.num.partitions=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=true
+auto.create.topics.enable=false
 log.cleaner.dedupe.buffer.size=2097152
 log.segment.bytes=16777216
 """
@@ -99,8 +104,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_metadata(bootstrap: str, timeout: float = 90.0) -> None:
-    """Poll the broker until it answers a metadata request with at least one broker."""
+def wait_for_metadata(bootstrap: str, timeout: float = 90.0, alive: Callable[[], bool] | None = None) -> None:
+    """Poll the broker until it answers a metadata request with at least one broker (or, when
+    `alive` says the broker's process is gone, fail at once)."""
     import asyncio
     import logging
 
@@ -126,6 +132,8 @@ def wait_for_metadata(bootstrap: str, timeout: float = 90.0) -> None:
     while time.monotonic() < deadline:
         if asyncio.run(probe()):
             return
+        if alive is not None and not alive():
+            raise KafkaError(f"Kafka at {bootstrap} exited while starting")
         time.sleep(0.5)
     raise KafkaError(f"Kafka at {bootstrap} did not serve metadata within {timeout:.0f}s")
 
@@ -139,21 +147,29 @@ class LocalKafka:
         self.controller_port = controller_port or port + 1
         self.pidfile = home / "kafka.pid"
         self.logfile = home / "kafka.log"
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def pid(self) -> int | None:
-        """The broker's pid if it is running."""
+        """The broker's pid if it is running (a live process started from this home's properties)."""
+        if self._proc is not None and self._proc.poll() is not None:
+            return None  # our own child has exited (possibly still a zombie until reaped: poll reaps it)
         try:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
         try:
-            os.kill(pid, 0)
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return None
+        if stat.rpartition(")")[2].split()[:1] == ["Z"]:
+            return None  # exited, not yet reaped by its parent
+        if b"kafka.Kafka" not in cmdline or str(self.home / "server.properties").encode() not in cmdline:
+            return None  # the pid was reused by another process
         return pid
 
     def _java(self, *args: str, log: Path | None = None, background: bool = False) -> subprocess.Popen[bytes]:
@@ -199,35 +215,49 @@ class LocalKafka:
             if fmt.wait(120) != 0:
                 raise KafkaError(f"formatting KRaft storage failed; see {self.logfile}")
         proc = self._java("kafka.Kafka", str(props), log=self.logfile, background=True)
+        self._proc = proc
         self.pidfile.write_text(str(proc.pid))
         try:
-            wait_for_metadata(self.bootstrap, timeout)
-        except KafkaError:
+            wait_for_metadata(self.bootstrap, timeout, alive=lambda: proc.poll() is None)
+        except KafkaError as exc:
             self.down()
-            raise
+            raise KafkaError(f"{exc}; see {self.logfile}") from None
 
-    def down(self) -> None:
-        """Stop the broker (SIGTERM, then SIGKILL after 30 s) and remove its data."""
+    def down(self, timeout: float = 60.0) -> None:
+        """Stop the broker and keep its data: SIGTERM, then wait for its clean shutdown (it flushes
+        and closes its logs); SIGKILL only if it is still running after `timeout` seconds."""
         pid = self.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and self.pid() is not None:
-                time.sleep(0.2)
-            if self.pid() is not None:
-                os.kill(pid, signal.SIGKILL)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pid() is not None:
+            time.sleep(0.2)  # polling another process' exit: there is no event to wait on
+        if self.pid() is not None:
+            print(f"kafka did not stop within {timeout:.0f}s; killing it (see {self.logfile})", file=sys.stderr)
+            os.kill(pid, signal.SIGKILL)
+            while self.pid() is not None:
+                time.sleep(0.1)
+        self.pidfile.unlink(missing_ok=True)
+
+    def reset(self) -> None:
+        """Stop the broker and delete its data directory: every topic, offset and changelog."""
+        self.down()
         shutil.rmtree(self.home, ignore_errors=True)
 
 
 def default_broker() -> LocalKafka:
-    """The broker `make kafka-up` manages: .kafka/ at the project root, port $KAFKA_PORT or 9092."""
-    port = int(os.environ.get("KAFKA_PORT", "9092"))
-    return LocalKafka(ROOT / ".kafka", port=port)
+    """The broker `make kafka-up` manages: $KAFKA_HOME (default .kafka/ at the project root), port
+    $KAFKA_PORT (default 9092), controller port $KAFKA_CONTROLLER_PORT (default the next one)."""
+    port = int(os.environ.get("KAFKA_PORT") or "9092")
+    controller = os.environ.get("KAFKA_CONTROLLER_PORT")
+    home = Path(os.environ.get("KAFKA_HOME") or ROOT / ".kafka").resolve()
+    return LocalKafka(home, port=port, controller_port=int(controller) if controller else None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the project's local single-node Kafka (KRaft).")
-    parser.add_argument("command", choices=["up", "down", "status", "fetch"])
+    parser.add_argument("command", choices=["up", "down", "reset", "status", "fetch"])
     args = parser.parse_args(argv)
     broker = default_broker()
     try:
@@ -237,8 +267,13 @@ def main(argv: list[str] | None = None) -> int:
             broker.up()
             print(f"kafka up on {broker.bootstrap} (pid {broker.pid()}, log {broker.logfile})")
         elif args.command == "down":
+            running = broker.pid() is not None
             broker.down()
-            print("kafka down")
+            print(f"kafka {'stopped' if running else 'not running'}; data kept in {broker.home} "
+                  "('make kafka-reset' deletes it)")
+        elif args.command == "reset":
+            broker.reset()
+            print(f"kafka stopped and its data deleted ({broker.home})")
         else:
             pid = broker.pid()
             print(f"kafka running on {broker.bootstrap} (pid {pid})" if pid else "kafka not running")

@@ -1,24 +1,28 @@
-"""`messenger-streams`: the command line (worker, inspect, topics, simulate, summary).
+"""`messenger-streams`: the command line (worker, inspect, topics, simulate, summary, …).
 
-Every user error (bad config, bad input, unreachable broker) is one line on stderr and exit
-status 2; no tracebacks.
+Every user error (bad config, a bad MESSENGER_STREAMS_* value, bad input, an unreachable broker)
+is one line on stderr and exit status 2; no tracebacks. The environment is checked before any
+command runs: every variable against the Settings catalogue (streams/core/settings.py), and an
+unknown MESSENGER_STREAMS_* variable is a warning naming the closest known one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
+
 from streams.commands import dlq, history, simulate, summary
 from streams.core import serde
 from streams.core.config import ConfigError, ConnectorConfig, load_config
 from streams.core.process import CliError
-from streams.core.settings import Settings, load_settings
-from streams.core.topics import TopicError, create_topics
+from streams.core.settings import Settings, load_settings, unknown_variables
 from streams.edges import dispatch, media, webhook
 from streams.rules.normalize import split_body
 
@@ -53,11 +57,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
+    # Faust is imported here, not at the top: importing it fixes the event loop, which only
+    # cmd_worker may choose (see cmd_worker). The pipeline is needed for its tables' changelogs.
+    from streams.stages.app import create_pipeline
+    from streams.stages.startup import prepare_topics, remove_topics
+
     settings, config = _load()
-    try:
-        created = asyncio.run(create_topics(settings, config))
-    except TopicError as exc:
-        raise CliError(str(exc)) from None
+    pipe = create_pipeline(settings, config)
+    if args.topics_command == "delete":
+        if not args.yes:
+            raise CliError("topics delete removes every topic of this app id and prefix with its data: add --yes")
+        for name in asyncio.run(remove_topics(pipe)):
+            print(f"deleted {name}")
+        return 0
+    created = asyncio.run(prepare_topics(pipe))
     for name in created:
         print(f"created {name}")
     if not created:
@@ -89,17 +102,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
-        raise CliError(f"cannot reach Kafka: {exc}") from None
     print(f"simulate: sent {sent} records")
     return 0
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    try:
-        return summary.run_summary(args.url, interval=args.interval, once=args.once)
-    except KeyboardInterrupt:
-        return 0
+    if args.interval <= 0:
+        raise CliError("--interval must be > 0")
+    settings = load_settings()
+    url = args.url or settings.summary_url or f"http://127.0.0.1:{settings.web_port}/metrics"
+    return summary.run_summary(url, interval=args.interval, once=args.once)
 
 
 def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
@@ -108,21 +120,13 @@ def cmd_worker(args: argparse.Namespace, extra: list[str]) -> int:
         import mode.loop
 
         mode.loop.use("uvloop")
-    from streams.stages.app import create_pipeline  # only now: it imports faust, which fixes the loop
+    # only now: they import faust, which fixes the loop
+    from streams.stages.app import create_pipeline
+    from streams.stages.startup import run_worker
 
     settings, config = _load()
-    try:
-        asyncio.run(create_topics(settings, config))
-    except TopicError as exc:
-        raise CliError(str(exc)) from None
     pipe = create_pipeline(settings, config)
-    level = getattr(settings, "log_level", "warn")
-    argv = ["messenger-streams", "-L", "aio" if args.no_uvloop else "uvloop", "worker", "-l", level]
-    sys.argv = argv + extra
-    pipe.app.main()
-    return 0
-
-
+    return run_worker(pipe, loop="aio" if args.no_uvloop else "uvloop", extra_args=extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("topics", help="manage the processor's topics")
     tsub = p.add_subparsers(dest="topics_command", metavar="ACTION")
     tsub.required = True
-    tsub.add_parser("create", help="create every topic the processor uses (existing ones are kept)")
+    tsub.add_parser("create", help="create every topic the worker uses, changelogs included (existing ones are "
+                    "kept; a wrong partition count is refused)")
+    p = tsub.add_parser("delete", help="delete every topic of this app id and prefix, data included (needs --yes)")
+    p.add_argument("--yes", action="store_true", help="really delete")
 
     p = sub.add_parser("simulate", help="produce realistic Messenger and agent traffic")
     p.add_argument("--rate", type=float, default=20.0, help="records per second, 0 for as fast as possible")
@@ -170,15 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("history", help="conversation history in PostgreSQL: sink, export, forget, migrate, retain")
     history.add_arguments(p)
 
-    p = sub.add_parser("summary", help="print a live summary from a worker's /metrics")
-    p.add_argument("--url", default=os.environ.get("MESSENGER_STREAMS_SUMMARY_URL", "http://127.0.0.1:6066/metrics"))
-    p.add_argument("--interval", type=float, default=2.0)
-    p.add_argument("--once", action="store_true", help="print one summary and exit")
+    p = sub.add_parser("summary", help="a live summary from a worker's /metrics (redrawn in place on a terminal)")
+    p.add_argument("--url", default=None, help="the worker's metrics URL (default: env MESSENGER_STREAMS_SUMMARY_URL, "
+                   "else http://127.0.0.1:$MESSENGER_STREAMS_WEB_PORT/metrics)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between screens (default 2)")
+    p.add_argument("--once", action="store_true", help="print one summary and exit (2 if the worker does not answer)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `messenger-streams` console script."""
+    for warning in unknown_variables(os.environ):
+        print(f"messenger-streams: warning: {warning}", file=sys.stderr)
+    try:
+        settings = load_settings()  # every variable, before the parser reads any of them as a default
+    except ConfigError as exc:
+        return _fail(str(exc))
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     extra: list[str] = []
@@ -190,30 +204,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(args_list)
     except SystemExit as exc:
         return int(exc.code or 0)
+    if args.command not in ("worker", "webhook", "dispatch"):  # those log for themselves
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # our one line says it
     try:
-        if args.command == "inspect":
-            return cmd_inspect(args)
-        if args.command == "topics":
-            return cmd_topics(args)
-        if args.command == "simulate":
-            return cmd_simulate(args)
-        if args.command == "summary":
-            return cmd_summary(args)
-        if args.command == "webhook":
-            return webhook.run(args)
-        if args.command == "dispatch":
-            return dispatch.run(args)
-        if args.command == "dlq":
-            return dlq.run(args)
-        if args.command == "history":
-            return history.run(args)
-        if args.command == "media":
-            return media.run(args)
-        return cmd_worker(args, extra)
+        return _run(args, extra)
     except (ConfigError, CliError) as exc:
         return _fail(str(exc))
+    except (KafkaError, ConnectionError, TimeoutError) as exc:
+        detail = " ".join(str(exc).split()).removeprefix(f"{type(exc).__name__}: ")
+        if type(exc).__module__ != "builtins" and not isinstance(exc, KafkaError) and detail:
+            return _fail(detail)  # ours (TopicError, MirrorError, …) say what and where
+        return _fail(f"cannot reach Kafka at {settings.bootstrap_servers}: {type(exc).__name__}"
+                     f"{': ' + detail if detail else ''}")
     except KeyboardInterrupt:
         return 130
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.command == "inspect":
+        return cmd_inspect(args)
+    if args.command == "topics":
+        return cmd_topics(args)
+    if args.command == "simulate":
+        return cmd_simulate(args)
+    if args.command == "summary":
+        return cmd_summary(args)
+    if args.command == "webhook":
+        return webhook.run(args)
+    if args.command == "dispatch":
+        return dispatch.run(args)
+    if args.command == "dlq":
+        return dlq.run(args)
+    if args.command == "history":
+        return history.run(args)
+    if args.command == "media":
+        return media.run(args)
+    return cmd_worker(args, extra)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from streams.core.process import CliError
+from streams.core.process import CliError, start_client
 from streams.core.serde import decode_payload
 from streams.core.settings import load_settings
 
@@ -44,7 +44,7 @@ async def read_letters(bootstrap: str, topic: str, timeout: float = 10.0) -> lis
     from aiokafka.structs import TopicPartition
 
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
+    await start_client(consumer)
     letters: list[tuple[bytes | None, dict[str, Any]]] = []
     try:
         await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public call for it
@@ -113,7 +113,7 @@ async def _run(args: argparse.Namespace) -> int:
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
-    await producer.start()
+    await start_client(producer)
     try:
         now = str(int(time.time() * 1000)).encode()
         for topic, key, payload in plan:

@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError
 from streams.core.config import load_config
 from streams.core.process import CliError, configure_logging, quiet_kafka_startup, run_until_signalled
 from streams.core.settings import Settings, load_settings
+from streams.core.topics import ensure_contract_topics
 from streams.edges import history as sink
 from streams.history.embedded import EmbeddedError, resolve_dsn
 from streams.history.forget import forget_person
@@ -168,6 +169,7 @@ async def export(store: HistoryStore, args: argparse.Namespace, out: IO[str], er
 
 
 async def forget(store: HistoryStore, settings: Settings, page_id: str, psid: str) -> dict[str, Any]:
+    await ensure_contract_topics(settings, "actions")  # the broker creates no topic on its own
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
     try:
         with quiet_kafka_startup():

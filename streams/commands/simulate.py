@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import orjson
 
 from streams.core.config import ConnectorConfig
+from streams.core.process import start_client
 from streams.core.settings import Settings
+from streams.core.topics import ensure_contract_topics
 
 PAGE_INBOX_APP_ID = "263902037430900"
 CONSUMER_LINES = (
@@ -274,8 +276,9 @@ async def run_simulation(
     from aiokafka import AIOKafkaProducer
 
     sim = Simulator(config, seed=seed, consumers=consumers, agents=agents, invalid_ratio=invalid_ratio)
+    await ensure_contract_topics(settings, "raw", "actions")
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, acks="all")
-    await producer.start()
+    await start_client(producer)
     topics = {"raw": settings.topics.name("raw"), "actions": settings.topics.name("actions")}
     sent = 0
     start = time.monotonic()

@@ -1,39 +1,57 @@
 """Runtime settings from the environment: Kafka, topic names, ports and processing knobs.
 
 One environment variable per setting, prefixed MESSENGER_STREAMS_ (KAFKA_BOOTSTRAP_SERVERS is read
-as is). Frozen; secrets never appear in `repr` or dumps.
+as is). Frozen; secrets never appear in `repr` or dumps. An empty variable counts as unset.
+
+This module is also the catalogue of every MESSENGER_STREAMS_* variable, the ones a single command
+reads for itself (webhook, dispatch, summary) included: `load_settings` validates them all, so a bad
+value stops any command with one line naming the variable, and `unknown_variables` names the
+closest known variable for a misspelt one. A new variable is a new field here.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from functools import cached_property
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+import orjson
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from streams.core.config import ConfigError, describe_validation_error
+from streams.core.config import ConfigError
+
+PREFIX = "MESSENGER_STREAMS_"
+TOPIC_PREFIX = PREFIX + "TOPIC_"
+
+TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+$", max_length=200)]
+HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s/]+", max_length=2000)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "critical", "crit")
 
 
 class Topics(BaseSettings):
     """Topic names (defaults from CONTRACT.md). MESSENGER_STREAMS_TOPIC_PREFIX prefixes them all."""
 
-    model_config = SettingsConfigDict(env_prefix="MESSENGER_STREAMS_TOPIC_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=TOPIC_PREFIX, frozen=True, extra="ignore", env_ignore_empty=True)
 
-    prefix: str = ""
-    raw: str = "messenger.webhook.raw"
-    dlq: str = "messenger.dlq"
-    split: str = "messenger.events.split"
-    events: str = "messenger.events"
-    actions: str = "agent.actions"
-    ticks: str = "conversations.ticks"
-    outbound: str = "messenger.outbound"
-    send_results: str = "messenger.send.results"
-    dispatch_sent: str = "messenger.dispatch.sent"  # the dispatcher's sent log (co-partitioned with outbound)
-    csat_responses: str = "csat.responses"
-    csat_facts: str = "csat.facts"
-    history: str = "conversations.history"
-    skill_prefix: str = "skill."
-    personas: str = "messenger.personas"  # personas the dispatcher created, per page (compacted; #17)
+    prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$", max_length=100)
+    raw: TopicName = "messenger.webhook.raw"
+    dlq: TopicName = "messenger.dlq"
+    split: TopicName = "messenger.events.split"
+    events: TopicName = "messenger.events"
+    actions: TopicName = "agent.actions"
+    ticks: TopicName = "conversations.ticks"
+    outbound: TopicName = "messenger.outbound"
+    send_results: TopicName = "messenger.send.results"
+    dispatch_sent: TopicName = "messenger.dispatch.sent"  # the dispatcher's sent log (co-partitioned with outbound)
+    csat_responses: TopicName = "csat.responses"
+    csat_facts: TopicName = "csat.facts"
+    history: TopicName = "conversations.history"
+    skill_prefix: TopicName = "skill."
+    personas: TopicName = "messenger.personas"  # personas the dispatcher created, per page (compacted; #17)
 
     def name(self, attr: str) -> str:
         """The full name of one topic, with the prefix."""
@@ -47,19 +65,24 @@ class Topics(BaseSettings):
 class Settings(BaseSettings):
     """Everything that is not connector behaviour: where Kafka is and how the worker runs."""
 
-    model_config = SettingsConfigDict(env_prefix="MESSENGER_STREAMS_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore", env_ignore_empty=True)
 
     bootstrap_servers: str = Field(
         default="127.0.0.1:9092",
         validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "MESSENGER_STREAMS_BOOTSTRAP_SERVERS"),
     )
-    app_id: str = Field(default="messenger-streams", description="Faust app id: consumer group and table prefix")
+    app_id: str = Field(
+        default="messenger-streams",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        max_length=100,
+        description="Faust app id: consumer group and table prefix",
+    )
     partitions: int = Field(default=8, ge=1, le=1024, description="partitions of every topic we create")
     replication_factor: int = Field(default=1, ge=1)
-    web_host: str = "0.0.0.0"  # noqa: S104 - the metrics endpoint is meant to be scraped
-    web_port: int = Field(default=6066, ge=0, le=65535)
-    datadir: str = ".messenger-streams-data"
-    store: str = "memory://"
+    web_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - the metrics endpoint is meant to be scraped
+    web_port: Port = 6066
+    datadir: str = Field(default=".messenger-streams-data", min_length=1)
+    store: str = Field(default="memory://", pattern=r"^(memory|rocksdb|aerospike)://")
     max_body_bytes: int = Field(default=1_048_576, gt=0, description="raw bodies over this go to the DLQ")
     dedupe_horizon_seconds: int = Field(default=172_800, gt=0, description="drop duplicates seen this recently")
     dedupe_max_keys: int = Field(default=2_000, gt=0, description="idempotency keys kept per conversation")
@@ -79,16 +102,122 @@ class Settings(BaseSettings):
     history_topic_refresh_ms: int = Field(default=10_000, gt=0, description="new skill topics are found this fast")
     admin_password: SecretStr | None = Field(default=None, description="password of the admin HTTP endpoints")
 
+    # Read by one command each (their defaults live there); declared here to be validated up front.
+    config_path: str | None = Field(
+        default=None, validation_alias="MESSENGER_STREAMS_CONFIG", description="the connector's TOML file"
+    )
+    summary_url: HttpUrl | None = Field(default=None, description="summary: the worker's /metrics URL")
+    webhook_host: str | None = Field(default=None, description="webhook: listen address")
+    webhook_port: Port | None = Field(default=None, description="webhook: listen port")
+    app_secret: SecretStr | None = Field(default=None, description="webhook: Meta's App Secret")
+    app_secret_file: str | None = Field(default=None, description="webhook: file holding the App Secret")
+    verify_token: SecretStr | None = Field(default=None, description="webhook: token of Meta's handshake")
+    graph_url: HttpUrl | None = Field(default=None, description="dispatch: Graph API base URL")
+    graph_api_version: str | None = Field(
+        default=None, pattern=r"^v\d+(\.\d+)?$", description="dispatch: Graph API version"
+    )
+    page_tokens: SecretStr | None = Field(default=None, description="dispatch: JSON object page_id → page token")
+    page_tokens_file: str | None = Field(default=None, description="dispatch: file of page tokens")
+    rate_per_page: float | None = Field(default=None, gt=0, description="dispatch: sends per second per page")
+    dispatch_web_port: Port | None = Field(default=None, description="dispatch: port of /metrics and /healthz")
+    sent_log_days: float | None = Field(default=None, gt=0, description="dispatch: older outbound is not sent")
+    media_web_port: Port | None = Field(default=None, description="media (#17): port of /metrics and /healthz")
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_ports(cls, v: str) -> str:
+        parts = [p.strip() for p in v.split(",") if p.strip()]
+        if not parts:
+            raise ValueError("give at least one host:port")
+        for part in parts:
+            host, sep, port = part.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{part!r} is not host:port")
+        return ",".join(parts)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, v: str) -> str:
+        if v.lower() not in LOG_LEVELS:
+            raise ValueError(f"one of {', '.join(LOG_LEVELS)}")
+        return v.lower()
+
+    @field_validator("page_tokens")
+    @classmethod
+    def _token_object(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            try:
+                data = orjson.loads(v.get_secret_value())
+            except orjson.JSONDecodeError:
+                data = None
+            if not isinstance(data, dict) or not all(isinstance(t, str) and t for t in data.values()):
+                raise ValueError("must be a JSON object of non-empty strings page_id → token")
+        return v
+
     @cached_property
     def topics(self) -> Topics:
         return Topics()
 
 
+def _field_variables(model: type[BaseSettings], prefix: str) -> dict[str, str]:
+    """Field name → the environment variable(s) that set it (the first one for messages)."""
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            out[name] = " or ".join(str(c) for c in alias.choices)
+        elif isinstance(alias, str):
+            out[name] = alias
+        else:
+            out[name] = prefix + name.upper()
+    return out
+
+
+def known_variables() -> dict[str, Any]:
+    """Every environment variable the settings read → its field's info (type, default, description)."""
+    out: dict[str, Any] = {}
+    for model, prefix in ((Settings, PREFIX), (Topics, TOPIC_PREFIX)):
+        for name, variables in _field_variables(model, prefix).items():
+            for variable in variables.split(" or "):
+                out[variable] = model.model_fields[name]
+    return out
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each MESSENGER_STREAMS_* variable that no setting reads, naming the closest known one."""
+    known = known_variables()
+    upper = {k.upper() for k in known}
+    lines = []
+    for variable in sorted(environ):
+        if variable.upper().startswith(PREFIX) and variable.upper() not in upper:
+            close = difflib.get_close_matches(variable.upper(), sorted(upper), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "see the README for the known ones"
+            lines.append(f"unknown environment variable {variable} ({hint})")
+    return lines
+
+
+def _describe(exc: ValidationError, model: type[BaseSettings], prefix: str) -> str:
+    err = exc.errors()[0]
+    loc = str(err["loc"][0]) if err["loc"] else ""
+    names = _field_variables(model, prefix)
+    field = loc if loc in names else next((f for f, v in names.items() if loc in v.split(" or ")), loc)
+    choices = names.get(field, loc).split(" or ")
+    present = {k.upper() for k in os.environ}
+    variable = next((c for c in choices if c.upper() in present), choices[0])  # the one that was set
+    info = model.model_fields.get(field)
+    secret = info is not None and "SecretStr" in str(info.annotation)
+    shown = "" if secret or "input" not in err else f"={str(err['input'])[:80]!r}"
+    return f"{variable}{shown}: {err['msg'].removeprefix('Value error, ')}"
+
+
 def load_settings() -> Settings:
-    """Settings from the environment; raises ConfigError with the variable and the problem."""
+    """Settings from the environment; raises ConfigError naming the variable and the problem."""
     try:
         settings = Settings()
+    except ValidationError as exc:
+        raise ConfigError(f"environment: {_describe(exc, Settings, PREFIX)}") from None
+    try:
         _ = settings.topics
     except ValidationError as exc:
-        raise ConfigError(f"environment setting {describe_validation_error(exc)}") from None
+        raise ConfigError(f"environment: {_describe(exc, Topics, TOPIC_PREFIX)}") from None
     return settings

@@ -22,6 +22,7 @@ from streams.core.deadletter import dead_letter
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
 from streams.stages import conversation, csat, history, ingest, web
+from streams.stages.supervision import supervise
 
 log = logging.getLogger("messenger_streams")
 
@@ -95,6 +96,7 @@ def create_app(settings: Settings) -> faust.App:
         topic_replication_factor=settings.replication_factor,
         topic_disable_leader=True,
         web_host=settings.web_host,
+        web_bind=settings.web_host,
         web_port=settings.web_port,
         web_enabled=True,
         key_serializer="raw",
@@ -113,6 +115,7 @@ def create_app(settings: Settings) -> faust.App:
     # Table changelog records queue in faust's producer buffer; at its default of 100 the conductor
     # stalls on every table-heavy burst ("producer buffer full"). Commits still flush it first.
     app.producer.buffer.max_messages = settings.producer_buffer_max
+    supervise(app)  # a crashed agent stops the worker (exit 1); a stop never takes over 8 s
     return app
 
 

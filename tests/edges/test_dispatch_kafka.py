@@ -573,6 +573,8 @@ async def test_sigkill_mid_batch_then_restart_sends_nothing_twice(harness: Harne
     proc = DispatcherProcess(env, tmp_path / "dispatch.log", ["--web-port", "0"])
     convs, per_conv = 10, 12
     records = [stage_outbound(f"k{c}", f"ob-{c}-{i}", text=f"{c}/{i}") for i in range(per_conv) for c in range(convs)]
+    # written before the dispatcher (which creates its topics) starts: the broker creates no topic itself
+    await ensure_topics(harness.opts.bootstrap_servers, {harness.opts.outbound_topic: False}, 2, 1)
     for value in records:
         await harness.send(value)
     total = convs * per_conv
