@@ -218,6 +218,7 @@ class MediaKeeper:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
+    parser.add_argument("--store", default=None, help="directory of the kept files (default: [media] store)")
     parser.add_argument("--group", default=None, help="consumer group (default <app_id>-media)")
     parser.add_argument("--web-port", type=int,
                         default=int(env("MESSENGER_STREAMS_MEDIA_WEB_PORT") or DEFAULT_WEB_PORT),
@@ -228,15 +229,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> MediaOptions:
     settings = load_settings()
     config = load_config()
-    if config.media.store is None:
-        raise CliError("media keeping is off: set `store` in the [media] section of the config")
+    store = args.store or config.media.store
+    if not store:
+        raise CliError("media keeping is off: set `store` in the [media] section of the config (or --store)")
     if not 0 <= args.web_port <= 65535:
         raise CliError("--web-port must be 0..65535")
     return MediaOptions(
         bootstrap_servers=settings.bootstrap_servers,
         skill_topic_prefix=settings.topics.skill(""),
         group_id=args.group or f"{settings.app_id}-media",
-        media=config.media,
+        media=config.media.model_copy(update={"store": store}),
         web_host=settings.web_host,
         web_port=args.web_port,
     )

@@ -47,6 +47,7 @@ HOW_TO_RUN: dict[tuple[str, ...], tuple[list[str], str | None]] = {
     ("history", "forget"): (["--page", "1", "--psid", "2"], "cannot reach the history database: "),
     ("history", "migrate"): ([], "cannot reach the history database: "),
     ("history", "retain"): ([], "cannot reach the history database: "),
+    ("media",): (["--store", "/tmp/messenger-streams-error-promise-media"], "cannot reach Kafka at "),  # #17
 }
 
 
