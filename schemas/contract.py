@@ -162,11 +162,30 @@ class CsatResponse(BaseModel):
     timestamp: int
 
 
+class FactSource(BaseModel):
+    """Where a CSAT fact was made: the conversation stage's input record (`topic`, `partition`,
+    `offset`) and the fact's place among the facts of that input record (`index`, from 0).
+
+    Facts of one source partition reach the CSAT stage in (offset, index) order, so the stage
+    counts a fact only when its (offset, index) is above the highest one it counted from that
+    source: the dedupe key of `csat.facts`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    topic: str = Field(min_length=1)
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    index: int = Field(default=0, ge=0)
+
+
 class CsatFact(BaseModel):
     """An internal CSAT fact for the aggregates: a survey sent, or an answer counted.
 
-    `fact_id` is stable for a given input (`<conversation_id>:survey` / `<conversation_id>:answer`),
-    so a redelivered fact is recognised and never counted twice."""
+    Keyed by the skill on `csat.facts`. `fact_id` is stable for a given input
+    (`<conversation_id>:survey` / `<conversation_id>:answer`). `src` (set by the conversation
+    stage) is the dedupe key; facts without it (older producers) are deduplicated by `fact_id`
+    within a bounded window (docs/metrics.md). `mid` is the answering message's id, passed on
+    to `csat_received`."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -180,6 +199,8 @@ class CsatFact(BaseModel):
     score: int | None = Field(default=None, ge=1, le=5)
     locale: str
     timestamp: int
+    src: FactSource | None = None
+    mid: str | None = None
 
 
 class ConversationSummary(BaseModel):

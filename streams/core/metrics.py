@@ -47,7 +47,9 @@ CSAT_ANSWERS = Counter(
 )
 CSAT_SURVEYS = Counter("messenger_csat_surveys_sent", "CSAT surveys sent, by skill", ["skill"])
 CSAT_PERCENT = Gauge(
-    "messenger_csat_percent", "Live CSAT % per skill: answers scoring 4 or 5 over all answers", ["skill"]
+    "messenger_csat_percent",
+    "Live CSAT % per skill, whole cluster, all time: answers scoring 4 or 5 over all answers",
+    ["skill"],
 )
 WEBHOOK_REQUESTS = Counter(
     "messenger_webhook_requests", "POST /webhook requests, by result", ["result"]
@@ -68,22 +70,22 @@ SENT_LOG_EVICTED = Counter(
 )
 CSAT_RESPONSE_RATE = Gauge(
     "messenger_csat_response_rate",
-    "CSAT answers over surveys sent (0-1) on this worker's csat.facts partitions, by skill",
+    "CSAT answers over surveys sent (0-1), whole cluster, all time, by skill",
     ["skill"],
 )
 CSAT_AGGREGATE_ANSWERS = Gauge(
     "messenger_csat_aggregate_answers",
-    "All-time CSAT answers in the aggregates of this worker's csat.facts partitions, by skill and score",
+    "All-time CSAT answers of the whole cluster, by skill and score",
     ["skill", "score"],
 )
 CSAT_AGGREGATE_SURVEYS = Gauge(
     "messenger_csat_aggregate_surveys",
-    "All-time CSAT surveys sent in the aggregates of this worker's csat.facts partitions, by skill",
+    "All-time CSAT surveys sent of the whole cluster, by skill",
     ["skill"],
 )
 CSAT_FACTS_SKIPPED = Counter(
     "messenger_csat_facts_skipped",
-    "CSAT facts not counted: redelivered, duplicate (fact id already counted), expired or invalid",
+    "CSAT facts not counted here: redelivered, duplicate, invalid, or forwarded to their skill's partition",
     ["reason"],
 )
 MEDIA_STORED = Counter(

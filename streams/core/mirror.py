@@ -61,6 +61,7 @@ class TopicMirror(Generic[V]):
         self.partitions: list[int] = []
         self.skipped = 0
         self.records = 0
+        self._waiters: list[tuple[dict[TopicPartition, int], asyncio.Future[bool]]] = []
 
     # reading ----------------------------------------------------------------------------------
     def get(self, key: str) -> V | None:
@@ -178,6 +179,8 @@ class TopicMirror(Generic[V]):
                     self.apply(rec.key, rec.value)
             if not self._ready.is_set():
                 await self._check_ready(consumer)
+            if self._waiters:
+                await self._check_waiters(consumer)
 
     async def _check_ready(self, consumer: AIOKafkaConsumer) -> None:
         for tp, end in list(self._targets.items()):
@@ -185,3 +188,37 @@ class TopicMirror(Generic[V]):
                 del self._targets[tp]
         if not self._targets:
             self._ready.set()
+
+    # catching up (added for GET /csat) ---------------------------------------------------------
+    async def wait_caught_up(self, timeout: float) -> bool:
+        """Wait until this copy has applied every record the topic held when called (the end offsets
+        of all its partitions then). False when `timeout` passed first or the mirror is not running."""
+        consumer, task = self._consumer, self._task
+        if consumer is None or task is None or task.done():
+            return False
+        tps = [TopicPartition(self.topic, p) for p in self.partitions]
+        try:
+            ends = await asyncio.wait_for(consumer.end_offsets(tps), timeout)
+        except (TimeoutError, KafkaError):
+            return False
+        targets = {tp: off for tp, off in ends.items() if off > 0}
+        if not targets:
+            return True
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        entry = (targets, waiter)
+        self._waiters.append(entry)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._waiters.remove(entry)
+
+    async def _check_waiters(self, consumer: AIOKafkaConsumer) -> None:
+        # runs in the follow task right after a batch is applied, so positions are applied offsets
+        for targets, waiter in list(self._waiters):
+            for tp, end in list(targets.items()):
+                if await consumer.position(tp) >= end:
+                    del targets[tp]
+            if not targets and not waiter.done():
+                waiter.set_result(True)

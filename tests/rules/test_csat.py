@@ -1,4 +1,4 @@
-"""CSAT pure logic: question choice, the survey message, answers, expiry, and exact aggregation."""
+"""CSAT pure logic: question choice, the survey message, answers, expiry (aggregation: test_csat_cells.py)."""
 
 from __future__ import annotations
 
@@ -6,19 +6,8 @@ from typing import Any
 
 import pytest
 
-from schemas.contract import CsatFact
 from streams.core.config import parse_config
 from streams.rules import csat
-from streams.rules.csat_cells import (
-    apply_fact,
-    cell_key,
-    csat_report,
-    merge_cells,
-    skill_totals,
-    split_cell,
-    stats,
-    window_start,
-)
 
 CONFIG = parse_config(
     """
@@ -167,131 +156,3 @@ def test_fact_builders_have_stable_ids() -> None:
     assert (s.fact, s.fact_id, s.score) == ("survey_sent", "c1:survey", None)
     assert (a.fact, a.fact_id, a.score) == ("answer", "c1:answer", 5)
     assert csat.fact(score=5, **common) == a
-
-
-# --- aggregation -------------------------------------------------------------------------------------
-
-H = 3600
-T0 = 1_700_000_000_000  # epoch ms
-
-
-def fact(kind: str, conv: str, skill: str = "billing", page: str = "P1", agent: str | None = "a1",
-         score: int | None = None, ts: int = T0) -> CsatFact:
-    return CsatFact(fact=kind, fact_id=f"{conv}:{'survey' if kind == 'survey_sent' else 'answer'}",  # type: ignore[arg-type]
-                    conversation_id=conv, page_id=page, psid="u", skill=skill, agent_id=agent, score=score,
-                    locale="en_US", timestamp=ts)
-
-
-def fold(facts: list[tuple[int, CsatFact]], state: dict[str, Any] | None = None, **kw: Any) -> tuple[Any, list[str]]:
-    skipped: list[str] = []
-    for offset, f in facts:
-        r = apply_fact(state, f, offset, H, **kw)
-        if r.state is None:
-            skipped.append(r.skipped or "?")
-        else:
-            state = r.state
-    return state, skipped
-
-
-def test_cells_and_windows() -> None:
-    assert split_cell(cell_key("s", "p", None)) == ("s", "p", "-")
-    assert split_cell(cell_key("s", "p", "agent|with|bars")) == ("s", "p", "agent|with|bars")
-    assert window_start(T0, H) == (T0 // 1000) // H * H
-    assert window_start(T0, H) % H == 0
-
-
-def test_apply_counts_each_fact_once() -> None:
-    facts = [
-        (0, fact("survey_sent", "c1")),
-        (1, fact("survey_sent", "c2")),
-        (2, fact("answer", "c1", score=5)),
-        (3, fact("answer", "c1", score=5)),  # re-emitted: same fact id, new offset
-        (4, fact("survey_sent", "c3", skill="support", page="P2", agent=None)),
-        (5, fact("answer", "c3", skill="support", page="P2", agent=None, score=2)),
-    ]
-    state, skipped = fold(facts)
-    assert skipped == ["duplicate"]
-    assert state["offset"] == 5
-    totals = skill_totals([state])
-    assert totals == {"billing": [2, 0, 0, 0, 0, 1], "support": [1, 0, 1, 0, 0, 0]}
-    # redelivery of everything (offsets ≤ stored) changes nothing
-    again, skipped = fold(facts, state)
-    assert again == state
-    assert skipped == ["redelivered"] * 6
-    # the same facts re-emitted at new offsets: all duplicates
-    again, skipped = fold([(10 + o, f) for o, f in facts], state)
-    assert again == state
-    assert skipped == ["duplicate"] * 6
-
-
-def test_apply_is_pure() -> None:
-    state, _ = fold([(0, fact("survey_sent", "c1"))])
-    snapshot = repr(state)
-    r = apply_fact(state, fact("answer", "c1", score=4), 1, H)
-    assert repr(state) == snapshot
-    assert r.state is not None and r.state is not state
-
-
-def test_windows_are_epoch_aligned_bounded_and_reset_on_resize() -> None:
-    facts = [(i, fact("survey_sent", f"c{i}", ts=T0 + i * H * 1000)) for i in range(5)]
-    state, _ = fold(facts, max_windows=3)
-    starts = sorted(int(s) for s in state["windows"])
-    assert len(starts) == 3
-    assert starts == [window_start(T0, H) + k * H for k in (2, 3, 4)]
-    assert state["totals"][cell_key("billing", "P1", "a1")][0] == 5  # totals keep everything
-    # a late fact for a pruned window counts in the totals only
-    state2, _ = fold([(9, fact("survey_sent", "late", ts=T0))], state, max_windows=3)
-    assert state2["windows"] == state["windows"]
-    assert state2["totals"][cell_key("billing", "P1", "a1")][0] == 6
-    # another window size: windows start over, totals stay
-    r = apply_fact(state2, fact("survey_sent", "c99", ts=T0), 10, 60)
-    assert r.state is not None
-    assert list(r.state["windows"]) == [str(window_start(T0, 60))]
-    assert r.state["totals"][cell_key("billing", "P1", "a1")][0] == 7
-
-
-def test_fact_ids_pruned_by_age_and_too_old_facts_skipped() -> None:
-    day = 86_400_000
-    state, _ = fold([(0, fact("survey_sent", "old", ts=T0)), (1, fact("survey_sent", "new", ts=T0 + 3 * day))],
-                    horizon_ms=2 * day)
-    assert set(state["facts"]) == {"new:survey"}
-    _, skipped = fold([(2, fact("survey_sent", "old", ts=T0))], state, horizon_ms=2 * day)
-    assert skipped == ["expired"]  # cannot be checked any more: never counted twice
-
-
-def test_stats_and_report() -> None:
-    assert stats([4, 1, 0, 1, 0, 2]) == {
-        "surveys_sent": 4, "answers": 4, "positive": 2, "scores": {"1": 1, "2": 0, "3": 1, "4": 0, "5": 2},
-        "csat_percent": 50.0, "response_rate": 1.0,
-    }
-    assert stats([0] * 6)["csat_percent"] is None
-    p0, _ = fold([(0, fact("survey_sent", "c1")), (1, fact("answer", "c1", score=5)),
-                  (2, fact("survey_sent", "c2", agent="a2", ts=T0 + H * 1000))])
-    p1, _ = fold([(0, fact("survey_sent", "c3", skill="support", page="P2")),
-                  (1, fact("answer", "c3", skill="support", page="P2", score=3))])
-    report = csat_report([p0, p1], window_seconds=H, partitions=[0, 1], total_partitions=2)
-    assert report["complete"] is True
-    assert report["totals"]["all"]["surveys_sent"] == 3
-    assert report["totals"]["all"]["answers"] == 2
-    assert report["totals"]["all"]["csat_percent"] == 50.0
-    assert report["totals"]["skill"]["billing"]["csat_percent"] == 100.0
-    assert report["totals"]["skill"]["billing"]["response_rate"] == 0.5
-    assert report["totals"]["agent"]["a1"]["surveys_sent"] == 2
-    assert report["totals"]["page"]["P2"]["scores"]["3"] == 1
-    assert [w["start"] for w in report["windows"]] == [window_start(T0, H) + H, window_start(T0, H)]
-    assert report["windows"][1]["all"]["answers"] == 2
-    latest = csat_report([p0, p1], window_seconds=H, partitions=[1], total_partitions=2, window="latest")
-    assert latest["complete"] is False
-    assert [w["start"] for w in latest["windows"]] == [window_start(T0, H) + H]
-    filtered = csat_report([p0, p1], window_seconds=H, partitions=[0, 1], total_partitions=2, skill="support")
-    assert list(filtered["totals"]["skill"]) == ["support"]
-    assert filtered["totals"]["all"]["answers"] == 1
-    one = csat_report([p0, p1], window_seconds=H, partitions=[0, 1], total_partitions=2,
-                      window=str(window_start(T0, H)), agent="a1")
-    assert one["windows"][0]["all"] == stats([2, 0, 0, 1, 0, 1])  # both skills' a1 facts in that hour
-    both = csat_report([p0, p1], window_seconds=H, partitions=[0, 1], total_partitions=2, agent="a1", skill="billing")
-    assert both["totals"]["all"] == stats([1, 0, 0, 0, 0, 1])
-    assert list(both["totals"]["page"]) == ["P1"]
-    with pytest.raises(ValueError, match="multiple"):
-        csat_report([p0], window_seconds=H, partitions=[0], total_partitions=1, window="17")
-    assert merge_cells([{"x": [1, 2, 3, 4, 5, 6]}, {"x": [1, 1, 1, 1, 1, 1]}]) == {"x": [2, 3, 4, 5, 6, 7]}

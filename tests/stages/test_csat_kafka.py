@@ -96,7 +96,16 @@ async def test_surveys_and_answers_counted_exactly_once(make_worker: Callable[..
 
     # counted independently: surveys 3 + 2, answers p1=5 p2=4 (billing), p3=2 (support)
     expected = {"billing": {"surveys": 3, "scores": {"5": 1, "4": 1}}, "support": {"surveys": 2, "scores": {"2": 1}}}
-    assert of_type(billing + support, "csat_received") == []  # the CSAT stage's to emit
+    # the CSAT stage tells the console once per answer (a re-sent copy keeps its event_id), with the
+    # skill's exact CSAT % after counting it
+    received = {e["event_id"]: e for e in of_type(billing + support, "csat_received")}
+    by_psid = {e["psid"]: e for e in received.values()}
+    assert len(received) == 3 and sorted(by_psid) == ["p1", "p2", "p3"]
+    assert [(by_psid[p]["score"], by_psid[p]["csat_percent"]) for p in ("p1", "p2", "p3")] == [
+        (5, 100.0), (4, 100.0), (2, 0.0)
+    ]
+    assert {e["agent_id"] for e in received.values()} == {"ana"}
+    assert by_psid["p3"]["skill"] == "support" and by_psid["p1"]["skill"] == "billing"
     facts = [(r.key.decode(), orjson.loads(r.value)) for r in await kafka.read_all(w.topic("csat.facts"))]
     assert {key for key, _ in facts} == {"billing", "support"} and all(f["skill"] == key for key, f in facts)
     answers = {f["psid"]: f["score"] for _, f in facts if f["fact"] == "answer"}
