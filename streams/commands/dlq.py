@@ -96,6 +96,10 @@ async def _run(args: argparse.Namespace) -> int:
         and int(letter.get("dead_lettered_at") or 0) >= args.since
         and (letter.get("source") or {}).get("topic") in replayable
     ]
+    truncated = [letter for _, letter in chosen if letter.get("truncated")]
+    if truncated:  # only a prefix of the original was kept (a letter too large for Kafka)
+        print(f"{len(truncated)} truncated dead letters cannot be replayed (see original_size, original_sha256)")
+        chosen = [(key, letter) for key, letter in chosen if not letter.get("truncated")]
     seen: set[tuple[str, int, int]] = set()
     plan: list[tuple[str, bytes | None, bytes]] = []
     for key, letter in chosen:

@@ -100,6 +100,36 @@ MEDIA_FAILURES = Counter(
     "timeout, connection_error, write_error)",
     ["reason"],
 )
+QUEUE_DEPTH = Gauge(
+    "messenger_queue_depth",
+    "Open conversations waiting for an agent (unassigned) on this worker's partitions, by skill",
+    ["skill"],
+)
+PROCESSING_ERRORS = Counter(
+    "messenger_processing_errors",
+    "Records whose processing raised (dead-lettered, traceback in the log), by stage and exception type",
+    ["stage", "error"],
+)
+REDELIVERED = Counter(
+    "messenger_redelivered_records",
+    "Records skipped as already applied (redelivered after a crash or rebalance; pending outputs re-sent)",
+    ["stage"],
+)
+RESENT = Counter(
+    "messenger_outputs_resent",
+    "Outputs sent again from a key's pending list (their first send may not have been acknowledged)",
+    ["stage"],
+)
+UNITS_FLUSHED = Counter(
+    "messenger_state_units_flushed",
+    "Write/ack/send cycles of the state-first runner (state durable, then outputs acknowledged), by stage",
+    ["stage"],
+)
+STREAM_TIME_LAG = Gauge(
+    "messenger_stream_time_lag_seconds",
+    "Wall clock minus the stream time timers fire on, per partition of the conversation stage",
+    ["partition"],
+)
 _WAIT_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 FIRST_RESPONSE = Histogram(
     "messenger_first_response_seconds",
@@ -175,6 +205,12 @@ CATALOGUE = (
     MEDIA_FAILURES,
     PROFILES,
     PERSONAS,
+    QUEUE_DEPTH,
+    PROCESSING_ERRORS,
+    REDELIVERED,
+    RESENT,
+    UNITS_FLUSHED,
+    STREAM_TIME_LAG,
     FIRST_RESPONSE,
     QUEUE_WAIT,
     HANDLE,

@@ -95,6 +95,21 @@ class Settings(BaseSettings):
     stream_buffer_maxsize: int = Field(default=16_384, gt=0)
     producer_buffer_max: int = Field(default=10_000, gt=0, description="table changelog records queued before a stall")
     log_level: str = "warn"
+    # --- state-first batches, dead letters, failover (issue 12, docs/architecture.md) ---
+    batch_max: int = Field(default=500, ge=1, le=100_000, description="records per batch of the state-first runner")
+    batch_within_ms: int = Field(
+        default=10, ge=1, le=10_000, description="wait at most this long for a batch to fill before processing it"
+    )
+    dead_letter_max_bytes: int = Field(
+        default=900_000, ge=10_000, description="bigger dead letters keep a prefix of the original plus its SHA-256"
+    )
+    session_timeout_seconds: float = Field(
+        default=8.0, ge=6.0, le=300.0, description="a silent worker's partitions move to the others after this"
+    )
+    heartbeat_interval_seconds: float = Field(default=2.0, gt=0, description="consumer group heartbeat")
+    group_instance_id: str = Field(
+        default="", description="static group membership id of this worker (unique per worker; empty: dynamic)"
+    )
     # history store (issue 16): a PostgreSQL URI / conninfo, or `embedded[:dir]` for the pgserver of make run
     history_dsn: SecretStr | None = Field(default=None, description="PostgreSQL of the history store")
     history_group: str = Field(default="", description="consumer group of the history sink (default <app_id>-history)")

@@ -42,6 +42,9 @@ TOPIC_SPECS: dict[str, tuple[bool, bool]] = {
 # Topics whose partition count does not matter to the processor: the raw topic belongs to the
 # upstream ingester (the ingest stage keys nothing by its partition) and nothing here reads the DLQ.
 ANY_PARTITION_COUNT = frozenset({"raw", "dlq"})
+# The raw topic's `max.message.bytes` is MESSENGER_STREAMS_MAX_BODY_BYTES plus this (key, headers,
+# record batch overhead), as the webhook's producer allows (docs/architecture.md, size limits).
+RAW_RECORD_OVERHEAD_BYTES = 65_536
 
 
 class TopicError(ConnectionError):
@@ -77,10 +80,17 @@ def wanted_topics(settings: Settings, config: ConnectorConfig) -> dict[str, bool
 def contract_specs(settings: Settings, config: ConnectorConfig) -> dict[str, TopicSpec]:
     """`wanted_topics` as specs: MESSENGER_STREAMS_PARTITIONS partitions, exact except the raw and DLQ topics."""
     lenient = {settings.topics.name(attr) for attr in ANY_PARTITION_COUNT}
-    return {
+    specs = {
         name: TopicSpec(settings.partitions, compacted, exact=name not in lenient)
         for name, compacted in wanted_topics(settings, config).items()
     }
+    # issue 12 (runtime): the raw topic takes every body the webhook accepts, record overhead included
+    raw = settings.topics.name("raw")
+    if raw in specs:
+        limit = str(settings.max_body_bytes + RAW_RECORD_OVERHEAD_BYTES)
+        specs[raw] = TopicSpec(specs[raw].partitions, specs[raw].compacted, specs[raw].exact,
+                               {**specs[raw].config, "max.message.bytes": limit})
+    return specs
 
 
 def _unreachable(bootstrap: str, exc: BaseException) -> TopicError:

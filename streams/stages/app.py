@@ -21,7 +21,7 @@ from streams.core.config import ConnectorConfig
 from streams.core.deadletter import dead_letter
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
-from streams.stages import conversation, csat, history, ingest, web
+from streams.stages import conversation, csat, history, ingest, runtime, web
 from streams.stages.supervision import supervise
 
 log = logging.getLogger("messenger_streams")
@@ -111,6 +111,10 @@ def create_app(settings: Settings) -> faust.App:
         stream_buffer_maxsize=settings.stream_buffer_maxsize,
         table_cleanup_interval=60.0,
         processing_guarantee="at_least_once",
+        # failover (issue 12): a killed worker's partitions move after the session timeout
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=min(settings.heartbeat_interval_seconds, settings.session_timeout_seconds / 3),
+        consumer_group_instance_id=settings.group_instance_id or None,
     )
     # Table changelog records queue in faust's producer buffer; at its default of 100 the conductor
     # stalls on every table-heavy burst ("producer buffer full"). Commits still flush it first.
@@ -147,4 +151,6 @@ def create_pipeline(
         pipe.skill_topics[skill] = raw_topic(settings.topics.skill(skill))
     for name in list(stages) if stages is not None else list(registry):
         registry[name](pipe)
+    # faust skips records fetched across a rebalance; make sure they are fetched again (issue 12)
+    runtime.reseek_uncommitted(app, group_id=settings.app_id, bootstrap_servers=settings.bootstrap_servers)
     return pipe

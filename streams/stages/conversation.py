@@ -1,183 +1,255 @@
 """Conversation stage: the `converse` agent and the `conversations` table.
 
 One agent consumes four co-partitioned topics keyed by `<page_id>:<psid>` (`messenger.events.split`,
-`agent.actions`, `messenger.send.results`, `conversations.ticks`) and applies each input with the pure
-`streams.rules.conversation.Decider`; see that module for the rules and docs/architecture.md for the
-delivery guarantees.
+`agent.actions`, `messenger.send.results`, `conversations.ticks`) in batches and runs them through
+the state-first runner (`streams.stages.runtime`): decode, skip what was applied, decide with the
+pure rules (`streams.rules.conversation`, behind `api.py`), write each touched key once, await the
+changelog, send the outputs, await them. This module only turns records into rule inputs and rule
+decisions into records, counts, and writes the ticks; docs/architecture.md has the guarantees.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from streams.core import metrics, serde
-from streams.rules.conversation.api import Decision, Input
+from streams.rules.conversation.api import Input
 from streams.rules.conversation.decider import Decider
-from streams.rules.conversation.timers import wants_timer
-
-# --- lifecycle (#13): the wheel's constants moved here from the old single-class Decider --------------
-BUCKET_MS = 1_000  # timer wheel resolution: one bucket of conversation keys per second
-TIMER_PREFIX = "\x00timers:"
-CURSOR_PREFIX = "\x00cursor:"
+from streams.rules.wheel import parse_tick
+from streams.stages.runtime import (
+    AppProducer,
+    BadRecord,
+    FactSeq,
+    Keyed,
+    Out,
+    Record,
+    StateFirstRunner,
+    Step,
+    TableStore,
+    TickIn,
+    TickSource,
+    WriteFailed,
+    committed_offsets,
+    crash_worker,
+    meta_key,
+)
 
 if TYPE_CHECKING:
+    from mode.types.signals import BaseSignalT
+
     from streams.stages.app import Pipeline
 
 log = logging.getLogger("messenger_streams.conversations")
 
+# Decision notes that move the durable per-partition counters (docs/lifecycle.md): `open+`/`open-`
+# (skill) for open conversations, `queue+`/`queue-` (skill) for open and unassigned ones.
+COUNTER_NOTES = {"open+": ("open", 1), "open-": ("open", -1), "queue+": ("queued", 1), "queue-": ("queued", -1)}
+GAUGE_REFRESH_SECONDS = 1.0
+
+
+def counter_deltas(notes: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
+    """The counter changes a decision's notes announce, e.g. ("open+", "billing") → ("open", "billing", +1)."""
+    deltas: list[tuple[str, str, int]] = []
+    for name, label in notes:
+        change = COUNTER_NOTES.get(name)
+        if change is not None and label:
+            deltas.append((change[0], label, change[1]))
+    return deltas
+
+
+class ConversationStage:
+    """Records ↔ rule inputs and decisions, for the runner (`streams.stages.runtime.Stage`)."""
+
+    def __init__(self, pipe: Pipeline, decider: Decider) -> None:
+        settings = pipe.settings
+        topics = settings.topics
+        self.decider = decider
+        self.names = {attr: topics.name(attr) for attr in ("split", "events", "actions", "send_results", "ticks")}
+        self.source_of = {self.names["split"]: "event", self.names["actions"]: "action",
+                          self.names["send_results"]: "result"}
+        self.dests = {
+            "outbound": topics.name("outbound"),
+            "history": topics.name("history"),
+            "csat_responses": topics.name("csat_responses"),
+            "csat_facts": topics.name("csat_facts"),
+        }
+        self.facts_topic: str | None = self.dests["csat_facts"]
+        self.skill_topics = {skill: topics.skill(skill) for skill in pipe.skill_topics}
+        self.default_skill_topic = self.skill_topics[pipe.config.routing.default_skill]
+        self.publish_events = settings.publish_events
+        self.console_events = metrics.BoundLabels(metrics.CONSOLE_EVENTS)
+
+    # records → inputs -------------------------------------------------------------------------
+    def parse(self, rec: Record) -> Keyed | TickIn:
+        """The rule input (or tick) of a record; raises BadRecord with the dead-letter reason."""
+        topic = rec.topic
+        reason = "invalid_action" if topic == self.names["actions"] else "processing_error"
+        if rec.value is None:
+            raise BadRecord(reason, "record without a value")
+        try:
+            data = serde.loads(rec.value)
+        except ValueError as exc:
+            raise BadRecord(reason, f"invalid JSON: {exc}") from None
+        if topic == self.names["ticks"]:
+            try:
+                return TickIn(parse_tick(data))
+            except ValueError as exc:
+                raise BadRecord("processing_error", f"invalid tick: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadRecord(reason, f"expected a JSON object, got {type(data).__name__}")
+        try:
+            key = rec.key.decode("utf-8") if rec.key else ""
+        except UnicodeDecodeError:
+            raise BadRecord(reason, "record key is not UTF-8") from None
+        source = self.source_of[topic]
+        if source == "action":
+            if not key:
+                raise BadRecord("invalid_action", "agent action without a '<page_id>:<psid>' key")
+            return Keyed(key, Input("action", f"action:{data.get('action_id')}", rec.timestamp_ms, data))
+        if not key:
+            raise BadRecord("processing_error", f"{source} record without a '<page_id>:<psid>' key")
+        if source == "event":
+            received = data.get("received_at")
+            now = received if isinstance(received, int) and not isinstance(received, bool) else rec.timestamp_ms
+            return Keyed(key, Input("event", str(data.get("idempotency_key")), now, data))
+        return Keyed(key, Input("result", f"result:{data.get('outbox_id')}", rec.timestamp_ms, data))
+
+    # decisions → records ----------------------------------------------------------------------
+    def decide(self, state: dict[str, Any] | None, inp: Input, key: str, rec: Record, facts: FactSeq) -> Step:
+        """Decide one input and turn the decision into records: skill topics by skill, CSAT facts
+        stamped with the source record (`src`, decision C), counter deltas from the notes."""
+        decision = self.decider.decide(state, inp, key, self.decider.env_for(key.partition(":")[0]))
+        metrics.record_notes(decision.notes, decision.figures)
+        if decision.duplicate:
+            return Step(state, None, [], [], duplicate=True)
+        outs: list[Out] = []
+        if inp.source == "event" and self.publish_events and rec.value is not None:
+            outs.append(Out(self.names["events"], key, rec.value))
+        for out in decision.outputs:
+            if out.dest == "skill":
+                skill = out.skill or ""
+                # routing only picks declared skills; the default is a guard, never expected
+                topic = self.skill_topics.get(skill, self.default_skill_topic)
+                outs.append(Out(topic, out.key, serde.dumps(out.value), (skill, str(out.value.get("type")))))
+                continue
+            value = out.value
+            if out.dest == "csat_facts":
+                value = {**value, "src": {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset,
+                                          "index": facts.next()}}
+            outs.append(Out(self.dests[out.dest], out.key, serde.dumps(value)))
+        state_bytes = serde.dumps(decision.state) if decision.state is not None else None
+        return Step(decision.state, state_bytes, outs, list(decision.arms), counter_deltas(decision.notes))
+
+    def sent(self, out: Out) -> None:
+        if out.label is not None:
+            self.console_events.inc(*out.label)
+
+
+class _Gauges:
+    """Open conversations and queue depth per skill: the sum of the durable per-partition counters
+    of the partitions this worker owns (P small reads, never a scan of the table)."""
+
+    def __init__(self, skills: list[str]) -> None:
+        self.skills = set(skills)
+        self.shown: set[str] = set()
+
+    def refresh(self, metas: list[dict[str, Any]]) -> None:
+        totals: dict[str, Counter[str]] = {"open": Counter(), "queued": Counter()}
+        for meta in metas:
+            for name, by_skill in (meta.get("counts") or {}).items():
+                if name in totals:
+                    totals[name].update({skill: int(n) for skill, n in by_skill.items()})
+        labels = self.skills | set(totals["open"]) | set(totals["queued"])
+        for skill in labels:
+            metrics.OPEN_CONVERSATIONS.labels(skill).set(max(0, totals["open"][skill]))
+            metrics.QUEUE_DEPTH.labels(skill).set(max(0, totals["queued"][skill]))
+        for skill in self.shown - labels:
+            for gauge in (metrics.OPEN_CONVERSATIONS, metrics.QUEUE_DEPTH):
+                try:
+                    gauge.remove(skill)
+                except KeyError:
+                    pass
+        self.shown = labels
+
 
 def register(pipe: Pipeline) -> None:
-    """Attach the `converse` agent, the `conversations` table and the tick timer to the app."""
+    """Attach the `converse` agent, the `conversations` table, the tick writer and the gauges."""
     app = pipe.app
     settings = pipe.settings
-    names = {attr: settings.topics.name(attr) for attr in ("split", "events", "actions", "send_results", "ticks")}
-    source_of = {names["split"]: "event", names["actions"]: "action", names["send_results"]: "result"}
-    channel = pipe.raw_topic(names["split"], names["actions"], names["send_results"], names["ticks"])
-    table = app.Table("conversations", default=None, partitions=settings.partitions)
-    pipe.extras["conversations"] = table
-
-    decider = Decider(  # lifecycle (#13): no csat_totals hook (decision C), the rules are pure
+    topics = settings.topics
+    decider = Decider(
         pipe.config,
         dedupe_horizon_ms=settings.dedupe_horizon_seconds * 1000,
         dedupe_max_keys=settings.dedupe_max_keys,
     )
-    publish_events = settings.publish_events
-    pipe.extras["decider"] = decider
-    dests = {
-        "outbound": settings.topics.name("outbound"),
-        "history": settings.topics.name("history"),
-        "csat_responses": settings.topics.name("csat_responses"),
-        "csat_facts": settings.topics.name("csat_facts"),
-    }
-    skill_names = {skill: settings.topics.skill(skill) for skill in pipe.skill_topics}
-    default_skill_name = skill_names[pipe.config.routing.default_skill]
-    send = pipe.send
+    stage = ConversationStage(pipe, decider)
+    names = stage.names
+    channel = pipe.raw_topic(names["split"], names["actions"], names["send_results"], names["ticks"])
+    table = app.Table("conversations", default=None, partitions=settings.partitions)
+    store = TableStore(table)
+    runner = StateFirstRunner(
+        stage,
+        store,
+        AppProducer(app),
+        dlq_topic=topics.name("dlq"),
+        dead_letter_max_bytes=settings.dead_letter_max_bytes,
+        committed=committed_offsets(app),
+    )
     latency = metrics.PROCESSING_LATENCY.labels("conversation")
-    console_events = metrics.BoundLabels(metrics.CONSOLE_EVENTS)
-
-    async def emit(decision: Decision) -> None:
-        for out in decision.outputs:
-            value = serde.dumps(out.value)
-            if out.dest == "skill":
-                assert out.skill is not None  # noqa: S101 - set by _Ctx.console
-                # routing only picks declared skills; the default is a guard, never expected
-                await send(skill_names.get(out.skill, default_skill_name), out.key.encode(), value)
-                console_events.inc(out.skill, out.value["type"])
-            else:
-                await send(dests[out.dest], out.key.encode(), value)
-        metrics.record_notes(decision.notes, decision.figures)  # lifecycle (#13)
-
-    def arm(partition: int, key: str, due: int) -> None:
-        cursor_key = f"{CURSOR_PREFIX}{partition}"
-        cursor = table.get(cursor_key)
-        bucket = due // BUCKET_MS
-        if cursor is None:
-            cursor = int(time.time() * 1000) // BUCKET_MS - 1
-            table[cursor_key] = cursor
-        bucket = max(bucket, cursor + 1)
-        bucket_key = f"{TIMER_PREFIX}{partition}:{bucket}"
-        keys = table.get(bucket_key) or []
-        if key not in keys:
-            table[bucket_key] = [*keys, key]
-
-    async def apply(key: str, inp: Input, topic: str, offset: int, partition: int, raw: bytes | None = None) -> None:
-        state = table.get(key)
-        if state is not None and state["o"].get(topic, -1) >= offset:
-            return  # redelivered after a crash: already applied
-        decision = decider.decide(state, inp, key, decider.env_for(key.partition(":")[0]))
-        if decision.duplicate:
-            await emit(decision)  # no outputs: counts the duplicate
-            return  # nothing changed, nothing to write; a redelivery of it is a duplicate again
-        if raw is not None:
-            await send(names["events"], key.encode(), raw)
-        await emit(decision)
-        if decision.state is None:
-            if key in table:  # lifecycle (#13): `forget` may name a key never stored
-                del table[key]
-            return
-        decision.state.setdefault("o", {})[topic] = offset
-        table[key] = decision.state
-        for due in decision.arms:
-            arm(partition, key, due)
-
-    async def on_tick(now: int, topic: str, offset: int, partition: int) -> None:
-        cursor_key = f"{CURSOR_PREFIX}{partition}"
-        cursor = table.get(cursor_key)
-        if cursor is None:
-            return
-        upto = now // BUCKET_MS - 1  # only buckets wholly in the past: a bucket spans BUCKET_MS
-        if upto <= cursor:
-            return
-        for bucket in range(cursor + 1, upto + 1):
-            bucket_key = f"{TIMER_PREFIX}{partition}:{bucket}"
-            keys = table.get(bucket_key)
-            if keys is None:
-                continue
-            for key in keys:
-                if not wants_timer(table.get(key), now):  # lifecycle (#13): the wake-ups live in the state
-                    continue  # moved later or gone: lazy deletion
-                await apply(key, Input("timer", f"timer:{bucket}", now, {}), topic, offset, partition)
-            del table[bucket_key]
-        table[cursor_key] = upto
-
-    dead_letter = pipe.dead_letter
+    within = settings.batch_within_ms / 1000.0
 
     @app.agent(channel, name="converse")
     async def converse(stream: Any) -> None:
-        async for event in stream.events():
-            msg = event.message
-            topic = msg.topic
+        async for events in stream.noack_take(settings.batch_max, within):
+            records = [Record.of_event(e) for e in events]
             try:
-                data = serde.loads(event.value)
-                if not isinstance(data, dict):
-                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-            except ValueError as exc:
-                await dead_letter(msg, "invalid_action" if topic == names["actions"] else "processing_error", str(exc))
-                continue
-            if topic == names["ticks"]:
-                await on_tick(int(data.get("now", 0)), topic, msg.offset, msg.partition)
-                continue
-            key = msg.key.decode("utf-8", "replace") if msg.key else ""
-            source = source_of[topic]
-            record_ms = int((msg.timestamp or time.time()) * 1000)
-            raw: bytes | None = None
-            if source == "action":
-                if not key:
-                    await dead_letter(msg, "invalid_action", "agent action without a '<page_id>:<psid>' key")
-                    continue
-                inp = Input("action", f"action:{data.get('action_id')}", record_ms, data)
-            elif source == "event":
-                inp = Input("event", str(data.get("idempotency_key")), int(data.get("received_at") or record_ms), data)
-                raw = event.value if publish_events else None
-            else:
-                inp = Input("result", f"result:{data.get('outbox_id')}", record_ms, data)
-            try:
-                await apply(key, inp, topic, msg.offset, msg.partition, raw)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.exception("cannot process %s record at %s:%s", source, msg.partition, msg.offset)
-                await dead_letter(msg, "processing_error", f"{type(exc).__name__}: {exc}")
-            latency.observe(max(0.0, time.time() - (msg.timestamp or time.time())))
+                await runner.run_batch(records)
+            except WriteFailed as exc:
+                crash_worker(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in the runner itself: same rule, never go on
+                crash_worker(exc)
+            for e in events:
+                await stream.ack(e)
+            now_ms = time.time() * 1000
+            for rec in records:  # Kafka timestamp → outputs acknowledged
+                latency.observe(max(0.0, (now_ms - rec.timestamp_ms) / 1000.0))
+
+    ticks = TickSource(
+        app,
+        ticks_topic=names["ticks"],
+        input_topics=[names["split"], names["actions"], names["send_results"]],
+        upstream_topic=None,
+        group_id=settings.app_id,
+        bootstrap_servers=settings.bootstrap_servers,
+        partitions=settings.partitions,
+    )
 
     @app.timer(settings.tick_interval_seconds)  # type: ignore[untyped-decorator]  # faust is untyped
     async def tick() -> None:
-        now = int(time.time() * 1000)
-        value = orjson.dumps({"now": now})
-        for tp in app.consumer.assignment():
-            if tp.topic == names["ticks"]:
-                await send(names["ticks"], b"\x00tick", value, tp.partition)
+        # raw bodies count as input when this app splits them (every stage registered by now)
+        ticks.upstream_topic = topics.name("raw") if "split_webhooks" in app.agents else None
+        await ticks.run_once()
 
-    @app.timer(15.0)  # type: ignore[untyped-decorator]  # faust is untyped
-    async def count_open() -> None:
-        counts: dict[str, int] = {s: 0 for s in pipe.config.all_skills()}
-        for key, state in list(table.items()):
-            if isinstance(key, str) and not key.startswith("\x00") and state and state.get("conv"):
-                skill = state["conv"]["skill"]
-                counts[skill] = counts.get(skill, 0) + 1
-        for skill, n in counts.items():
-            metrics.OPEN_CONVERSATIONS.labels(skill).set(n)
+    async def close_ticks(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
+        await ticks.close()
+
+    app.on_before_shutdown.connect(close_ticks)
+
+    gauges = _Gauges(pipe.config.all_skills())
+
+    @app.timer(GAUGE_REFRESH_SECONDS, name="conversation_gauges")  # type: ignore[untyped-decorator]
+    async def refresh_gauges() -> None:
+        # after recovery and after every rebalance the gauges follow the partitions owned now
+        try:
+            actives = app.assignor.assigned_actives()
+        except (AttributeError, KeyError):
+            return
+        owned = sorted({tp.partition for tp in actives if tp.topic == names["split"]})
+        metas = [m for m in (table.data.get(meta_key(p)) for p in owned) if isinstance(m, dict)]
+        gauges.refresh(metas)
 
     pipe.extras["agents.converse"] = converse
+

@@ -1,33 +1,113 @@
 """Ingest stage: raw webhook bodies → normalized events keyed by conversation.
 
-- The agent `split_webhooks` reads `messenger.webhook.raw`, splits every entry and every
+- The agent `split_webhooks` reads `messenger.webhook.raw` in batches, splits every entry and every
   `messaging` / `standby` item, normalizes them and writes each to `messenger.events.split`, keyed
   by `<page_id>:<psid>` (so one conversation lands on one partition). What cannot be processed
-  goes to `messenger.dlq` with reason, error, source and the original bytes.
+  goes to `messenger.dlq` with reason, error, source and the original bytes (a bounded prefix
+  plus size and SHA-256 when the body is too large for a dead letter, `streams.core.deadletter`).
+- One catch-all per record: whatever a body does to the splitter, that body is dead-lettered and
+  the batch goes on; a record too large for Kafka is dead-lettered, never retried.
+- At-least-once: the batch's records are acked (and so committed) only after Kafka acknowledged
+  every record written for them; a failed write ends the worker (`runtime.crash_worker`).
 - Duplicates are dropped later, by the conversation stage (`streams.rules.dedupe`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from schemas.events import Source
-from streams.core import metrics, serde
+from streams.core import deadletter, metrics, serde
 from streams.rules.normalize import split_body
+from streams.stages.runtime import AppProducer, Record, WriteFailed, crash_worker, is_too_large
 
 if TYPE_CHECKING:
     from streams.stages.app import Pipeline
 
+log = logging.getLogger("messenger_streams.ingest")
 
-def _received_at(headers: Any, timestamp: float | None) -> int:
+
+def received_at(headers: Sequence[tuple[str, Any]], timestamp_ms: int) -> int:
+    """The `received-at` header (epoch ms, set by the webhook), else the record's timestamp."""
     for name, value in headers or ():
         if name == "received-at":
             try:
                 return int(value)
             except (TypeError, ValueError):
                 break
-    return int((timestamp or time.time()) * 1000)
+    return timestamp_ms
+
+
+class Splitter:
+    """Splits batches of raw bodies; every write's ack is awaited before the batch is acked."""
+
+    def __init__(self, pipe: Pipeline, producer: AppProducer) -> None:
+        settings = pipe.settings
+        self.producer = producer
+        self.split_name = settings.topics.name("split")
+        self.dlq_name = settings.topics.name("dlq")
+        self.max_body_bytes = settings.max_body_bytes
+        self.letter_max_bytes = settings.dead_letter_max_bytes
+        self.events_in = metrics.BoundLabels(metrics.EVENTS_IN)
+        self.errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
+
+    async def run_batch(self, records: Sequence[Record]) -> None:
+        """Split every record; returns once Kafka acknowledged all that was written. Raises
+        WriteFailed when a write failed."""
+        acks: list[Awaitable[Any]] = []
+        for rec in records:
+            metrics.RAW_BODIES.inc()
+            await self._one(rec, acks)
+        for ack in acks:
+            try:
+                await ack
+            except Exception as exc:
+                raise WriteFailed(f"a split or dead-letter record was not acknowledged: {exc!r}") from exc
+
+    async def _one(self, rec: Record, acks: list[Awaitable[Any]]) -> None:
+        raw = rec.value or b""
+        source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
+        try:
+            result = split_body(
+                raw,
+                max_bytes=self.max_body_bytes,
+                source=source,
+                received_at=received_at(rec.headers, rec.timestamp_ms),
+            )
+        except Exception as exc:  # noqa: BLE001 - one body must never stop ingest; logged with traceback
+            log.exception("cannot split raw record %s: dead-lettered", rec.src)
+            self.errors.inc("split", type(exc).__name__)
+            await self._dead(rec, source, "processing_error", f"{type(exc).__name__}: {exc}", None, acks)
+            return
+        for ev in result.events:
+            try:
+                value = serde.dumps(ev)
+                acks.append(await self.producer.send(self.split_name, ev.conversation_key.encode(), value))
+            except Exception as exc:
+                if not is_too_large(exc) and not isinstance(exc, (TypeError, ValueError)):
+                    raise WriteFailed(f"cannot send a split event: {exc!r}") from exc
+                where = ev.source.index if ev.source is not None else None
+                await self._dead(rec, source, "processing_error",
+                                 f"event {where or ''} cannot be written: {type(exc).__name__}: {exc}", where, acks)
+                continue
+            self.events_in.inc(ev.kind)
+        for rej in result.rejected:
+            await self._dead(rec, source, rej.reason, rej.error, rej.item_index, acks)
+
+    async def _dead(
+        self, rec: Record, source: Source, reason: str, error: str, item_index: str | None, acks: list[Awaitable[Any]]
+    ) -> None:
+        letter = deadletter.dead_letter(
+            rec.value or b"", reason, error, source, item_index, max_bytes=self.letter_max_bytes
+        )
+        try:
+            acks.append(await self.producer.send(self.dlq_name, rec.key, serde.dumps(letter)))
+        except Exception as exc:
+            raise WriteFailed(f"cannot send a dead letter: {exc!r}") from exc
+        metrics.DEAD_LETTERS.labels(reason).inc()
 
 
 def register(pipe: Pipeline) -> None:
@@ -35,29 +115,22 @@ def register(pipe: Pipeline) -> None:
     app = pipe.app
     settings = pipe.settings
     raw_topic = pipe.topic("raw")
-    split_name = settings.topics.name("split")
-    send = pipe.send
+    splitter = Splitter(pipe, AppProducer(app))
     split_latency = metrics.PROCESSING_LATENCY.labels("split")
-    events_in = metrics.BoundLabels(metrics.EVENTS_IN)
+    within = settings.batch_within_ms / 1000.0
 
     @app.agent(raw_topic, name="split_webhooks")
     async def split_webhooks(stream: Any) -> None:
-        async for event in stream.events():
-            msg = event.message
-            raw: bytes = event.value if isinstance(event.value, bytes) else b""
-            source = Source(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-            metrics.RAW_BODIES.inc()
-            result = split_body(
-                raw,
-                max_bytes=settings.max_body_bytes,
-                source=source,
-                received_at=_received_at(msg.headers, msg.timestamp),
-            )
-            for ev in result.events:
-                await send(split_name, ev.conversation_key.encode(), serde.dumps(ev))
-                events_in.inc(ev.kind)
-            for rej in result.rejected:
-                await pipe.dead_letter(msg, rej.reason, rej.error, rej.item_index)
-            split_latency.observe(max(0.0, time.time() - (msg.timestamp or time.time())))
+        async for events in stream.noack_take(settings.batch_max, within):
+            records = [Record.of_event(e) for e in events]
+            try:
+                await splitter.run_batch(records)
+            except Exception as exc:  # noqa: BLE001 - WriteFailed or a bug: never ack what was not written
+                crash_worker(exc)
+            for e in events:
+                await stream.ack(e)
+            now_ms = time.time() * 1000
+            for rec in records:
+                split_latency.observe(max(0.0, (now_ms - rec.timestamp_ms) / 1000.0))
 
     pipe.extras["agents.split_webhooks"] = split_webhooks

@@ -51,7 +51,8 @@ async def test_raw_bodies_to_normalized_events_and_dead_letters(
 
     events = await kafka.read_json(w.topic("messenger.events"), min_count=len(expected_keys), timeout=60)
     dlq_records = await kafka.read_all(w.topic("messenger.dlq"), min_count=5, timeout=30)
-    split = await kafka.read_json(w.topic("messenger.events.split"), min_count=1)
+    expected_split = sum(len(split_body(raw, max_bytes=20000).events) for raw in inputs)
+    split = await kafka.read_json(w.topic("messenger.events.split"), min_count=expected_split, timeout=60)
 
     # exactly the expected events, each once, duplicates dropped
     assert sorted(e["idempotency_key"] for e in events) == sorted(expected_keys)
@@ -97,3 +98,50 @@ async def test_duplicates_survive_a_restart(make_worker: Callable[..., Worker], 
     await kafka.send(raw_topic, msg_body("p1", "u1", "second"))
     events = await kafka.read_json(w.topic("messenger.events"), min_count=2, settle=2.0)
     assert [e["mid"] for e in events] == ["first", "second"]
+
+
+async def test_a_2mb_body_is_dead_lettered_with_prefix_size_and_hash(
+    make_worker: Callable[..., Worker], kafka: KafkaIO
+) -> None:
+    """A raw topic that takes bigger records than the body limit (an upstream ingester of its own):
+    a 2 MB body goes to the DLQ as a bounded prefix with its size and SHA-256, and the bodies
+    around it are split as usual (the agent neither crashes nor stalls)."""
+    import hashlib
+
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    w = make_worker()
+    raw = w.topic("messenger.webhook.raw")
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    await admin.start()
+    try:
+        # created for the webhook's limit: 1 MiB bodies plus 64 KiB of record overhead
+        (described,) = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, raw, None)])
+        configs = {entry[0]: entry[1] for entry in described.resources[0][4]}
+        assert configs["max.message.bytes"] == str(1_048_576 + 65_536)
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, raw, {"max.message.bytes": "4000000"})])
+    finally:
+        await admin.close()
+    big = orjson.dumps({"object": "page", "entry": [{"id": "p1", "time": 1, "messaging": []}], "pad": "é" * 1_000_000})
+    assert len(big) > 2_000_000
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, max_request_size=4_000_000, acks="all")
+    await producer.start()
+    try:
+        for value in (msg_body("p1", "u1", "before"), big, msg_body("p1", "u2", "after")):
+            await producer.send_and_wait(raw, value)
+    finally:
+        await producer.stop()
+
+    split = await kafka.read_json(w.topic("messenger.events.split"), min_count=2, timeout=60)
+    assert sorted(e["mid"] for e in split) == ["after", "before"]
+    (record,) = await kafka.read_all(w.topic("messenger.dlq"), min_count=1, timeout=30)
+    assert len(record.value) <= 900_000
+    letter = orjson.loads(record.value)
+    assert letter["reason"] == "body_too_large" and letter["truncated"] is True
+    assert letter["original_size"] == len(big)
+    assert letter["original_sha256"] == hashlib.sha256(big).hexdigest()
+    kept = letter["payload"].encode()
+    assert big.startswith(kept) and len(kept) > 400_000
+    assert w.metrics().get('messenger_dead_letters_total{reason="body_too_large"}') == 1.0

@@ -1,0 +1,1122 @@
+"""The state-first batch runner: a stage's state and outputs land together, whatever crashes.
+
+Decision B of the team plan; the argument is in docs/architecture.md, "Delivery guarantees".
+
+A stage agent takes a batch of records (`Stream.noack_take`: faust acks nothing by itself) and
+hands it to `StateFirstRunner.run_batch`. For each record, in order, the runner decodes it
+(`Stage.parse`), skips what the key's state already includes (the offset guard,
+`streams.rules.guard`), decides (`Stage.decide`, the pure rules behind it) and keeps the outcome in
+a *unit*: the new value of every key touched (coalesced: one write per key per unit) carrying
+`pending`, the outputs of this unit's inputs of that key tagged by input, and the outputs
+themselves. A record whose processing raises goes to the dead-letter topic and the batch moves on.
+
+A unit is flushed in two steps: (1) every dirty key is written once (the table's local store plus
+one changelog record on the input's partition) and the changelog acks are awaited: the state is
+durable; (2) the outputs are sent and their acks awaited. Only after the last unit of a batch does
+the agent ack the batch's records, and faust commits only acked offsets. A redelivered record (its
+offset at or below the key's applied offset for its topic-partition) is not decided again: the
+outputs pending for it are sent again, with the same ids. Any failed write raises `WriteFailed`
+and the agent ends the process (`crash_worker`): nothing continues on state that may differ from
+the changelog.
+
+Timers (decision D) run on each partition's stream time: a tick record proves that the inputs
+written before its wall time have been consumed (`streams.rules.wheel.StreamClock`); the wheel's
+due buckets are then fired as `timer` inputs whose `now` is the stream time. Per partition the
+runner keeps one small meta value (`\\0part:<partition>`): stream time, the wheel's cursor and the
+plan of the firing in progress, the durable counters fed by decision notes (open conversations and
+queue depth per skill) and the offsets those counters include.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn, Protocol
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.structs import TopicPartition
+from faust.streams import _current_event
+from faust.types import TP
+
+from schemas.events import Source
+from streams.core import deadletter, metrics, serde
+from streams.rules import guard, wheel
+from streams.rules.conversation.api import Input
+from streams.rules.wheel import Tick
+
+log = logging.getLogger("messenger_streams.runtime")
+
+EXIT_WRITE_FAILED = 70  # EX_SOFTWARE: a write to Kafka failed; state may differ from the changelog
+META_PREFIX = "\x00part:"
+LEGACY_CURSOR_PREFIX = "\x00cursor:"
+PURGE_AFTER_MS = 300_000  # a deleted key's guard is kept this long (stream time) before its tombstone
+UNIT_MAX_KEYS = 1_000  # dirty keys and wheel slots per unit
+UNIT_MAX_OUTPUTS = 5_000
+KEY_MAX_PENDING_BYTES = 262_144  # a key's pending outputs per unit; the unit is flushed beyond
+MAX_STATE_BYTES = 262_144  # a bigger state is refused (dead letter): its write would fail
+MAX_INPUT_OUTPUT_BYTES = 262_144  # the outputs of one input
+MAX_BUCKETS_PER_TICK = 86_400  # a day of wheel buckets per tick; the rest on the next ticks
+UNIT_MAX_JOURNAL = 500  # keys whose counter share changed, per partition and unit
+
+TICK_KEY = b"\x00tick"
+
+
+class WriteFailed(RuntimeError):
+    """A changelog or output record was not acknowledged by Kafka: the process must end."""
+
+
+class BadRecord(ValueError):
+    """A record that cannot be processed, with the dead-letter reason to file it under."""
+
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+
+
+def crash_worker(exc: BaseException) -> NoReturn:
+    """End the worker at once, without committing anything: what was not acked is redelivered.
+
+    A graceful faust shutdown would wait for the unacked records of the failed batch and commit
+    what it can; a hard exit is what the state-first argument is proven against (SIGKILL)."""
+    log.critical("a write to Kafka failed, exiting so that nothing continues on unwritten state: %r", exc,
+                 exc_info=exc)
+    logging.shutdown()
+    os._exit(EXIT_WRITE_FAILED)
+
+
+def is_too_large(exc: BaseException) -> bool:
+    """True when a send failed because the record is over the producer's or broker's size limit
+    (a property of that record, not of the producer: dead-letter it and go on)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, MessageSizeTooLargeError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# records, outputs, steps
+
+
+@dataclass(slots=True)
+class Record:
+    """One consumed record, independent of faust (`event` is faust's, for the agent's ack)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+    headers: Sequence[tuple[str, bytes]] = ()
+    event: Any = None
+
+    @property
+    def src(self) -> str:
+        return guard.src_id(self.topic, self.partition, self.offset)
+
+    @classmethod
+    def of_event(cls, event: Any) -> Record:
+        """The record of a faust event."""
+        msg = event.message
+        value = event.value
+        ts = msg.timestamp
+        return cls(
+            topic=msg.topic,
+            partition=msg.partition,
+            offset=msg.offset,
+            key=msg.key if isinstance(msg.key, bytes) else None,
+            value=value if isinstance(value, bytes) else None,
+            timestamp_ms=int(ts * 1000) if ts else int(time.time() * 1000),
+            headers=list(msg.headers or ()),
+            event=event,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    """One record to produce: to `topic`, keyed by `key`, JSON `value`; `label` is for the
+    stage's metrics when it is acknowledged (not stored: re-sent outputs are not counted again)."""
+
+    topic: str
+    key: str | bytes | None
+    value: bytes
+    label: tuple[str, str] | None = None
+
+
+@dataclass(slots=True)
+class Step:
+    """What one input did, as the stage turned the rules' decision into records.
+
+    `deltas` are changes of the per-partition counters: (counter, label, +n/-n)."""
+
+    state: dict[str, Any] | None
+    state_bytes: bytes | None
+    outputs: list[Out]
+    arms: list[int]
+    deltas: list[tuple[str, str, int]] = field(default_factory=list)
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """A decoded input for one key."""
+
+    key: str
+    inp: Input
+
+
+@dataclass(frozen=True, slots=True)
+class TickIn:
+    """A decoded tick."""
+
+    tick: Tick
+
+
+class FactSeq:
+    """Numbers the facts that one consumed record produces (`index` of decision C)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.n = start
+
+    def next(self) -> int:
+        n = self.n
+        self.n += 1
+        return n
+
+
+class Stage(Protocol):
+    """What a stage plugs into the runner."""
+
+    facts_topic: str | None  # outputs to this topic are numbered by FactSeq
+
+    def parse(self, rec: Record) -> Keyed | TickIn:
+        """Decode a record; raises BadRecord (or any exception: then `processing_error`)."""
+        ...
+
+    def decide(self, state: dict[str, Any] | None, inp: Input, key: str, rec: Record, facts: FactSeq) -> Step:
+        """The outcome of one input (pure but for metrics of the decision itself)."""
+        ...
+
+    def sent(self, out: Out) -> None:
+        """Called for every output once Kafka acknowledged it (metrics)."""
+        ...
+
+
+class Store(Protocol):
+    """A table as the runner uses it: local reads, and writes that return the changelog ack."""
+
+    def get(self, key: str) -> Any: ...
+
+    def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]: ...
+
+    def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]: ...
+
+
+class Producer(Protocol):
+    """Enqueue one record; the returned awaitable resolves when Kafka acknowledged it."""
+
+    async def send(
+        self, topic: str, key: bytes | None, value: bytes, partition: int | None = None
+    ) -> Awaitable[Any]: ...
+
+
+# --------------------------------------------------------------------------------------------
+# stored values
+
+
+def meta_key(partition: int) -> str:
+    return f"{META_PREFIX}{partition}"
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=serde.OPTIONS)
+
+
+@dataclass(slots=True)
+class Entry:
+    """The stored value of one key: the rules' state plus what the runner needs.
+
+    Stored form `{"v": 2, "s": state, "g": applied, "t": armed due times, "x": purge time,
+    "r": the runner incarnation that wrote it, "c": the key's share of the partition's counters,
+    "p": pending}`; `pending` is a list of
+    `[src, [[topic, key, value], ...], [[counter, label, n], ...], runner incarnation]`. A stored value without
+    `"v": 2` is a state written before this runner (legacy)."""
+
+    state: dict[str, Any] | None = None
+    applied: dict[str, int] = field(default_factory=dict)
+    timers: list[int] = field(default_factory=list)
+    purge_at: int | None = None
+    pending: list[list[Any]] = field(default_factory=list)
+    legacy: bool = False
+    state_bytes: bytes | None = None
+    run: str | None = None  # the runner incarnation that wrote `pending`
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # this key's share of the counters
+
+    @classmethod
+    def load(cls, value: Any) -> Entry | None:
+        if value is None:
+            return None
+        if isinstance(value, dict) and value.get("v") == 2:
+            return cls(
+                state=value.get("s"),
+                applied=dict(value.get("g") or {}),
+                timers=list(value.get("t") or []),
+                purge_at=value.get("x"),
+                pending=list(value.get("p") or []),
+                run=value.get("r"),
+                counts=value.get("c") or {},
+            )
+        return cls(state=value if isinstance(value, dict) else None, legacy=True)
+
+    def stored(self) -> dict[str, Any]:
+        return {"v": 2, "s": self.state, "g": self.applied, "t": self.timers, "x": self.purge_at,
+                "p": self.pending, "r": self.run, "c": self.counts}
+
+    def encode(self) -> bytes:
+        state = self.state_bytes if self.state_bytes is not None else _dumps(self.state)
+        pending = b",".join(_pending_bytes(p) for p in self.pending)
+        return b"".join((
+            b'{"v":2,"s":', state, b',"g":', _dumps(self.applied), b',"t":', _dumps(self.timers),
+            b',"x":', _dumps(self.purge_at), b',"r":', _dumps(self.run), b',"c":', _dumps(self.counts),
+            b',"p":[', pending, b"]}",
+        ))
+
+    def pending_for(self, src: str) -> list[Any] | None:
+        for p in self.pending:
+            if p[0] == src:
+                return p
+        return None
+
+
+def _value_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else _dumps(value)
+
+
+def _pending_bytes(p: list[Any]) -> bytes:
+    src, outs, deltas = p[:3]
+    outs_b = b",".join(
+        b"[" + _dumps(topic) + b"," + _dumps(key) + b"," + _value_bytes(value) + b"]" for topic, key, value in outs
+    )
+    run = _dumps(p[3] if len(p) > 3 else None)
+    return b"[" + _dumps(src) + b",[" + outs_b + b"]," + _dumps(deltas) + b"," + run + b"]"
+
+
+def new_meta(legacy_cursor: Any = None) -> dict[str, Any]:
+    """A partition's meta value before anything was stored for it."""
+    return {
+        "v": 1,
+        "clock": 0,  # stream time, epoch ms
+        "tick": -1,  # offset of the tick that moved it last (each tick plans at most once)
+        "cursor": legacy_cursor if isinstance(legacy_cursor, int) else None,  # last bucket planned
+        "low": None,  # lowest bucket armed while no cursor exists yet
+        "firing": None,  # {"src", "upto", "done", "sent", "n"}: the plan of the last firing
+        "gc": None,  # last bucket whose slots were deleted for sure
+        "gc_to": None,  # last bucket whose slots the unit that wrote this value deleted
+        "counts": {},  # counter → label → value: the sum of the keys' shares
+        "j": {},  # key → share, for the keys whose share the unit that wrote this value changed
+    }
+
+
+def _copy(value: Any) -> Any:
+    return orjson.loads(orjson.dumps(value))
+
+
+# --------------------------------------------------------------------------------------------
+# the unit of work: what is written (and awaited) before outputs go out
+
+
+class Unit:
+    """The keys, slots, metas and outputs of one write/ack/send cycle."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.entries: dict[str, Entry | None] = {}
+        self.dirty: dict[str, int] = {}  # key → partition
+        self.deleted: dict[str, int] = {}
+        self.events: dict[int, Any] = {}  # partition → an event of it (made current for store writes)
+        self.slot_values: dict[str, Any] = {}
+        self.slot_parts: dict[str, int] = {}
+        self.metas: dict[int, dict[str, Any]] = {}
+        self.dirty_metas: set[int] = set()
+        self.outputs: list[Out] = []
+        self.resent: dict[str, list[list[Any]]] = {}  # key → pending entries re-sent in this unit
+        self.touched: set[str] = set()  # keys whose pending was reset in this unit
+        self.pending_bytes: dict[str, int] = {}
+        self.visited: set[str] = set()  # keys visited by a wheel walk in this unit
+        self.journal: dict[int, dict[str, dict[str, dict[str, int]]]] = {}  # partition → key → new share
+        self.collected: set[int] = set()  # partitions whose fired slots this unit deletes
+        self.cut = False
+
+    # reads ------------------------------------------------------------------------------------
+    def entry(self, key: str) -> Entry | None:
+        if key in self.entries:
+            return self.entries[key]
+        e = Entry.load(self.store.get(key))
+        self.entries[key] = e
+        return e
+
+    def meta(self, partition: int) -> dict[str, Any]:
+        m = self.metas.get(partition)
+        if m is None:
+            stored = self.store.get(meta_key(partition))
+            m = {**new_meta(), **_copy(stored)} if isinstance(stored, dict) else new_meta(
+                self.store.get(f"{LEGACY_CURSOR_PREFIX}{partition}"))
+            self.metas[partition] = m
+        return m
+
+    def slots(self, partition: int) -> _SlotView:
+        return _SlotView(self, partition)
+
+    # writes -----------------------------------------------------------------------------------
+    def touch(self, key: str, partition: int, event: Any, keep: Callable[[list[Any]], bool]) -> Entry:
+        """The working entry of `key` for a change: on first change in this unit its pending is
+        reset to what this unit re-sent and what `keep` says may still be needed."""
+        e = self.entry(key)
+        if e is None:
+            e = Entry()
+        if key not in self.touched:
+            resent = self.resent.get(key, [])
+            pending = list(resent) + [p for p in e.pending if p not in resent and keep(p)]
+            e = Entry(e.state, dict(e.applied), list(e.timers), e.purge_at, pending,
+                      False, e.state_bytes, self.run_id, e.counts)
+            self.touched.add(key)
+            self.pending_bytes[key] = 0
+        self.entries[key] = e
+        self.dirty[key] = partition
+        self.deleted.pop(key, None)
+        if event is not None:
+            self.events.setdefault(partition, event)
+        return e
+
+    def delete(self, key: str, partition: int, event: Any) -> None:
+        self.entries[key] = None
+        self.dirty.pop(key, None)
+        self.deleted[key] = partition
+        if event is not None:
+            self.events.setdefault(partition, event)
+
+    def meta_dirty(self, partition: int, event: Any = None) -> dict[str, Any]:
+        m = self.meta(partition)
+        self.dirty_metas.add(partition)
+        if event is not None:
+            self.events.setdefault(partition, event)
+        return m
+
+    def full(self) -> bool:
+        return (
+            self.cut
+            or len(self.dirty) + len(self.deleted) + len(self.slot_values) >= UNIT_MAX_KEYS
+            or len(self.outputs) >= UNIT_MAX_OUTPUTS
+            or any(len(j) >= UNIT_MAX_JOURNAL for j in self.journal.values())
+        )
+
+    def empty(self) -> bool:
+        return not (self.dirty or self.deleted or self.slot_values or self.dirty_metas or self.outputs)
+
+
+class _SlotView:
+    """The wheel's view of one partition's slots: unit overlay first, then the store."""
+
+    def __init__(self, unit: Unit, partition: int) -> None:
+        self.unit = unit
+        self.partition = partition
+
+    def get(self, name: str) -> Any:
+        if name in self.unit.slot_values:
+            return self.unit.slot_values[name]
+        return self.unit.store.get(name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.unit.slot_values[name] = value
+        self.unit.slot_parts[name] = self.partition
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+
+
+class StateFirstRunner:
+    """Runs batches of a stage's records state-first (see the module docstring)."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        store: Store,
+        producer: Producer,
+        *,
+        dlq_topic: str,
+        dead_letter_max_bytes: int = deadletter.MAX_LETTER_BYTES,
+        committed: Callable[[str, int], int | None] = lambda topic, partition: None,
+        stage_name: str = "conversation",
+    ) -> None:
+        self.stage = stage
+        self.store = store
+        self.producer = producer
+        self.dlq_topic = dlq_topic
+        self.dead_letter_max_bytes = dead_letter_max_bytes
+        self.committed = committed
+        self.stage_name = stage_name
+        self.run_id = uuid.uuid4().hex[:12]  # this incarnation: pending written by another may be unacked
+        self.clock = wheel.StreamClock()
+        self.consumed: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset not consumed
+        self.completed: dict[int, str] = {}  # partition → src of the plan this runner fired and saw acked
+        self._errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
+
+    # public -----------------------------------------------------------------------------------
+    async def run_batch(self, records: Sequence[Record]) -> None:
+        """Process records in order; returns once every output is acknowledged by Kafka.
+        Raises WriteFailed when a write failed (the caller must end the process)."""
+        unit = self._unit()
+        for rec in records:
+            unit = await self._one(unit, rec)
+            tp = (rec.topic, rec.partition)
+            if rec.offset + 1 > self.consumed.get(tp, 0):
+                self.consumed[tp] = rec.offset + 1
+            if unit.full():
+                unit = await self._flush(unit)
+        await self._flush(unit)
+
+    def progress(self, topic: str, partition: int) -> int:
+        """The next offset of `topic`/`partition` not yet consumed (what faust last committed,
+        or what this runner processed since)."""
+        return max(self.consumed.get((topic, partition), 0), self.committed(topic, partition) or 0)
+
+    def _unit(self) -> Unit:
+        return Unit(self.store, self.run_id)
+
+    # one record -------------------------------------------------------------------------------
+    async def _one(self, unit: Unit, rec: Record) -> Unit:
+        p = rec.partition
+        if unit.meta(p).get("r") != self.run_id:
+            unit = await self._adopt(unit, p, rec)
+        try:
+            parsed = self.stage.parse(rec)
+        except BadRecord as exc:
+            self._dead(unit, rec, exc.reason, exc.error)
+            return unit
+        except Exception as exc:  # noqa: BLE001 - one record must never stop the stage; logged with traceback
+            self._failed(rec, exc, "decoding")
+            self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
+            return unit
+        if isinstance(parsed, TickIn):
+            if rec.offset <= unit.meta(p)["tick"]:
+                return unit  # redelivered: it moved the clock already (a tick plans at most once)
+            tick = replace(parsed.tick, src=rec.src)
+            proven = self.clock.offer(p, tick, lambda topic: self.progress(topic, p))
+        else:
+            self._input(unit, rec, parsed.key, parsed.inp)
+            if not self.clock.waiting(p):
+                return unit
+            # this record may be the data a waiting tick was waiting for
+            self.consumed[(rec.topic, p)] = max(self.consumed.get((rec.topic, p), 0), rec.offset + 1)
+            proven = self.clock.poll(p, lambda topic: self.progress(topic, p))
+        if proven is not None:
+            unit = await self._advance(unit, p, proven, rec.event)
+        return unit
+
+    async def _adopt(self, unit: Unit, p: int, rec: Record) -> Unit:
+        """First record of a partition for this incarnation (after a start, a crash, a
+        rebalance): the last firing of its wheel may not have been acknowledged, or not finished:
+        walk it again before anything else touches the partition's keys."""
+        meta = unit.meta_dirty(p, rec.event)
+        for key, journaled in (meta.get("j") or {}).items():
+            entry = unit.entry(key)
+            stored = entry.counts if entry is not None else {}
+            if stored != journaled:  # the meta counted a share the key's write did not keep
+                meta["counts"] = _added(meta["counts"], _deltas(journaled, stored))
+        meta["j"], meta["r"] = {}, self.run_id  # adopted (written with this unit)
+        meta["gc_to"] = meta["gc"]  # deletes asked for by the last unit may not have landed
+        f = meta["firing"]
+        if f is not None and f["sent"] < f["upto"]:
+            return await self._fire(unit, p, _plan_record(f["src"], rec.event), recovering=True)
+        return unit
+
+    def _input(self, unit: Unit, rec: Record, key: str, inp: Input) -> None:
+        p = rec.partition
+        entry = unit.entry(key)
+        if entry is not None and guard.is_applied(entry.applied, rec.topic, p, rec.offset):
+            # redelivered: the key is durable, and so is the meta written before it
+            metrics.REDELIVERED.labels(self.stage_name).inc()
+            found = entry.pending_for(rec.src)
+            if found is not None:  # else its outputs were acked before a later unit replaced `pending`
+                self._resend(unit, key, found)
+            return
+        try:
+            step = self.stage.decide(entry.state if entry else None, inp, key, rec, FactSeq())
+            self._check(step)
+        except Exception as exc:  # noqa: BLE001 - dead-lettered with reason, logged with traceback
+            self._failed(rec, exc, f"key {key!r}")
+            letter = self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
+            # the key's guard covers this offset once a later input is applied: keep the letter
+            # pending on the key, so that a redelivery sends it again instead of skipping it
+            e = self._touch(unit, key, p, rec.event)
+            guard.mark_applied(e.applied, rec.topic, p, rec.offset)
+            e.pending.append([rec.src, [[letter.topic, key, letter.value]], [], self.run_id])
+            if e.state is None and e.purge_at is None:
+                e.purge_at = max(unit.meta(p)["clock"], rec.timestamp_ms) + PURGE_AFTER_MS
+                self._arm(unit, p, key, e.purge_at, rec.event)
+            return
+        if step.duplicate:
+            return
+        self._apply(unit, key, p, rec, rec.src, step, guarded=True)
+
+    def _check(self, step: Step) -> None:
+        if step.state_bytes is not None and len(step.state_bytes) > MAX_STATE_BYTES:
+            raise ValueError(f"state of {len(step.state_bytes)} bytes, over {MAX_STATE_BYTES}")
+        size = sum(len(o.value) for o in step.outputs)
+        if size > MAX_INPUT_OUTPUT_BYTES:
+            raise ValueError(f"outputs of {size} bytes, over {MAX_INPUT_OUTPUT_BYTES}")
+
+    def _apply(self, unit: Unit, key: str, p: int, rec: Record, src: str, step: Step, *, guarded: bool) -> None:
+        """Put one input's outcome in the unit. `guarded`: the input is the record itself (its
+        offset goes in the key's guard); a timer fired by a tick is not (the firing plan in the
+        meta says what was fired)."""
+        e = self._touch(unit, key, p, rec.event)
+        e.state = step.state
+        e.state_bytes = step.state_bytes
+        if guarded:
+            guard.mark_applied(e.applied, rec.topic, p, rec.offset)
+        if step.outputs or step.deltas:
+            e.pending.append([src, [[o.topic, o.key, o.value] for o in step.outputs],
+                              [list(d) for d in step.deltas], self.run_id])
+            unit.pending_bytes[key] = unit.pending_bytes.get(key, 0) + sum(len(o.value) for o in step.outputs)
+            if unit.pending_bytes[key] >= KEY_MAX_PENDING_BYTES:
+                unit.cut = True
+        unit.outputs.extend(step.outputs)
+        if step.deltas:
+            e.counts = _added(e.counts, step.deltas)
+            self._share(unit, p, key, step.deltas, e.counts, rec.event)
+        meta = unit.meta(p)
+        if step.state is None:
+            e.timers = []
+            e.purge_at = max(meta["clock"], rec.timestamp_ms) + PURGE_AFTER_MS
+            self._arm(unit, p, key, e.purge_at, rec.event)
+            return
+        e.purge_at = None
+        for due in step.arms:
+            e.timers = wheel.add_armed(e.timers, due)
+            self._arm(unit, p, key, due, rec.event)
+
+    @staticmethod
+    def _share(
+        unit: Unit, p: int, key: str, deltas: Sequence[Sequence[Any]], share: dict[str, dict[str, int]], event: Any
+    ) -> None:
+        """Count a key's counter deltas in its partition's meta, journaling the key's new share:
+        the meta is written before the keys, so a restarted runner can tell (`_adopt`) which
+        shares the meta counts that never reached the key's stored value."""
+        meta = unit.meta_dirty(p, event)
+        meta["counts"] = _added(meta["counts"], deltas)
+        unit.journal.setdefault(p, {})[key] = share
+
+    def _touch(self, unit: Unit, key: str, p: int, event: Any) -> Entry:
+        """The key's working entry for a change. A pending entry written by this runner in an
+        earlier unit was acknowledged (dropped); one written by another incarnation, which may
+        have died before the acks, is kept until its input is committed: the input's redelivery
+        sends it again, whatever other input touches the key first."""
+        return unit.touch(key, p, event, self._maybe_needed)
+
+    def _maybe_needed(self, pending: list[Any]) -> bool:
+        if len(pending) > 3 and pending[3] == self.run_id:
+            return False
+        topic, partition, offset = str(pending[0]).partition("#")[0].rsplit("/", 2)
+        return int(offset) >= (self.committed(topic, int(partition)) or 0)
+
+    def _arm(self, unit: Unit, p: int, key: str, due: int, event: Any) -> None:
+        meta = unit.meta(p)
+        cursor = meta["cursor"]
+        bucket = wheel.arm(unit.slots(p), p, cursor, key, due)
+        if cursor is None and (meta["low"] is None or bucket < meta["low"]):
+            unit.meta_dirty(p, event)["low"] = bucket
+        if event is not None:
+            unit.events.setdefault(p, event)
+
+    def _resend(self, unit: Unit, key: str, pending: list[Any]) -> bool:
+        """Send a pending entry's outputs again (once per unit); False when already done."""
+        done = unit.resent.setdefault(key, [])
+        if any(p[0] == pending[0] for p in done):
+            return False
+        log.debug("sending again the outputs of %s for key %r", pending[0], key)
+        metrics.RESENT.labels(self.stage_name).inc(len(pending[1]))
+        for topic, out_key, value in pending[1]:
+            unit.outputs.append(Out(topic, out_key, _value_bytes(value)))
+        done.append(pending)
+        if key in unit.touched:  # its pending was reset in this unit: keep this one until acked
+            e = unit.entries[key]
+            if e is not None and all(p[0] != pending[0] for p in e.pending):
+                e.pending.append(pending)
+        return True
+
+    # ticks and the wheel ----------------------------------------------------------------------
+    async def _advance(self, unit: Unit, p: int, tick: Tick, event: Any) -> Unit:
+        """A tick whose data has been consumed: the partition's stream time moves to its `now`,
+        and the wheel's buckets up to it are planned and fired: the passed ones, and the current
+        one in part (its keys due by now fire; it stays above the cursor and is walked again)."""
+        meta = unit.meta(p)
+        tick_offset = int(tick.src.rsplit("/", 1)[1])
+        if tick_offset <= meta["tick"]:
+            return unit  # older than the tick that moved the clock last
+        stream_time = max(meta["clock"], tick.now)
+        cursor = meta["cursor"]
+        last_full = wheel.last_due_bucket(stream_time)
+        if cursor is None:
+            cursor = min(meta["low"] - 1, last_full) if meta["low"] is not None else last_full
+        upto = min(wheel.bucket_of(stream_time), cursor + MAX_BUCKETS_PER_TICK)
+        new_cursor = max(cursor, min(last_full, upto))
+        metrics.STREAM_TIME_LAG.labels(str(p)).set(max(0.0, time.time() - stream_time / 1000))
+        slots = unit.slots(p)
+        if upto <= cursor or not any(slots.get(wheel.slot_key(p, b)) for b in range(cursor + 1, upto + 1)):
+            # nothing armed in the buckets reached (most seconds): no plan, no walk
+            meta = unit.meta_dirty(p, event)
+            meta["clock"], meta["cursor"], meta["tick"] = stream_time, new_cursor, tick_offset
+            return unit
+        # Everything consumed before this tick is made durable (and its outputs acked) before the
+        # plan: a durable stream time never covers an input whose state could still be lost.
+        if not unit.empty():
+            unit = await self._flush(unit)
+        meta = unit.meta_dirty(p, event)
+        meta["clock"], meta["cursor"], meta["tick"] = stream_time, new_cursor, tick_offset
+        meta["firing"] = {"src": tick.src, "lo": cursor + 1, "upto": upto, "done": cursor, "sent": cursor,
+                          "n": 0, "n_sent": 0}
+        # the plan is durable before any key fires
+        unit = await self._flush(unit)
+        return await self._fire(unit, p, _plan_record(tick.src, event), recovering=False)
+
+    async def _fire(self, unit: Unit, p: int, rec: Record, *, recovering: bool) -> Unit:
+        """Fire the planned buckets of partition `p`, flushing at bucket boundaries when the unit
+        is full. The plan (`meta["firing"]`) says where it stands: buckets up to `sent` were fired
+        and acknowledged, up to `done` fired in a unit whose meta is durable (its keys and outputs
+        maybe not), up to `upto` planned. Recovering, the walk restarts after `sent`: a key whose
+        entry shows it fired at that bucket for this plan has its outputs sent again; any other
+        fires again (its state was lost, so were its outputs). Deltas are counted only past `done`
+        (the meta has the earlier ones). Fact indexes restart from `n_sent` and replay exactly."""
+        src = rec.src
+        walked: tuple[int, int] | None = None  # (bucket, fact index) walked and flushed last
+        while True:
+            meta = unit.meta_dirty(p, rec.event)
+            f = meta["firing"]
+            if walked is not None:
+                f["sent"], f["n_sent"] = walked  # the previous unit of this walk was acked
+            elif not recovering:
+                f["sent"], f["n_sent"] = f["done"], f["n"]
+            self._collect(unit, p, meta)
+            facts = FactSeq(f["n_sent"])
+            b = f["sent"]
+            while b < f["upto"]:
+                b += 1
+                for key in wheel.bucket_keys(unit.slots(p), p, b)[0]:
+                    self._visit(unit, p, key, src, b, meta["clock"], rec, facts)
+                if b >= f["done"]:
+                    f["done"], f["n"] = b, facts.n
+                if unit.full():
+                    break
+            walked = (b, facts.n)
+            unit = await self._flush(unit)
+            if b >= f["upto"]:
+                self.completed[p] = src  # all acked: the next meta write may say so
+                return unit
+
+    def _collect(self, unit: Unit, p: int, meta: dict[str, Any]) -> None:
+        """Delete the slots of buckets whose firing was acknowledged (`sent`). The deletes are
+        written after the meta that says so, and `gc` (deleted for sure) only catches up with
+        `gc_to` (asked for) in a later unit, so a restarted worker can still walk every bucket it
+        may need to send again, and deletes again what it cannot be sure was deleted."""
+        f = meta["firing"]
+        meta["gc"] = meta.get("gc_to", meta["gc"])
+        start = meta["gc"] + 1 if meta["gc"] is not None else f["lo"]
+        until = min(f["sent"], meta["cursor"])  # never the current bucket: it is walked again
+        for b in range(start, until + 1):
+            # last chunk first: a crash keeps the remaining chunks contiguous (walkable)
+            for name in reversed(wheel.bucket_keys(unit.slots(p), p, b)[1]):
+                unit.slot_values[name] = None
+                unit.slot_parts[name] = p
+        meta["gc_to"] = max(until, meta["gc"]) if meta["gc"] is not None else until
+        unit.collected.add(p)
+
+    def _visit(self, unit: Unit, p: int, key: str, src: str, b: int, now: int, rec: Record, facts: FactSeq) -> None:
+        if key in unit.visited:
+            return
+        entry = unit.entry(key)
+        if entry is None:
+            return
+        unit.visited.add(key)
+        tag = f"{src}#{b}"
+        fired = entry.pending_for(tag)
+        if fired is not None:
+            # fired here by this plan before a crash, and its entry is durable: same outputs again
+            facts.n += sum(1 for o in fired[1] if o[0] == self.stage.facts_topic)
+            self._resend(unit, key, fired)
+            return
+        if entry.state is None:
+            if entry.purge_at is not None and entry.purge_at <= now:
+                if entry.counts:  # a share left by rules that did not close it: no longer counted
+                    self._share(unit, p, key, _deltas(entry.counts, {}), {}, rec.event)
+                unit.delete(key, p, rec.event)
+            return
+        due, rest = wheel.split_due(entry.timers, now)
+        if not due and not entry.legacy:
+            return  # re-armed or cancelled since: a stale wheel entry (lazy deletion)
+        inp = Input("timer", f"timer:{key}:{','.join(map(str, due)) or now}", now, {})
+        try:
+            step = self.stage.decide(entry.state, inp, key, rec, facts)
+            self._check(step)
+        except Exception as exc:  # noqa: BLE001 - one key's timer must not stop the partition's clock
+            self._failed(rec, exc, f"timer of key {key!r}")
+            letter = self._dead(unit, rec, "processing_error", f"timer of {key}: {type(exc).__name__}: {exc}")
+            e = self._touch(unit, key, p, rec.event)
+            e.timers = rest
+            e.pending.append([tag, [[letter.topic, key, letter.value]], [], self.run_id])
+            return
+        self._touch(unit, key, p, rec.event).timers = rest
+        self._apply(unit, key, p, rec, tag, step, guarded=False)
+
+    # dead letters, errors ---------------------------------------------------------------------
+    def _dead(self, unit: Unit, rec: Record, reason: str, error: str) -> Out:
+        """Send a record to the dead-letter topic (with this unit's outputs)."""
+        letter = deadletter.dead_letter(
+            rec.value or b"", reason, error, Source(topic=rec.topic, partition=rec.partition, offset=rec.offset),
+            max_bytes=self.dead_letter_max_bytes,
+        )
+        out = Out(self.dlq_topic, rec.key, serde.dumps(letter))
+        unit.outputs.append(out)
+        metrics.DEAD_LETTERS.labels(reason).inc()
+        return out
+
+    def _failed(self, rec: Record, exc: BaseException, what: str) -> None:
+        log.exception("cannot process %s record %s (%s): dead-lettered", rec.topic, rec.src, what, exc_info=exc)
+        self._errors.inc(self.stage_name, type(exc).__name__)
+
+    # flush ------------------------------------------------------------------------------------
+    async def _flush(self, unit: Unit) -> Unit:
+        """Write every dirty value and await the changelog acks, then send the outputs and await
+        theirs. Per partition the order is: wheel slots armed, meta, keys, wheel slots deleted
+        (Kafka keeps one partition's records in order): a durable key implies its wheel entries
+        and the meta with its counter deltas; a durable slot delete implies the meta that
+        recorded its bucket as acknowledged."""
+        if unit.empty():
+            return self._unit()
+        store = self.store
+        acks: list[Awaitable[Any]] = []
+        try:
+            for name, value in unit.slot_values.items():
+                if value is not None:
+                    p = unit.slot_parts[name]
+                    acks.append(store.put(name, value, _dumps(value), p, unit.events.get(p)))
+            for p in sorted(unit.dirty_metas):
+                m = unit.metas[p]
+                m["r"] = self.run_id
+                m["j"] = unit.journal.get(p, {})
+                if p not in unit.collected:  # the deletes asked for by an earlier unit are done
+                    m["gc"] = m.get("gc_to", m["gc"])
+                    f = m["firing"]
+                    if f is not None and self.completed.get(p) == f["src"]:
+                        f["sent"], f["n_sent"] = f["upto"], f["n"]  # nothing to walk again after a restart
+                acks.append(store.put(meta_key(p), m, _dumps(m), p, unit.events.get(p)))
+            for key, p in unit.dirty.items():
+                e = unit.entries[key]
+                assert e is not None  # noqa: S101 - dirty entries are never None
+                acks.append(store.put(key, e.stored(), e.encode(), p, unit.events.get(p)))
+            for key, p in unit.deleted.items():
+                acks.append(store.delete(key, p, unit.events.get(p)))
+            for name, value in unit.slot_values.items():
+                if value is None:
+                    p = unit.slot_parts[name]
+                    acks.append(store.delete(name, p, unit.events.get(p)))
+        except Exception as exc:
+            raise WriteFailed(f"cannot write table values: {exc!r}") from exc
+        await _all(acks, "changelog")
+        sends: list[Awaitable[Any]] = []
+        try:
+            for out in unit.outputs:
+                out_key = out.key.encode() if isinstance(out.key, str) else out.key
+                sends.append(await self.producer.send(out.topic, out_key, out.value))
+        except Exception as exc:
+            raise WriteFailed(f"cannot send output: {exc!r}") from exc
+        await _all(sends, "output")
+        for out in unit.outputs:
+            self.stage.sent(out)
+        metrics.UNITS_FLUSHED.labels(self.stage_name).inc()
+        return self._unit()
+
+
+def _added(counts: Mapping[str, Mapping[str, int]], deltas: Sequence[Sequence[Any]]) -> dict[str, dict[str, int]]:
+    """`counts` (counter → label → n) plus `deltas` ((counter, label, ±n)); zeros are dropped."""
+    out = {name: dict(by_label) for name, by_label in counts.items()}
+    for name, label, n in deltas:
+        by_label = out.setdefault(name, {})
+        value = by_label.get(label, 0) + int(n)
+        if value:
+            by_label[label] = value
+        else:
+            by_label.pop(label, None)
+            if not by_label:
+                del out[name]
+    return out
+
+
+def _deltas(old: Mapping[str, Mapping[str, int]], new: Mapping[str, Mapping[str, int]]) -> list[tuple[str, str, int]]:
+    """The deltas that turn `old` into `new`."""
+    out: list[tuple[str, str, int]] = []
+    for name in {*old, *new}:
+        for label in {*old.get(name, {}), *new.get(name, {})}:
+            d = new.get(name, {}).get(label, 0) - old.get(name, {}).get(label, 0)
+            if d:
+                out.append((name, label, d))
+    return out
+
+
+def _plan_record(src: str, event: Any) -> Record:
+    """The tick record that made a firing plan (timer inputs and their facts name it as source)."""
+    topic, partition, offset = src.rsplit("/", 2)
+    return Record(topic, int(partition), int(offset), TICK_KEY, None, 0, (), event)
+
+
+async def _all(acks: Sequence[Awaitable[Any]], what: str) -> None:
+    if not acks:
+        return
+    try:
+        await asyncio.gather(*acks)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise WriteFailed(f"a {what} record was not acknowledged: {exc!r}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# faust adapters
+
+
+@contextlib.contextmanager
+def current_event(event: Any) -> Iterator[None]:
+    """Make `event` faust's current event while a store is written: the RocksDB store picks the
+    partition's database from it (`faust/stores/rocksdb.py` `_set`); the memory store ignores it."""
+    if event is None:
+        yield
+        return
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+class TableStore:
+    """A faust Table written outside `table[key] = value`: the local store through `table.data`,
+    the changelog through `table.send_changelog(partition, key, value)` with the input's partition
+    and the value already serialized (`value_serializer="raw"`; recovery decodes it with the
+    table's JSON serializer into the same dict). `send_changelog` returns the FutureMessage that
+    resolves on Kafka's ack and registers `table._on_changelog_sent`, which records the persisted
+    offset for RocksDB stores (faust 0.15.3 `tables/base.py`)."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def get(self, key: str) -> Any:
+        return self.table.data.get(key)
+
+    def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
+        with current_event(event):
+            self.table.data[key] = value
+        fut: Awaitable[Any] = self.table.send_changelog(partition, key, data, value_serializer="raw")
+        return fut
+
+    def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
+        with current_event(event):
+            self.table.data.pop(key, None)
+        fut: Awaitable[Any] = self.table.send_changelog(partition, key, None, value_serializer="raw")
+        return fut
+
+
+class AppProducer:
+    """The app's producer, keeping the delivery future that faust's `Topic.send` hides."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> Awaitable[Any]:
+        fut: Awaitable[Any] = await self.app.producer.send(topic, key, value, partition, None, None)
+        return fut
+
+
+def committed_offsets(app: Any) -> Callable[[str, int], int | None]:
+    """What faust last committed (or found committed at assignment) for a topic-partition.
+
+    faust 0.15.3 keeps it in `Consumer._committed_offset` (set in `perform_seek` on assignment and
+    after every commit, dropped on revocation); there is no public accessor."""
+    def committed(topic: str, partition: int) -> int | None:
+        offsets: Mapping[Any, int | None] = getattr(app.consumer, "_committed_offset", {})
+        value = offsets.get(TP(topic, partition))
+        return value if isinstance(value, int) else None
+
+    return committed
+
+
+
+class TickSource:
+    """Writes the tick records of the partitions this worker owns (decision D).
+
+    A tick for partition p says "all input written before `now` has been consumed once the stage
+    has consumed its input partitions p up to `ends`". Input that enters through an upstream stage
+    of the same app (raw webhook bodies, split by `split_webhooks` before they reach the
+    conversation stage) is covered too: the wall time T is taken together with the upstream
+    topic's end offsets, and the tick is written only once the group's committed offsets of the
+    upstream topic have passed them — every record split from those bodies was acknowledged
+    before that commit, so it lies below the input end offsets read afterwards. After an outage
+    the ticks therefore lag until the upstream backlog is split; stream time never runs ahead of
+    a body that is still queued.
+
+    Offsets are read with a client of its own (a group-less consumer for end offsets, an admin
+    client for the group's commits): faust's consumer thread answers only between its long polls."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        ticks_topic: str,
+        input_topics: Sequence[str],
+        upstream_topic: str | None,
+        group_id: str,
+        bootstrap_servers: str,
+        partitions: int,
+        max_waiting: int = 64,
+    ) -> None:
+        self.app = app
+        self.ticks_topic = ticks_topic
+        self.input_topics = list(input_topics)
+        self.upstream_topic = upstream_topic
+        self.group_id = group_id
+        self.bootstrap_servers = bootstrap_servers
+        self.partitions = partitions
+        self._waiting: deque[tuple[int, dict[int, int]]] = deque(maxlen=max_waiting)
+        self._admin: AIOKafkaAdminClient | None = None
+        self._offsets: AIOKafkaConsumer | None = None
+        self._last_warning = 0.0
+
+    async def run_once(self) -> int:
+        """Write one tick per owned partition if the upstream allows; returns how many."""
+        try:
+            return await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a missed tick only delays timers; the next one retries
+            if time.monotonic() - self._last_warning > 60:
+                self._last_warning = time.monotonic()
+                log.warning("cannot write ticks (timers wait for the next ones): %r", exc)
+            return 0
+
+    async def close(self) -> None:
+        admin, self._admin = self._admin, None
+        offsets, self._offsets = self._offsets, None
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        if offsets is not None:
+            with contextlib.suppress(Exception):
+                await offsets.stop()
+
+    async def _ends(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        if self._offsets is None:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False)
+            await consumer.start()
+            self._offsets = consumer
+        ends: dict[TopicPartition, int] = await self._offsets.end_offsets(list(tps))
+        return ends
+
+    async def _run(self) -> int:
+        owned = sorted({tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.ticks_topic})
+        now = int(time.time() * 1000)
+        stamp: int | None = now
+        if self.upstream_topic is not None:
+            stamp = await self._upstream_time(now)
+        if stamp is None or not owned:
+            return 0
+        tps = [TopicPartition(t, p) for p in owned for t in self.input_topics]
+        ends = await self._ends(tps)
+        for p in owned:
+            value = wheel.tick_value(stamp, {t: int(ends[TopicPartition(t, p)]) for t in self.input_topics})
+            await self.app.producer.send(self.ticks_topic, TICK_KEY, _dumps(value), p, None, None)
+        return len(owned)
+
+    async def _upstream_time(self, now: int) -> int | None:
+        """The newest wall time whose upstream end offsets the group has committed past."""
+        topic = self.upstream_topic
+        assert topic is not None  # noqa: S101 - checked by the caller
+        n = self.app.consumer.topic_partitions(topic) or self.partitions
+        tps = [TopicPartition(topic, i) for i in range(n)]
+        ends = await self._ends(tps)
+        self._waiting.append((now, {tp.partition: int(ends[tp]) for tp in tps}))
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+            await admin.start()
+            self._admin = admin
+        offsets = await self._admin.list_consumer_group_offsets(self.group_id, partitions=tps)
+        committed = {tp.partition: om.offset for tp, om in offsets.items()}
+        stamp: int | None = None
+        while self._waiting:
+            t, want = self._waiting[0]
+            if not all(end <= 0 or committed.get(part, -1) >= end for part, end in want.items()):
+                break
+            stamp = t
+            self._waiting.popleft()
+        return stamp
+
+
+def reseek_uncommitted(app: Any, *, group_id: str, bootstrap_servers: str) -> None:
+    """After every rebalance, seek the stream partitions that have no committed offset (or 0) back
+    to their start, before faust resumes the streams.
+
+    Why: faust skips *and acks* records fetched before a rebalance and delivered after it (their
+    generation id is stale; faust 0.15.3 `Stream._py_aiter`), trusting that the consumer is moved
+    back to the committed offset, where it fetches them again. aiokafka's `seek_to_committed`
+    moves only partitions whose committed offset is above 0 (aiokafka 0.14
+    `AIOKafkaConsumer.seek_to_committed`), so on a partition that never had a commit those
+    records were acked, committed and never processed (seen with two workers: a consumer message
+    lost when the second worker joined). Seeking to 0 (`auto_offset_reset=earliest` resets it to
+    the log start) fetches them again; the offset guard makes the repeat harmless."""
+    admin: list[AIOKafkaAdminClient] = []
+
+    async def on_rebalance_complete(sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        changelogs = set(app.tables.changelog_topics)
+        tps = [tp for tp in app.consumer.assignment() if tp.topic not in changelogs]
+        if not tps:
+            return
+        try:
+            if not admin:
+                client = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+                await client.start()
+                admin.append(client)
+            offsets = await admin[0].list_consumer_group_offsets(
+                group_id, partitions=[TopicPartition(tp.topic, tp.partition) for tp in tps]
+            )
+        except Exception as exc:  # noqa: BLE001 - without the answer faust's own seek applies
+            log.warning("cannot read committed offsets after a rebalance: %r", exc)
+            return
+        back = {TP(tp.topic, tp.partition): 0 for tp, om in offsets.items() if om.offset <= 0}
+        if back:
+            # in the consumer's own thread (`Consumer.seek` would call aiokafka from this one,
+            # racing its fetcher: a KeyError in `Fetcher.fetched_records` stopped a worker)
+            await app.consumer.seek_wait(back)
+
+    async def close(sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        while admin:
+            with contextlib.suppress(Exception):
+                await admin.pop().close()
+
+    app.on_rebalance_complete.connect(on_rebalance_complete)
+    app.on_before_shutdown.connect(close)

@@ -1,0 +1,457 @@
+"""The state-first runner without Kafka: a simulated broker that acknowledges writes one at a time
+(in order per partition, like Kafka), crashes at random points (unacknowledged writes may or may not
+have landed, as a prefix per partition), recovers tables from their changelog and redelivers from
+the committed offsets. Whatever the crash points, the delivery argument holds:
+
+- no output without its state: every copy of an output id carries the same value, and per key
+  the outputs number the inputs 1..N exactly as the final state counts them;
+- no skipped input: every good input has its output, every bad one its dead letter;
+- timers fire once, on stream time, and the per-partition counters equal what the state says;
+- CSAT facts get distinct (source record, index) pairs, stable across re-sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import zlib
+from collections import defaultdict, deque
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+import pytest
+
+from streams.rules import wheel
+from streams.rules.conversation.api import Input
+from streams.stages import runtime
+from streams.stages.runtime import (
+    BadRecord,
+    FactSeq,
+    Keyed,
+    Out,
+    Record,
+    StateFirstRunner,
+    Step,
+    TickIn,
+    WriteFailed,
+    meta_key,
+)
+
+TOPICS = ("a", "b")
+PARTITIONS = 2
+
+
+def dumps(v: Any) -> bytes:
+    return orjson.dumps(v)
+
+
+def part_of(key: str) -> int:
+    return zlib.crc32(key.encode()) % PARTITIONS
+
+
+class FakeKafka:
+    """Writes queue per (topic, partition) and are acknowledged one at a time, in order per
+    partition, in a random order across partitions. `crash()` keeps what was acknowledged plus a
+    random prefix of each queue (a write may land without its ack reaching us)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.queues: dict[tuple[str, int], deque[tuple[asyncio.Future[None], Any]]] = defaultdict(deque)
+        self.logs: dict[tuple[str, int], list[Any]] = defaultdict(list)
+        self.acked = 0
+        self.fail_topic: str | None = None
+
+    def write(self, topic: str, partition: int, payload: Any) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queues[(topic, partition)].append((fut, payload))
+        return fut
+
+    async def pump(self, crash_after: int | None) -> None:
+        while True:
+            ready = [k for k, q in self.queues.items() if q]
+            if not ready:
+                await asyncio.sleep(0)
+                continue
+            k = self.rng.choice(ready)
+            fut, payload = self.queues[k].popleft()
+            if self.fail_topic == k[0]:
+                fut.set_exception(RuntimeError("NotEnoughReplicas"))
+            else:
+                self.logs[k].append(payload)
+                fut.set_result(None)
+            self.acked += 1
+            if crash_after is not None and self.acked >= crash_after:
+                return
+            await asyncio.sleep(0)
+
+    def crash(self) -> None:
+        for k, q in self.queues.items():
+            for _ in range(self.rng.randint(0, len(q))):
+                self.logs[k].append(q.popleft()[1])
+            for fut, _ in q:
+                fut.cancel()
+            q.clear()
+
+
+class FakeStore:
+    """A table: a dict plus its changelog in FakeKafka (topic "cl")."""
+
+    def __init__(self, kafka: FakeKafka) -> None:
+        self.kafka = kafka
+        self.data: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
+        self.data[key] = value
+        return self.kafka.write("cl", partition, (key, data))
+
+    def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
+        self.data.pop(key, None)
+        return self.kafka.write("cl", partition, (key, None))
+
+    def recover(self) -> None:
+        """What a restarted worker rebuilds from the changelog (values decoded from their bytes)."""
+        self.data = {}
+        for (topic, _), log in self.kafka.logs.items():
+            if topic != "cl":
+                continue
+            for key, data in log:
+                if data is None:
+                    self.data.pop(key, None)
+                else:
+                    self.data[key] = orjson.loads(data)
+
+
+class FakeProducer:
+    def __init__(self, kafka: FakeKafka) -> None:
+        self.kafka = kafka
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> Awaitable[Any]:
+        return self.kafka.write(topic, zlib.crc32(key or b"") % PARTITIONS, value)
+
+
+class FakeStage:
+    """Counts inputs per key; the first input arms a timer 1.5 s later; the timer emits a fact."""
+
+    facts_topic = "facts"
+
+    def parse(self, rec: Record) -> Keyed | TickIn:
+        assert rec.value is not None
+        if rec.topic == "t":
+            return TickIn(wheel.parse_tick(orjson.loads(rec.value)))
+        if rec.value == b"bad":
+            raise BadRecord("processing_error", "bad record")
+        assert rec.key is not None
+        data = orjson.loads(rec.value)
+        return Keyed(rec.key.decode(), Input("event", f"in:{rec.src}", rec.timestamp_ms, data))
+
+    def decide(self, state: dict[str, Any] | None, inp: Input, key: str, rec: Record, facts: FactSeq) -> Step:
+        st = dict(state or {"n": 0, "fired": 0, "due": None})
+        if inp.source == "timer":
+            st["fired"] += 1
+            outs = [
+                Out("out", key, dumps({"id": inp.id, "key": key, "n": st["n"], "timer": True})),
+                Out("facts", key, dumps({"id": inp.id, "src": rec.src, "index": facts.next()})),
+            ]
+            return Step(st, dumps(st), outs, [], [("fired", "x", 1)])
+        if inp.data.get("boom"):
+            raise RuntimeError("a bug in the rules")
+        st["n"] += 1
+        arms: list[int] = []
+        deltas: list[tuple[str, str, int]] = []
+        if st["n"] == 1:
+            st["due"] = inp.now + 1500
+            arms.append(st["due"])
+            deltas.append(("open", "x", 1))
+        outs = [Out("out", key, dumps({"id": inp.id, "key": key, "n": st["n"]}))]
+        return Step(st, dumps(st), outs, arms, deltas)
+
+    def sent(self, out: Out) -> None:
+        pass
+
+
+def timeline(rng: random.Random, n: int) -> dict[tuple[str, int], list[Record]]:
+    """Input records on topics a/b and ticks on t, per topic-partition, in offset order."""
+    tps: dict[tuple[str, int], list[Record]] = defaultdict(list)
+    keys = [f"k{i}" for i in range(12)]
+    ts = 1_000_000
+    for i in range(n):
+        ts += rng.randint(20, 200)
+        key = rng.choice(keys)
+        p = part_of(key)
+        topic = rng.choice(TOPICS)
+        roll = rng.random()
+        value = b"bad" if roll < 0.04 else dumps({"i": i, "boom": roll > 0.97})
+        recs = tps[(topic, p)]
+        recs.append(Record(topic, p, len(recs), key.encode(), value, ts))
+        if i % 7 == 0:
+            for q in range(PARTITIONS):
+                ends = {t: len(tps[(t, q)]) for t in TOPICS}
+                ticks = tps[("t", q)]
+                ticks.append(Record("t", q, len(ticks), runtime.TICK_KEY, dumps(wheel.tick_value(ts, ends)), ts))
+    return tps
+
+
+async def consume(
+    rng: random.Random,
+    runner: StateFirstRunner,
+    tps: dict[tuple[str, int], list[Record]],
+    committed: dict[tuple[str, int], int],
+) -> None:
+    """Batches merged from all topic-partitions (each in order) from the committed offsets; after
+    each batch its offsets are acked, and committed with probability 1/2 (commits lag)."""
+    pos = {tp: committed.get(tp, 0) for tp in tps}
+    acked = dict(pos)
+    while any(pos[tp] < len(recs) for tp, recs in tps.items()):
+        batch: list[Record] = []
+        for _ in range(rng.randint(1, 25)):
+            live = [tp for tp, recs in tps.items() if pos[tp] < len(recs)]
+            if not live:
+                break
+            tp = rng.choice(live)
+            batch.append(tps[tp][pos[tp]])
+            pos[tp] += 1
+        await runner.run_batch(batch)
+        for rec in batch:
+            acked[(rec.topic, rec.partition)] = rec.offset + 1
+        if rng.random() < 0.5:
+            committed.update(acked)
+    committed.update(acked)
+
+
+async def run_with_crashes(seed: int, n: int = 160, crashes: int = 3) -> tuple[FakeKafka, FakeStore, dict[Any, Any]]:
+    rng = random.Random(seed)
+    tps = timeline(rng, n)
+    kafka = FakeKafka(rng)
+    store = FakeStore(kafka)
+    committed: dict[tuple[str, int], int] = {}
+    for attempt in range(crashes + 1):
+        crash_after = kafka.acked + rng.randint(1, 150) if attempt < crashes else None
+        runner = StateFirstRunner(
+            FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq",
+            committed=lambda t, p: committed.get((t, p)),
+        )
+        pump = asyncio.create_task(kafka.pump(crash_after))
+        work = asyncio.create_task(consume(rng, runner, tps, committed))
+        done, _ = await asyncio.wait({pump, work}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            pump.cancel()
+            work.result()
+            await asyncio.gather(pump, return_exceptions=True)
+            if attempt < crashes:
+                continue  # finished before the crash point: nothing more to test
+            break
+        work.cancel()  # SIGKILL: the worker is gone mid-batch
+        await asyncio.gather(work, return_exceptions=True)
+        kafka.crash()
+        store.recover()
+    return kafka, store, {"tps": tps}
+
+
+def outputs(kafka: FakeKafka, topic: str) -> list[dict[str, Any]]:
+    return [orjson.loads(v) for (t, _), log in kafka.logs.items() if t == topic for v in log]
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_crashes_anywhere_keep_state_and_outputs_together(seed: int) -> None:
+    kafka, store, ctx = await run_with_crashes(seed)
+    tps = ctx["tps"]
+    out = outputs(kafka, "out")
+    by_id: dict[str, dict[str, Any]] = {}
+    for o in out:
+        assert by_id.setdefault(o["id"], o) == o, f"output {o['id']} seen with two values: state was lost"
+    good = {f"in:{r.src}" for recs in tps.values() for r in recs if r.topic != "t" and r.value != b"bad"
+            and not orjson.loads(r.value).get("boom")}
+    inputs = {i for i in by_id if i.startswith("in:")}
+    assert inputs == good, "an input lost its output (or an output has no input)"
+    # per key the outputs number the inputs 1..N, N being the durable count
+    per_key: dict[str, list[int]] = defaultdict(list)
+    for o in by_id.values():
+        if not o.get("timer"):
+            per_key[o["key"]].append(o["n"])
+    for key, ns in per_key.items():
+        entry = runtime.Entry.load(store.data[key])
+        assert entry is not None and entry.state is not None
+        assert sorted(ns) == list(range(1, entry.state["n"] + 1)), key
+    # dead letters: every bad record and every record the rules choked on
+    bad = {r.src for recs in tps.values() for r in recs if r.topic != "t"
+           and (r.value == b"bad" or orjson.loads(r.value).get("boom"))}
+    letters = {f"{d['source']['topic']}/{d['source']['partition']}/{d['source']['offset']}" for d in outputs(kafka, "dlq")}
+    assert letters == bad
+    # timers: fired once each, exactly for the keys whose due second the stream time passed
+    metas = {p: store.data[meta_key(p)] for p in range(PARTITIONS)}
+    waiting = {k for name, keys in store.data.items() if name.startswith(wheel.SLOT_PREFIX) for k in keys
+               if int(name.split(":")[2]) > (metas[int(name.split(":")[1])]["cursor"] or 0)}
+    for key in per_key:
+        entry = runtime.Entry.load(store.data[key])
+        assert entry is not None and entry.state is not None
+        cursor, clock = metas[part_of(key)]["cursor"], metas[part_of(key)]["clock"]
+        due, fired = entry.state["due"], entry.state["fired"]
+        assert fired in (0, 1), (key, entry.state)
+        # not before the stream time reached it; surely once its bucket was passed, unless a full
+        # bucket made it spill into a later one
+        assert not (fired and due > clock), (key, entry.state, clock)
+        if cursor is not None and wheel.bucket_of(due) <= cursor:
+            assert fired or key in waiting, (key, entry.state, cursor)
+    # fired buckets leave no slots behind (deleted one unit after they were acknowledged)
+    for p, meta in metas.items():
+        f = meta["firing"]
+        stale = [name for name in store.data if name.startswith(f"{wheel.SLOT_PREFIX}{p}:")
+                 and f is not None and int(name.split(":")[2]) <= (meta["gc"] or -1)]
+        assert stale == [], stale
+    timer_ids = {i for i, o in by_id.items() if o.get("timer")}
+    assert len(timer_ids) == sum(runtime.Entry.load(store.data[k]).state["fired"] for k in per_key)  # type: ignore[union-attr]
+    # the durable counters agree with the state
+    assert sum(m["counts"].get("open", {}).get("x", 0) for m in metas.values()) == len(per_key)
+    assert sum(m["counts"].get("fired", {}).get("x", 0) for m in metas.values()) == len(timer_ids)
+    # CSAT facts: one (source record, index) per fact, the same on every copy
+    facts: dict[str, tuple[str, int]] = {}
+    for f in outputs(kafka, "facts"):
+        assert facts.setdefault(f["id"], (f["src"], f["index"])) == (f["src"], f["index"])
+    assert len(set(facts.values())) == len(facts)
+    assert set(facts) == timer_ids
+
+
+async def test_stream_time_waits_for_queued_input() -> None:
+    """A tick made after an input was written does not fire a timer until that input is consumed:
+    the input re-arms the timer, so nothing fires."""
+    kafka = FakeKafka(random.Random(1))
+    store = FakeStore(kafka)
+    stage = FakeStage()
+    runner = StateFirstRunner(stage, store, FakeProducer(kafka), dlq_topic="dlq")
+    pump = asyncio.create_task(kafka.pump(None))
+    k = b"k1"
+    first = Record("a", 0, 0, k, dumps({}), 10_000)
+    await runner.run_batch([first])  # arms 11,500
+    second = Record("a", 0, 1, k, dumps({}), 11_000)  # written at 11 s, still queued
+    tick = Record("t", 0, 0, runtime.TICK_KEY, dumps(wheel.tick_value(20_000, {"a": 2})), 20_000)
+    await runner.run_batch([tick])
+    meta = store.data[meta_key(0)]
+    assert meta["clock"] == 0 and meta["firing"] is None  # the tick waits for offset 1
+    await runner.run_batch([second])
+    tick2 = Record("t", 0, 1, runtime.TICK_KEY, dumps(wheel.tick_value(21_000, {"a": 2})), 21_000)
+    await runner.run_batch([tick2])
+    meta = store.data[meta_key(0)]
+    assert meta["clock"] == 21_000
+    entry = runtime.Entry.load(store.data["k1"])
+    assert entry is not None and entry.state == {"n": 2, "fired": 1, "due": 11_500}
+    pump.cancel()
+
+
+async def test_redelivered_input_resends_pending_outputs_only() -> None:
+    kafka = FakeKafka(random.Random(2))
+    store = FakeStore(kafka)
+    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    pump = asyncio.create_task(kafka.pump(None))
+    recs = [Record("a", 0, i, b"k", dumps({}), 1_000 + i) for i in range(3)]
+    await runner.run_batch(recs)
+    assert len(outputs(kafka, "out")) == 3
+    writes = len(kafka.logs[("cl", 0)])
+    # the same batch again (a crash before the commit): decided once, outputs re-sent, no writes
+    await runner.run_batch(recs)
+    out = outputs(kafka, "out")
+    assert len(out) == 6 and {o["n"] for o in out} == {1, 2, 3}
+    assert len(kafka.logs[("cl", 0)]) == writes
+    # a later unit replaces `pending`: redelivering the first batch now re-sends nothing
+    await runner.run_batch([Record("a", 0, 3, b"k", dumps({}), 2_000)])
+    await runner.run_batch(recs)
+    assert len(outputs(kafka, "out")) == 7
+    pump.cancel()
+
+
+async def test_one_write_per_key_per_unit() -> None:
+    kafka = FakeKafka(random.Random(3))
+    store = FakeStore(kafka)
+    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    pump = asyncio.create_task(kafka.pump(None))
+    recs = [Record("a", 0, i, f"k{i % 2}".encode(), dumps({}), 1_000) for i in range(10)]
+    await runner.run_batch(recs)
+    written = [key for key, _ in kafka.logs[("cl", 0)]]
+    # two conversation keys, their (shared) wheel slot, the meta: each once
+    assert sorted(written) == sorted(["k0", "k1", wheel.slot_key(0, 2), meta_key(0)])
+    entry = runtime.Entry.load(orjson.loads(dict(kafka.logs[("cl", 0)])["k0"]))
+    assert entry is not None and [p[0] for p in entry.pending] == [f"a/0/{i}" for i in range(0, 10, 2)]
+    pump.cancel()
+
+
+async def test_a_failed_write_raises_before_any_output() -> None:
+    kafka = FakeKafka(random.Random(4))
+    kafka.fail_topic = "cl"
+    store = FakeStore(kafka)
+    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    pump = asyncio.create_task(kafka.pump(None))
+    with pytest.raises(WriteFailed):
+        await runner.run_batch([Record("a", 0, 0, b"k", dumps({}), 1_000)])
+    assert outputs(kafka, "out") == []
+    pump.cancel()
+
+
+async def test_deleted_state_keeps_its_guard_until_purged() -> None:
+    class Forgetting(FakeStage):
+        def decide(self, state: dict[str, Any] | None, inp: Input, key: str, rec: Record, facts: FactSeq) -> Step:
+            if inp.data.get("forget"):
+                return Step(None, None, [Out("out", key, dumps({"id": inp.id, "forgot": True}))], [])
+            return super().decide(state, inp, key, rec, facts)
+
+    kafka = FakeKafka(random.Random(5))
+    store = FakeStore(kafka)
+    runner = StateFirstRunner(Forgetting(), store, FakeProducer(kafka), dlq_topic="dlq")
+    pump = asyncio.create_task(kafka.pump(None))
+    msg = Record("a", 0, 0, b"k", dumps({}), 1_000)
+    forget = Record("a", 0, 1, b"k", dumps({"forget": True}), 2_000)
+    await runner.run_batch([msg, forget])
+    entry = runtime.Entry.load(store.data["k"])
+    assert entry is not None and entry.state is None and entry.purge_at == 2_000 + runtime.PURGE_AFTER_MS
+    await runner.run_batch([msg])  # a redelivery: not decided again (no new conversation) ...
+    out = outputs(kafka, "out")
+    assert [o.get("n") for o in out] == [1, None, 1] and out[2] == out[0]  # ... its pending output again
+    t = 2_000 + runtime.PURGE_AFTER_MS + 1_000
+    await runner.run_batch([Record("t", 0, 0, runtime.TICK_KEY, dumps(wheel.tick_value(t, {"a": 2})), t)])
+    assert "k" not in store.data and kafka.logs[("cl", 0)][-2] == ("k", None) or ("k", None) in kafka.logs[("cl", 0)]
+    pump.cancel()
+
+
+async def test_legacy_state_is_read_and_its_timers_fire() -> None:
+    """A value written before this runner (the rules' state itself, old wheel and cursor keys)."""
+    kafka = FakeKafka(random.Random(6))
+    store = FakeStore(kafka)
+    store.data = {"k": {"n": 4, "fired": 0, "due": 3_000, "o": {"a": 9}}, "\x00cursor:0": 1, wheel.slot_key(0, 3): ["k"]}
+    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    pump = asyncio.create_task(kafka.pump(None))
+    await runner.run_batch([Record("t", 0, 0, runtime.TICK_KEY, dumps(wheel.tick_value(5_000, {})), 5_000)])
+    entry = runtime.Entry.load(store.data["k"])
+    assert entry is not None and not entry.legacy and entry.state is not None and entry.state["fired"] == 1
+    await runner.run_batch([Record("a", 0, 0, b"k", dumps({}), 6_000)])  # old per-topic offsets are not trusted
+    assert runtime.Entry.load(store.data["k"]).state["n"] == 5  # type: ignore[union-attr]
+    pump.cancel()
+
+
+async def test_a_clean_restart_sends_nothing_again() -> None:
+    """After a graceful stop (everything committed) a new incarnation touching the same keys, and
+    re-walking nothing, sends no output twice; a crash (nothing committed) sends the last unit's
+    outputs again even when another input of the key comes first."""
+    kafka = FakeKafka(random.Random(7))
+    store = FakeStore(kafka)
+    committed: dict[tuple[str, int], int] = {}
+    pump = asyncio.create_task(kafka.pump(None))
+
+    def runner() -> StateFirstRunner:
+        return StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq",
+                                committed=lambda t, p: committed.get((t, p)))
+
+    first = [Record("a", 0, 0, b"k", dumps({}), 1_000), Record("b", 0, 0, b"k", dumps({}), 1_100)]
+    await runner().run_batch(first)
+    committed.update({("a", 0): 1, ("b", 0): 1})
+    await runner().run_batch([Record("a", 0, 1, b"k", dumps({}), 1_200)])
+    assert [o["n"] for o in outputs(kafka, "out")] == [1, 2, 3]
+    # crash: b/0/1 was decided and written, its commit never happened; after the restart an
+    # input of another topic-partition comes first, then the redelivery
+    await runner().run_batch([Record("b", 0, 1, b"k", dumps({}), 1_300)])
+    again = runner()
+    await again.run_batch([Record("a", 0, 2, b"k", dumps({}), 1_400)])
+    await again.run_batch([Record("b", 0, 1, b"k", dumps({}), 1_300)])
+    assert [o["n"] for o in outputs(kafka, "out")] == [1, 2, 3, 4, 5, 4]
+    pump.cancel()
