@@ -264,6 +264,19 @@ def test_held_action_applies_when_its_conversation_opens_after_a_replay() -> Non
     assert c.tick(T0 + 20 * SECOND).outputs == []  # nothing left to reject
 
 
+def test_held_actions_after_a_held_close_are_rejected_when_released() -> None:
+    """accept, close and a message all arrive before the replayed opening: the close ends the
+    conversation, so the message released after it is rejected (it used to crash the rules)."""
+    c = Convo(cfg("\n[csat]\nenabled = false\n"))
+    c.act("accept", at=T0 + SECOND, agent="ana")
+    c.act("close", at=T0 + 2 * SECOND, agent="ana")
+    c.act("message", at=T0 + 3 * SECOND, agent="ana", text="still there?")
+    opened = c.msg("hi", at=T0)
+    assert "conversation_closed" in types(opened)
+    assert rejections(opened) == ["unknown_conversation"]
+    assert c.state is not None and c.state["held"] == [] and c.state["conv"] is None
+
+
 def test_held_action_taken_before_the_opening_is_rejected() -> None:
     c = Convo()
     c.msg("hi", at=T0)

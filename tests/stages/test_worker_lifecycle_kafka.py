@@ -69,7 +69,7 @@ async def test_fresh_app_id_has_every_topic_before_faust_starts(
 ) -> None:
     w = make_worker(partitions=3)
     app_id = w.env["MESSENGER_STREAMS_APP_ID"]
-    changelogs = [f"{app_id}-conversations-changelog", f"{app_id}-csat_aggregates-changelog"]
+    changelogs = [f"{app_id}-conversations-changelog", f"{app_id}-csat_cells-changelog"]
     contract = [w.topic(n) for n in ("messenger.webhook.raw", "csat.facts", "agent.actions", "skill.billing")]
     counts = await partition_counts(kafka_bootstrap, changelogs + contract)
     assert counts == dict.fromkeys(changelogs + contract, 3)

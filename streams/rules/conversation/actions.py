@@ -74,6 +74,10 @@ def on_action(ctx: Ctx, raw: dict[str, Any]) -> bool:
 def apply(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     """Apply a validated action (first time, or released from hold)."""
     conv = ctx.st["conv"]
+    if conv is None and action.type in held.HOLDABLE:
+        # released from hold after an earlier released action (a close) ended the conversation
+        ctx.reject(raw, "unknown_conversation", "no open conversation for this page and person")
+        return
     if conv is not None and action.conversation_id and action.conversation_id != conv["id"]:
         ctx.reject(raw, "unknown_conversation", f"conversation {action.conversation_id} is not the open one")
         return
