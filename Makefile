@@ -7,7 +7,7 @@ KAFKA := $(BIN)/python deploy/kafka/localkafka.py
 CONFIG ?= deploy/connector.example.toml
 RATE ?= 20
 
-.PHONY: install run demo-reset test lint typecheck unit kafka-up kafka-down kafka-reset kafka-status kafka-fetch bench bench-history schemas clean
+.PHONY: install run demo-reset test lint typecheck unit kafka-up kafka-down kafka-reset kafka-status kafka-fetch bench bench-history chaos schemas clean
 
 install: $(STAMP)
 
@@ -60,6 +60,11 @@ demo-reset: install kafka-up
 
 bench: install kafka-up
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The chaos suite (docs/reliability.md): its own broker on free ports, every scenario, full size.
+# e.g. make chaos CHAOS_ARGS="--runs 10"   make chaos CHAOS_ARGS="--scenarios a,c --size ci"
+chaos: install kafka-fetch
+	$(BIN)/python -m chaos.run $(CHAOS_ARGS)
 
 # The history sink's write rate into an embedded PostgreSQL (docs/history.md): HISTORY_BENCH_ARGS="--conversations 50000"
 bench-history: install kafka-up
