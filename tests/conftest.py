@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from streams.history.embedded import start_embedded, stop_embedded
-from tests.kafkatools import KafkaIO, Worker, kafka_broker, worker_env
+from tests.kafkatools import KafkaIO, Worker, delete_worker_topics, kafka_broker, worker_env
 from tests.pgtools import new_database
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -79,6 +79,9 @@ def make_worker(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Callable[..., 
     yield factory
     for w in workers:
         w.stop()
+    # a developer's long-lived broker (make kafka-up) would otherwise collect every test's topics
+    # until it runs out of file handles: delete what these workers created
+    delete_worker_topics(kafka_bootstrap, workers)
 
 
 # --- the embedded PostgreSQL of the history store (issue 16) -------------------------------------

@@ -192,6 +192,31 @@ def worker_env(bootstrap: str, tmp: Path, config_text: str, partitions: int = 2,
     return env
 
 
+def delete_worker_topics(bootstrap: str, workers: list[Worker]) -> None:
+    """Delete every topic of these test workers: their topic prefix and their app id's internal topics."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    prefixes = tuple(
+        p for w in workers for p in (w.env.get("MESSENGER_STREAMS_TOPIC_PREFIX"), f"{w.env.get('MESSENGER_STREAMS_APP_ID')}-")
+        if p and p != "None-"
+    )
+    if not prefixes:
+        return
+
+    async def delete() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+        await admin.start()
+        try:
+            names = [t for t in await admin.list_topics() if t.startswith(prefixes)]
+            if names:
+                await admin.delete_topics(names, timeout_ms=10_000)
+        finally:
+            await admin.close()
+
+    with contextlib.suppress(Exception):  # cleanup only: a broker already gone is fine
+        asyncio.run(delete())
+
+
 class KafkaIO:
     """Produce to and read from topics of one broker (no consumer group: reads from the start)."""
 
