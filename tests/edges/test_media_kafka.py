@@ -16,10 +16,12 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import REGISTRY
 
 from streams.core.config_rich import Media
 from streams.core.process import CliError
+from streams.core.topics import ensure_topics
 from streams.edges.media import MediaOptions, serve
 from tests.conftest import BASE_CONFIG
 from tests.kafkatools import KafkaIO, Worker, free_port
@@ -29,6 +31,15 @@ pytestmark = pytest.mark.kafka
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
 PDF = b"%PDF-1.4\n" + b"invoice " * 200
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        await admin.delete_topics(names, timeout_ms=10_000)
+    finally:
+        await admin.close()
 
 
 def metric(name: str, **labels: str) -> float:
@@ -113,6 +124,7 @@ async def test_attachments_are_kept_by_hash_and_failures_counted(
     stored_before = metric("messenger_media_stored_total")
 
     # the topics exist before the keeper subscribes by pattern (as the worker creates skill topics at start)
+    await ensure_topics(kafka_bootstrap, {billing: False, support: False}, 1, 1)
     await kafka.send(billing, console_event("billing", 0), key="p1:u0")
     await kafka.send(support, {"type": "conversation_opened", "event_id": "x", "page_id": "p1", "psid": "u9",
                                "skill": "support", "timestamp": 1, "conversation_id": "c9"}, key="p1:u9")
@@ -142,6 +154,7 @@ async def test_attachments_are_kept_by_hash_and_failures_counted(
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
+        await delete_topics(kafka_bootstrap, [billing, support])
 
     png_sha, pdf_sha = hashlib.sha256(PNG).hexdigest(), hashlib.sha256(PDF).hexdigest()
     by_index = {e["attachment_index"]: e for e in on_billing}
