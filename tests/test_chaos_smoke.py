@@ -3,9 +3,7 @@ SIGKILLed mid-batch) on the test broker, in one harness run (about a minute on a
 
 `test_chaos_smoke_harness` checks the harness itself did what it claims (traffic ran to its end,
 the dispatcher kill was mid-batch, every fuzz family was sent and audited); the goal tests hold each
-scenario to every goal of the full suite. A scenario still failing for a known issue #12 bug is a
-strict xfail naming it: when the fix lands it XPASSes, fails, and the marker must go. Select with
-`-m chaos`.
+scenario to every goal of the full suite. Select with `-m chaos`.
 """
 
 from __future__ import annotations
@@ -72,13 +70,7 @@ def test_chaos_smoke_harness(chaos_report: dict[str, Any]) -> None:
     assert e["processes"]["dispatch"]["starts"] == 2
 
 
-GOALS = [
-    pytest.param("d", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue #12 (oversized dead letters, branch runtime): a 2 MB body is lost — its dead letter is over Kafka's "
-        "message size, split_webhooks crashes with MessageSizeTooLargeError, the worker stops and, restarted, "
-        "goes on past the body"))),
-    pytest.param("e"),
-]
+GOALS = [pytest.param("d"), pytest.param("e")]
 
 
 @pytest.mark.parametrize("letter", GOALS)
