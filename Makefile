@@ -7,7 +7,7 @@ KAFKA := $(BIN)/python deploy/kafka/localkafka.py
 CONFIG ?= deploy/connector.example.toml
 RATE ?= 20
 
-.PHONY: install run demo-reset test lint typecheck unit kafka-up kafka-down kafka-reset kafka-status kafka-fetch bench bench-history chaos schemas clean
+.PHONY: install run demo-reset test lint typecheck unit kafka-up kafka-down kafka-reset kafka-status kafka-fetch bench bench-history chaos schemas clean browser
 
 install: $(STAMP)
 
@@ -46,8 +46,29 @@ schemas: install
 unit: install
 	$(BIN)/pytest -q -m "not kafka"
 
+# Debian's Chromium and ChromeDriver for the admin page's browser test (#14): installed with apt-get as
+# root (or sudo -n) when missing. Where that is impossible the test is skipped, except with CI=true (or 1,
+# yes): then this step fails the run, and so would the test.
+browser:
+	@have() { { command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null 2>&1 \
+	  && command -v chromedriver >/dev/null 2>&1; }; \
+	if ! have && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=no; fi; \
+	  if [ "$$SUDO" != no ]; then \
+	    echo "installing chromium and chromium-driver (the admin page's browser test)"; \
+	    ($$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver) >/dev/null 2>&1 || echo "browser: apt-get could not install them"; \
+	  fi; \
+	fi; \
+	if have; then :; \
+	else case "$$(printf %s "$${CI:-}" | tr A-Z a-z)" in \
+	  1|true|yes) echo "browser: no chromium/chromedriver and no way to install them; CI needs the browser test" >&2; \
+	    exit 1;; \
+	  *) echo "browser: no chromium/chromedriver and no way to install them: the browser test is skipped";; \
+	esac; fi
+
 # Everything CI checks: lint, types, unit and integration tests on a real broker.
-test: install kafka-fetch lint typecheck
+test: install kafka-fetch browser lint typecheck
 	$(BIN)/pytest -q
 
 # The main job: local Kafka, topics, a worker, demo traffic and a live summary until Ctrl-C.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make run`: topics, a worker on the example config, the history sink, demo traffic and a live summary
-# until Ctrl-C.
+# `make run`: topics, a worker on the example config, the history sink, the onboarding admin page, demo
+# traffic and a live summary until Ctrl-C.
 #
 #   deploy/run-demo.sh          run the demo (Ctrl-C or SIGTERM stops everything it started)
 #   deploy/run-demo.sh reset    delete the demo's topics (its conversations, offsets, tables) and local data
@@ -65,11 +65,19 @@ worker=$!
 pids+=("$worker")
 $BIN/messenger-streams history sink >"$DEMO_DIR/history.log" 2>&1 &
 pids+=($!)
+# issue 14: the onboarding admin page on the demo's pages (no App Secret here: "Log in with Facebook" stays
+# off). Its password goes to that process only (the worker's history pages stay open in the demo).
+ADMIN_PASSWORD="${MESSENGER_STREAMS_ADMIN_PASSWORD:-demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')}"
+ADMIN_PORT="${MESSENGER_STREAMS_ADMIN_PORT:-6068}"
+MESSENGER_STREAMS_ADMIN_PASSWORD="$ADMIN_PASSWORD" MESSENGER_STREAMS_ADMIN_PORT="$ADMIN_PORT" \
+  $BIN/messenger-streams admin >"$DEMO_DIR/admin.log" 2>&1 &
+pids+=($!)
 $BIN/messenger-streams simulate --rate "${RATE:-20}" >"$DEMO_DIR/simulate.log" 2>&1 &
 pids+=($!)
-echo "worker (pid $worker, log $DEMO_DIR/worker.log), history sink (log $DEMO_DIR/history.log), demo traffic at \
-${RATE:-20} records/s; Ctrl-C stops"
+echo "worker (pid $worker, log $DEMO_DIR/worker.log), history sink (log $DEMO_DIR/history.log), admin page (log \
+$DEMO_DIR/admin.log), demo traffic at ${RATE:-20} records/s; Ctrl-C stops"
 echo "history: http://127.0.0.1:$MESSENGER_STREAMS_WEB_PORT/conversations?q=refund"
+echo "admin page: http://127.0.0.1:$ADMIN_PORT/  password: $ADMIN_PASSWORD"
 $BIN/messenger-streams summary --url "http://127.0.0.1:$MESSENGER_STREAMS_WEB_PORT/metrics" --interval "${SUMMARY_INTERVAL:-3}" &
 pids+=($!)
 
@@ -83,5 +91,5 @@ if ! alive "$worker"; then
   tail -n 15 "$DEMO_DIR/worker.log"
   exit 1
 fi
-echo; echo "a demo process exited; see $DEMO_DIR/history.log and $DEMO_DIR/simulate.log"
+echo; echo "a demo process exited; see $DEMO_DIR/history.log, $DEMO_DIR/admin.log and $DEMO_DIR/simulate.log"
 exit 1

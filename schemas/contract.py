@@ -78,7 +78,7 @@ CONSOLE_EVENT_TYPES = (
     "typing", "conversation_accepted", "conversation_transferred", "conversation_returned", "conversation_closed",
     "manager_joined", "manager_left", "agent_not_responding", "response_time_set", "urgency_changed",
     "csat_requested", "csat_received", "action_rejected", "send_failed", "referral", "reaction",
-    "message_edit", "standby_event", "context_event", "profile", "media_stored",
+    "message_edit", "standby_event", "context_event", "profile", "media_stored", "page_status",
 )
 REJECTION_REASONS = (
     "invalid_action", "text_too_long", "window_closed", "unknown_conversation", "not_owner", "not_assigned",

@@ -19,6 +19,8 @@ DeadLetterReason = Literal[
     "processing_error",
     "history_invalid_record",  # the history sink: a skill/history/CSAT record it cannot read
     "history_write_error",  # the history sink: a record the database refuses
+    "page_disabled",
+    "page_not_connected",
 ]
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from schemas.dlq import DeadLetter
 from schemas.events import NormalizedEvent
+from schemas.pages import DIRECTORY_RECORD, PageActivity
 
 OUT = Path(__file__).parent / "json"
 
@@ -21,6 +22,8 @@ OUT = Path(__file__).parent / "json"
 EXPORTS: dict[str, type[BaseModel] | TypeAdapter[object]] = {
     "messenger.dlq": DeadLetter,
     "messenger.events": NormalizedEvent,
+    "connector.pages": DIRECTORY_RECORD,  # type: ignore[dict-item]  # a TypeAdapter of the record union
+    "connector.pages.activity": PageActivity,
 }
 
 

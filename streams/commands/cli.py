@@ -18,12 +18,12 @@ from pathlib import Path
 
 from aiokafka.errors import KafkaError
 
-from streams.commands import dlq, history, simulate, summary
+from streams.commands import dlq, history, pages, simulate, summary
 from streams.core import serde
 from streams.core.config import ConfigError, ConnectorConfig, load_config
 from streams.core.process import CliError
 from streams.core.settings import Settings, load_settings, unknown_variables
-from streams.edges import dispatch, media, webhook
+from streams.edges import admin, dispatch, media, webhook
 from streams.rules.normalize import split_body
 
 EXIT_USAGE = 2
@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("history", help="conversation history in PostgreSQL: sink, export, forget, migrate, retain")
     history.add_arguments(p)
 
+    # --- #14 onboarding: the page directory from scripts, and the admin web page
+    p = sub.add_parser("pages", help="connect, change, switch and list Facebook pages (live, through Kafka)")
+    pages.add_arguments(p)
+    p = sub.add_parser("admin", help="serve the onboarding admin page (binds 127.0.0.1 by default)")
+    admin.add_arguments(p)
+
     p = sub.add_parser("summary", help="a live summary from a worker's /metrics (redrawn in place on a terminal)")
     p.add_argument("--url", default=None, help="the worker's metrics URL (default: env MESSENGER_STREAMS_SUMMARY_URL, "
                    "else http://127.0.0.1:$MESSENGER_STREAMS_WEB_PORT/metrics)")
@@ -239,6 +245,10 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         return history.run(args)
     if args.command == "media":
         return media.run(args)
+    if args.command == "pages":
+        return pages.run(args)
+    if args.command == "admin":
+        return admin.run(args)
     return cmd_worker(args, extra)
 
 

@@ -52,6 +52,11 @@ class Account(_Section):
 class Routing(_Section):
     mode: Literal["entry_point", "manual"] = "entry_point"
     default_skill: str = "general"
+    unknown_pages: Literal["default_skill", "dead_letter"] = Field(
+        default="default_skill",
+        description="events of pages not connected: routed to default_skill (as before), or dead-lettered "
+        "with reason page_not_connected by the ingest stage",
+    )
 
 
 class Page(_Section):

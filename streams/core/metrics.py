@@ -176,6 +176,11 @@ PERSONAS = Counter(
     "Persona lookups of the dispatcher: created, found (listed at Meta), failed (sent without), refused by Meta",
     ["result"],
 )
+PAGES = Gauge(
+    "messenger_pages",
+    "Pages in this process's page directory, by status (active, disabled, needs_reauth, disconnected)",
+    ["status"],
+)
 
 CATALOGUE = (
     RAW_BODIES,
@@ -218,6 +223,7 @@ CATALOGUE = (
     PAGE_MESSAGES,
     AGENT_MESSAGES,
     TIMERS_FIRED,
+    PAGES,
 )
 
 

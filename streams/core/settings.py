@@ -11,6 +11,7 @@ closest known variable for a misspelt one. A new variable is a new field here.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import os
 from collections.abc import Mapping
@@ -52,6 +53,8 @@ class Topics(BaseSettings):
     history: TopicName = "conversations.history"
     skill_prefix: TopicName = "skill."
     personas: TopicName = "messenger.personas"  # personas the dispatcher created, per page (compacted; #17)
+    pages: TopicName = "connector.pages"  # the page directory (compacted, 1 partition; #14)
+    pages_activity: TopicName = "connector.pages.activity"  # last event / last send per page (compacted; #14)
 
     def name(self, attr: str) -> str:
         """The full name of one topic, with the prefix."""
@@ -115,7 +118,9 @@ class Settings(BaseSettings):
     history_group: str = Field(default="", description="consumer group of the history sink (default <app_id>-history)")
     history_batch_size: int = Field(default=2000, gt=0, le=50_000, description="records per sink transaction")
     history_topic_refresh_ms: int = Field(default=10_000, gt=0, description="new skill topics are found this fast")
-    admin_password: SecretStr | None = Field(default=None, description="password of the admin HTTP endpoints")
+    admin_password: SecretStr | None = Field(
+        default=None, description="password of the admin page (`admin`) and of the worker's admin HTTP endpoints"
+    )
 
     # Read by one command each (their defaults live there); declared here to be validated up front.
     config_path: str | None = Field(
@@ -137,6 +142,16 @@ class Settings(BaseSettings):
     dispatch_web_port: Port | None = Field(default=None, description="dispatch: port of /metrics and /healthz")
     sent_log_days: float | None = Field(default=None, gt=0, description="dispatch: older outbound is not sent")
     media_web_port: Port | None = Field(default=None, description="media (#17): port of /metrics and /healthz")
+    # issue 14: the page directory's tokens, the `pages` commands and the admin page (docs/onboarding.md)
+    pages_key: SecretStr | None = Field(
+        default=None, description="Fernet key(s) of the page tokens in connector.pages (comma-separated: rotation)"
+    )
+    admin_host: str | None = Field(default=None, min_length=1, description="admin: listen address (127.0.0.1)")
+    admin_port: Port | None = Field(default=None, description="admin: listen port (6068)")
+    admin_public_url: HttpUrl | None = Field(default=None, description="admin: the URL people open (OAuth redirect)")
+    facebook_dialog_url: HttpUrl | None = Field(
+        default=None, description="admin: base URL of Facebook Login's dialog (tests: the fake Graph API)"
+    )
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -169,9 +184,26 @@ class Settings(BaseSettings):
                 raise ValueError("must be a JSON object of non-empty strings page_id → token")
         return v
 
+    @field_validator("pages_key")
+    @classmethod
+    def _fernet_keys(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            keys = [k.strip() for k in v.get_secret_value().split(",") if k.strip()]
+            if not keys or not all(_is_fernet_key(k) for k in keys):
+                raise ValueError("not a Fernet key (32 url-safe base64-encoded bytes; make one with "
+                                 "`messenger-streams pages keygen`; several: comma-separated)")
+        return v
+
     @cached_property
     def topics(self) -> Topics:
         return Topics()
+
+
+def _is_fernet_key(key: str) -> bool:
+    try:
+        return len(base64.urlsafe_b64decode(key.encode("ascii"))) == 32 and len(key) == 44
+    except (ValueError, UnicodeEncodeError):
+        return False
 
 
 def _field_variables(model: type[BaseSettings], prefix: str) -> dict[str, str]:

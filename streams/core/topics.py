@@ -42,6 +42,11 @@ TOPIC_SPECS: dict[str, tuple[bool, bool]] = {
 # Topics whose partition count does not matter to the processor: the raw topic belongs to the
 # upstream ingester (the ingest stage keys nothing by its partition) and nothing here reads the DLQ.
 ANY_PARTITION_COUNT = frozenset({"raw", "dlq"})
+# issue 14: the page directory (`connector.pages`) and the pages' last event / last send
+# (`connector.pages.activity`): small compacted topics of one partition (every change of a page in
+# order), read whole by every worker, dispatcher and admin process. Created with the others.
+PAGE_TOPICS = ("pages", "pages_activity")
+PAGES_TOPIC_PARTITIONS = 1
 # The raw topic's `max.message.bytes` is MESSENGER_STREAMS_MAX_BODY_BYTES plus this (key, headers,
 # record batch overhead), as the webhook's producer allows (docs/architecture.md, size limits).
 RAW_RECORD_OVERHEAD_BYTES = 65_536
@@ -77,13 +82,23 @@ def wanted_topics(settings: Settings, config: ConnectorConfig) -> dict[str, bool
     return names
 
 
+def page_topic_specs(settings: Settings, *attrs: str) -> dict[str, TopicSpec]:
+    """The specs of the page topics (`attrs` of PAGE_TOPICS, default both): compacted, one partition."""
+    return {
+        settings.topics.name(attr): TopicSpec(PAGES_TOPIC_PARTITIONS, compacted=True)
+        for attr in attrs or PAGE_TOPICS
+    }
+
+
 def contract_specs(settings: Settings, config: ConnectorConfig) -> dict[str, TopicSpec]:
-    """`wanted_topics` as specs: MESSENGER_STREAMS_PARTITIONS partitions, exact except the raw and DLQ topics."""
+    """`wanted_topics` as specs: MESSENGER_STREAMS_PARTITIONS partitions, exact except the raw and DLQ
+    topics; plus the page topics (`page_topic_specs`)."""
     lenient = {settings.topics.name(attr) for attr in ANY_PARTITION_COUNT}
     specs = {
         name: TopicSpec(settings.partitions, compacted, exact=name not in lenient)
         for name, compacted in wanted_topics(settings, config).items()
     }
+    specs.update(page_topic_specs(settings))
     # issue 12 (runtime): the raw topic takes every body the webhook accepts, record overhead included
     raw = settings.topics.name("raw")
     if raw in specs:

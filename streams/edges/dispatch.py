@@ -19,7 +19,15 @@ writes one `SendResult` per request to `messenger.send.results` (same key).
 - Bad records: an invalid OutboundRequest, or any exception while handling one record, goes to the
   dead-letter topic with its original bytes; the dispatcher moves on.
 - Meta's limits, error classification and backoff: streams/rules/sendapi.py; per-page token bucket.
-- Page access tokens: behind `PageTokens` (one small class: lookup, 190 rejection, redaction list).
+- Page access tokens (issue 14): behind `PageCredentials` (streams/core/credentials.py): `lookup`
+  gives the token with its `appsecret_proof`, or a refusal (no token, page switched off or not
+  connected, needs re-authorization) that fails the request without a Graph call; a 190 is reported
+  with `token_rejected`, every decided send with `note_result`; `redact` hides every token. The
+  command follows the page directory (`connector.pages`), the tokens file as fallback; tests may
+  give static tokens (`StaticCredentials`).
+- #17: a record with `endpoint: user_profile` is a User Profile read (one attempt, answered as a
+  SendResult with `profile`, not a send for `pages list`); messages may go as a persona
+  (streams/edges/personas.py). Both use the page's credential, `appsecret_proof` included.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +58,7 @@ from schemas.events import Source
 from streams.core import metrics, serde
 from streams.core.config import ConfigError, load_config
 from streams.core.config_rich import Personas
+from streams.core.credentials import Credential, PageCredentials, StaticCredentials, dispatch_credentials
 from streams.core.deadletter import dead_letter
 from streams.core.process import CliError, configure_logging, quiet_kafka_startup, run_until_signalled
 from streams.core.settings import load_settings
@@ -79,7 +88,6 @@ from streams.rules.sendapi import (
     entry_value,
     is_expired,
     prepare_requests,
-    redact,
 )
 from streams.rules.sendapi import transport_error as make_transport_error
 
@@ -141,40 +149,6 @@ class DispatchOptions:
     @property
     def graph_base(self) -> str:
         return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}"
-
-
-class PageTokens:
-    """Where the dispatcher gets a page's access token: the one place to swap for a live page
-    directory. Holds the pages whose token Meta rejected (190): they fail at once until the token
-    changes (here: until the dispatcher restarts with a new one)."""
-
-    def __init__(self, tokens: Mapping[str, str]) -> None:
-        self._tokens = dict(tokens)
-        self._rejected: set[str] = set()
-
-    def token(self, page_id: str) -> str | None:
-        """The token to send with, or None (see `unavailable`)."""
-        return None if page_id in self._rejected else self._tokens.get(page_id)
-
-    def unavailable(self, page_id: str) -> tuple[int | None, str]:
-        """(code, message) of a page without a usable token."""
-        if page_id in self._rejected:
-            return 190, "page needs re-authorization (error 190 earlier)"
-        return None, f"no access token for page {page_id}"
-
-    def reject(self, page_id: str) -> None:
-        """Meta answered 190 for this page's token."""
-        if page_id not in self._rejected:
-            log.error("page %s: Meta rejected its access token (error 190): re-authorize the page", page_id)
-        self._rejected.add(page_id)
-        metrics.PAGES_NEED_REAUTH.labels(page_id).set(1)
-
-    def secrets(self) -> Iterable[str]:
-        """Every token, for redaction."""
-        return self._tokens.values()
-
-    def __len__(self) -> int:
-        return len(self._tokens)
 
 
 @dataclass
@@ -285,9 +259,9 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class Dispatcher:
     """The consume → record → send → record → result loop. `await run(stop)` until `stop` is set."""
 
-    def __init__(self, opts: DispatchOptions, tokens: PageTokens | None = None) -> None:
+    def __init__(self, opts: DispatchOptions, credentials: PageCredentials | None = None) -> None:
         self.opts = opts
-        self.tokens = tokens if tokens is not None else PageTokens(opts.tokens)
+        self.credentials: PageCredentials = credentials if credentials is not None else StaticCredentials(opts.tokens)
         self.tracker = OffsetTracker()
         self.queues: dict[str, deque[_Item]] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -308,6 +282,7 @@ class Dispatcher:
 
     async def start(self, timeout: float = 30.0) -> None:
         o = self.opts
+        await self.credentials.start()  # the page directory is read to its end before any record is handled
         # linger 0: a send waits for three acks in a row (marker, outcome, result), each would pay the linger
         self.producer = AIOKafkaProducer(
             bootstrap_servers=o.bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=0
@@ -359,12 +334,13 @@ class Dispatcher:
                 await self.producer.stop()
         self.consumer = self.producer = None
         self.ledger = None
+        await self.credentials.stop()
 
     def fail(self, exc: BaseException) -> None:
         """Stop the dispatcher: it exits non-zero, uncommitted records are redelivered."""
         if self.fatal is None:
             self.fatal = exc
-            log.error("dispatcher stops: %s", redact(f"{type(exc).__name__}: {exc}", self.tokens.secrets()))
+            log.error("dispatcher stops: %s", self.credentials.redact(f"{type(exc).__name__}: {exc}"))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then release every partition (in-flight sends finish), commit."""
@@ -558,7 +534,7 @@ class Dispatcher:
             raise
         except Exception as exc:  # noqa: BLE001 - one record must not stop the dispatcher
             await self.dead_letter(rec, "processing_error",
-                                   redact(f"{type(exc).__name__}: {exc}", self.tokens.secrets()))
+                                   self.credentials.redact(f"{type(exc).__name__}: {exc}"))
             return True
 
     async def dispatch(self, own: Ownership, rec: Any, out: OutboundRequest) -> bool:
@@ -579,6 +555,8 @@ class Dispatcher:
                 await ledger.write(p, key, entry_value(conv, out.outbox_id, verdict, _now_ms(), own.token,
                                                        _stored(result)))
                 await self._emit(result_key, serde.dumps(result), result.status)
+                if out.endpoint != PROFILE_ENDPOINT:  # a profile read is no send
+                    self.credentials.note_result(out.page_id, result.status)  # `pages list`: the page's last send
                 return True
             seen = ledger.log(p).get(conv, out.outbox_id)
         if verdict == REPLAY and seen is not None and seen.result is not None:
@@ -602,12 +580,10 @@ class Dispatcher:
             days = self.opts.sent_log.max_age_ms / DAY_MS
             return FAILED, self._failed(out, "expired", f"not sent: created more than {days:g} days ago",
                                         retryable=False, attempts=0)
-        token = self.tokens.token(out.page_id)
-        if token is None:
-            code, msg = self.tokens.unavailable(out.page_id)
-            log.warning("outbox %s not sent: %s", out.outbox_id, msg)
-            return FAILED, self._failed(out, "reauth_required" if code == 190 else "no_token", msg,
-                                        retryable=False, attempts=0, code=code)
+        token = self.credentials.lookup(out.page_id)
+        if not isinstance(token, Credential):  # refused before any Graph call: no marker, nothing in doubt
+            log.warning("outbox %s not sent: %s", out.outbox_id, token.message)
+            return FAILED, self._failed(out, token.reason, token.message, retryable=False, attempts=0, code=token.code)
         parts, warnings = prepare_requests(out.request, self.opts.limits)
         for w in warnings:
             log.warning("outbox %s: %s", out.outbox_id, w)
@@ -629,7 +605,7 @@ class Dispatcher:
             raise _Released
         return result.status, result
 
-    async def send(self, own: Ownership, out: OutboundRequest, token: str,
+    async def send(self, own: Ownership, out: OutboundRequest, token: Credential,
                    parts: list[dict[str, Any]]) -> SendResult | None:
         """Send every part of one request in order; the SendResult of the whole, or None when the
         partition is being released and no part reached Graph."""
@@ -657,7 +633,7 @@ class Dispatcher:
                                     mids=mids, parts=len(parts))
             if last.error is not None:
                 e = last.error
-                return self._failed(out, e.reason, redact(e.message, self.tokens.secrets()),
+                return self._failed(out, e.reason, self.credentials.redact(e.message),
                                     retryable=e.retryable or e.reason == IN_DOUBT, attempts=last.attempts,
                                     code=e.code, subcode=e.subcode, mids=mids, parts=len(parts))
             if last.mid:
@@ -665,7 +641,7 @@ class Dispatcher:
         return SendResult(**_common(out), status="sent", mid=last.mid, mids=mids, attempts=last.attempts,
                           parts=len(parts), timestamp=_now_ms())
 
-    async def send_one(self, page_id: str, token: str, body: dict[str, Any],
+    async def send_one(self, page_id: str, token: Credential, body: dict[str, Any],
                        stop: asyncio.Event | None = None) -> _Outcome:
         """POST one body with retries on retryable errors; throttled per page. When `stop` is set, a
         wait (rate limit, backoff) ends the send before its next attempt (`stopped`)."""
@@ -677,7 +653,7 @@ class Dispatcher:
             if not await self._throttle(page_id, stop):
                 return _Outcome(attempts=attempt - 1, stopped=True)
             try:
-                async with self.session.post(self.opts.send_url, params={"access_token": token}, json=body) as resp:
+                async with self.session.post(self.opts.send_url, params=token.params(), json=body) as resp:
                     data = await resp.read()
                     if resp.status == 200:
                         return _Outcome(mid=_message_id(data), attempts=attempt)
@@ -687,7 +663,7 @@ class Dispatcher:
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 err = make_transport_error(exc, reached=True)
             if err.reauth:
-                self.tokens.reject(page_id)
+                self.credentials.token_rejected(token, err.code or 190, err.subcode, err.message)
             if not err.retryable or attempt >= backoff.max_attempts:
                 return _Outcome(error=err, attempts=attempt)
             delay = backoff.delay(attempt)
@@ -701,25 +677,25 @@ class Dispatcher:
 
     # --- #17: the customer's profile and personas ------------------------------------------------------
 
-    async def _persona(self, out: OutboundRequest, token: str) -> str | None:
+    async def _persona(self, out: OutboundRequest, token: Credential) -> str | None:
         """The persona to send `out` as (None: personas off, or none to be had: sent without)."""
         if self.personas is None or "message" not in out.request:
             return None
-        return await self.personas.persona_id(out.page_id, out.origin, out.agent_nickname, {"access_token": token})
+        return await self.personas.persona_id(out.page_id, out.origin, out.agent_nickname, token.params())
 
-    async def read_profile(self, out: OutboundRequest, token: str) -> SendResult:
+    async def read_profile(self, out: OutboundRequest, token: Credential) -> SendResult:
         """A User Profile API read (`endpoint: user_profile`): one attempt, `profile_timeout`, throttled
         with the page's sends; the answer (or the failure) goes back to the conversation as a SendResult."""
         if self.session is None:
             raise DispatchError("the HTTP session is closed")
         psid = str(out.request.get("psid") or out.psid)
         fields = [f for f in out.request.get("fields") or [] if isinstance(f, str)]
-        common = {**_common(out), "endpoint": PROFILE_ENDPOINT}
+        common = _common(out)
         await self._throttle(out.page_id)
         err: SendError
         try:
             async with self.session.get(f"{self.opts.graph_base}/{psid}",
-                                        params={"fields": ",".join(fields), "access_token": token},
+                                        params={"fields": ",".join(fields), **token.params()},
                                         timeout=aiohttp.ClientTimeout(total=self.opts.profile_timeout)) as resp:
                 data = await resp.read()
                 if resp.status == 200:
@@ -734,10 +710,10 @@ class Dispatcher:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             err = make_transport_error(exc)
         if err.reauth:
-            self.tokens.reject(out.page_id)
+            self.credentials.token_rejected(token, err.code or 190, err.subcode, err.message)
         log.info("page %s: no profile for a person (%s, code %s)", out.page_id, err.reason, err.code)
         return SendResult(**common, status="failed", code=err.code, subcode=err.subcode,
-                          message=redact(err.message, self.tokens.secrets()), retryable=False, attempts=1,
+                          message=self.credentials.redact(err.message), retryable=False, attempts=1,
                           reason=err.reason, timestamp=_now_ms())
 
     def _bucket(self, page_id: str) -> TokenBucket:
@@ -802,11 +778,12 @@ class Dispatcher:
 
 
 def _common(out: OutboundRequest) -> dict[str, Any]:
+    # `endpoint` too: a profile read refused or expired before any Graph call still answers as a profile read
     return {"outbox_id": out.outbox_id, "page_id": out.page_id, "psid": out.psid,
-            "conversation_id": out.conversation_id, "origin": out.origin}
+            "conversation_id": out.conversation_id, "origin": out.origin, "endpoint": out.endpoint}
 
 
-_COMMON = frozenset({"outbox_id", "page_id", "psid", "conversation_id", "origin"})
+_COMMON = frozenset({"outbox_id", "page_id", "psid", "conversation_id", "origin", "endpoint"})
 
 
 def _stored(result: SendResult) -> dict[str, Any]:
@@ -951,10 +928,10 @@ def load_tokens(env_value: str | None, path: str | None) -> dict[str, str]:
 
 
 def options_from_args(args: argparse.Namespace) -> DispatchOptions:
+    """The options of the command line; raises CliError (one line). `tokens` may be empty: the page
+    directory may hold every token (see `dispatch_credentials`)."""
     settings = load_settings()
     tokens = load_tokens(os.environ.get("MESSENGER_STREAMS_PAGE_TOKENS"), args.tokens_file)
-    if not tokens:
-        raise CliError("no page access tokens: set MESSENGER_STREAMS_PAGE_TOKENS or --tokens-file")
     if args.max_attempts < 1 or args.backoff_base < 0 or args.backoff_max < 0:
         raise CliError("--max-attempts must be >= 1 and backoff times >= 0")
     if args.rate_per_page <= 0 or args.request_timeout <= 0 or args.max_in_flight < 1:
@@ -1005,12 +982,12 @@ async def serve(
     opts: DispatchOptions,
     stop: asyncio.Event,
     on_ready: Callable[[], Awaitable[None]] | None = None,
-    tokens: PageTokens | None = None,
+    credentials: PageCredentials | None = None,
     dispatcher: Dispatcher | None = None,
 ) -> None:
-    """Run a dispatcher (and its /metrics server) until `stop` is set. `tokens`: where page tokens come
-    from (default: `opts.tokens`); `dispatcher`: run this one (a test can watch its state)."""
-    d = dispatcher if dispatcher is not None else Dispatcher(opts, tokens)
+    """Run a dispatcher (and its /metrics server) until `stop` is set. `credentials`: where page tokens
+    come from (default: the static `opts.tokens`); `dispatcher`: run this one (a test can watch its state)."""
+    d = dispatcher if dispatcher is not None else Dispatcher(opts, credentials)
     with quiet_kafka_startup():
         await ensure_topics(
             opts.bootstrap_servers,
@@ -1027,7 +1004,7 @@ async def serve(
     try:
         if opts.web_port:
             runner = await start_web(opts.web_host, opts.web_port, lambda: d.consumer is not None)
-        log.info("dispatching %s → %s (%d pages)", opts.outbound_topic, opts.send_url, len(d.tokens))
+        log.info("dispatching %s → %s (%s)", opts.outbound_topic, opts.send_url, d.credentials.describe())
         if on_ready is not None:
             await on_ready()
         await d.run(stop)
@@ -1039,10 +1016,13 @@ async def serve(
 
 def run(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
-    configure_logging(load_settings().log_level)
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    # the page directory (connector.pages) with the tokens file as fallback; ConfigError: one line
+    credentials = dispatch_credentials(settings, opts.tokens)
 
     try:
-        run_until_signalled(lambda stop: serve(opts, stop))
+        run_until_signalled(lambda stop: serve(opts, stop, credentials=credentials))
     except (ConnectionError, DispatchError) as exc:
         raise CliError(str(exc)) from None
     return 0

@@ -46,7 +46,7 @@ from streams.rules.media import Stored, Wanted, content_type_allowed, media_stor
 
 log = logging.getLogger("messenger_streams.media")
 
-DEFAULT_WEB_PORT = 6068
+DEFAULT_WEB_PORT = 6069  # 6066 worker, 6067 dispatch, 6068 admin page
 CHUNK = 65_536
 
 

@@ -17,11 +17,13 @@ import random
 import sys
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from streams.core.tokens import redact as redact  # re-exported: see the secrets section
 
 TEXT_LIMIT = 2000
 MAX_QUICK_REPLIES = 13
@@ -329,11 +331,8 @@ class TokenBucket:
 # --- secrets -------------------------------------------------------------------------------------
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret (longer than 3 characters) replaced by `***`."""
-    for s in sorted((s for s in secrets if s and len(s) > 3), key=len, reverse=True):
-        text = text.replace(s, "***")
-    return text
+# `redact(text, secrets)`: one implementation for every process, streams.core.tokens.redact (imported
+# above): every secret longer than 3 characters, and every `access_token=…`-like parameter, becomes ***.
 
 
 # --- the sent log: what the dispatcher sent, per conversation --------------------------------------

@@ -19,9 +19,10 @@ from schemas.events import Source
 from streams.core import metrics, serde
 from streams.core.config import ConnectorConfig
 from streams.core.deadletter import dead_letter
+from streams.core.pages import PageDirectory
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
-from streams.stages import conversation, csat, history, ingest, runtime, web
+from streams.stages import conversation, csat, history, ingest, pages, runtime, web
 from streams.stages.supervision import supervise
 
 log = logging.getLogger("messenger_streams")
@@ -35,6 +36,7 @@ class Pipeline:
     settings: Settings
     config: ConnectorConfig
     app: faust.App
+    pages: pages.LivePages  # the live page directory (#14): env_for, gate, skill_topics
     topics: dict[str, Any] = field(default_factory=dict)
     skill_topics: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -137,7 +139,8 @@ def create_pipeline(
         "history": history.register,
     }
     app = create_app(settings)
-    pipe = Pipeline(settings=settings, config=config, app=app)
+    directory = PageDirectory(config, settings, ensure_skills=True, track_activity=True)
+    pipe = Pipeline(settings=settings, config=config, app=app, pages=pages.attach(app, settings, directory))
     def raw_topic(*names: str) -> Any:
         return app.topic(
             *names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",

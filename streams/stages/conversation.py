@@ -77,7 +77,10 @@ class ConversationStage:
             "csat_facts": topics.name("csat_facts"),
         }
         self.facts_topic: str | None = self.dests["csat_facts"]
-        self.skill_topics = {skill: topics.skill(skill) for skill in pipe.skill_topics}
+        # issue 14: the live page directory gives each decision its Env (page, routing, skills) and the
+        # skill → topic map, which grows when a page is connected live to a new skill (topic created first)
+        self.pages = pipe.pages
+        self.skill_topics = pipe.pages.skill_topics
         self.default_skill_topic = self.skill_topics[pipe.config.routing.default_skill]
         self.publish_events = settings.publish_events
         self.console_events = metrics.BoundLabels(metrics.CONSOLE_EVENTS)
@@ -121,7 +124,7 @@ class ConversationStage:
     def decide(self, state: dict[str, Any] | None, inp: Input, key: str, rec: Record, facts: FactSeq) -> Step:
         """Decide one input and turn the decision into records: skill topics by skill, CSAT facts
         stamped with the source record (`src`, decision C), counter deltas from the notes."""
-        decision = self.decider.decide(state, inp, key, self.decider.env_for(key.partition(":")[0]))
+        decision = self.decider.decide(state, inp, key, self.pages.env_for(key.partition(":")[0]))
         metrics.record_notes(decision.notes, decision.figures)
         if decision.duplicate:
             return Step(state, None, [], [], duplicate=True)
@@ -131,7 +134,7 @@ class ConversationStage:
         for out in decision.outputs:
             if out.dest == "skill":
                 skill = out.skill or ""
-                # routing only picks declared skills; the default is a guard, never expected
+                # routing and transfers only pick skills whose topic exists; the default is a guard
                 topic = self.skill_topics.get(skill, self.default_skill_topic)
                 outs.append(Out(topic, out.key, serde.dumps(out.value), (skill, str(out.value.get("type")))))
                 continue

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiokafka import AIOKafkaProducer
@@ -101,14 +101,15 @@ class CellsMirror(TopicMirror[Any]):
 
 
 class Gauges:
-    """Per-skill CSAT gauges from the cluster-wide view, for the configured skills only (bounded
-    labels); the figures of other skills stay in `/csat`."""
+    """Per-skill CSAT gauges from the cluster-wide view, for the skills the processor routes to
+    (bounded labels: the configured ones and, issue 14, those of pages connected live; `skills` may
+    grow); the figures of other skills stay in `/csat`."""
 
-    def __init__(self, skills: Sequence[str]) -> None:
-        self.skills = sorted(skills)
+    def __init__(self, skills: Collection[str]) -> None:
+        self.skills = skills
 
     def refresh(self, per_skill: Mapping[str, Counts]) -> None:
-        for skill in self.skills:
+        for skill in sorted(self.skills):
             counts = per_skill.get(skill, [0, 0, 0, 0, 0, 0])
             answers = sum(counts[1:])
             pct = csat_percent(counts[4] + counts[5], answers)
@@ -213,7 +214,8 @@ class CellsRunner:
         self.facts_topic = pipe.settings.topics.name("csat_facts")
         self.changelog = f"{pipe.settings.app_id}-{TABLE_NAME}-changelog"
         self.skill_of = SkillPartitions(pipe.settings.partitions)
-        self.skill_topics = {skill: pipe.settings.topics.skill(skill) for skill in pipe.skill_topics}
+        # issue 14: skill → topic of the live page directory (grows when a page is connected to a new skill)
+        self.skill_topics = pipe.pages.skill_topics
         self.default_skill = pipe.config.routing.default_skill
         self.console_events = metrics.BoundLabels(metrics.CONSOLE_EVENTS)
         self.latency = metrics.PROCESSING_LATENCY.labels("csat")
@@ -321,7 +323,7 @@ def register(pipe: Pipeline) -> None:
     writer = CellsWriter(settings.bootstrap_servers)
     runner = CellsRunner(pipe, table, writer)
     mirror = CellsMirror(settings.bootstrap_servers, runner.changelog)
-    gauges = Gauges(pipe.config.all_skills())
+    gauges = Gauges(pipe.pages.skill_topics)  # the live skill map: a skill connected live gets its gauges
 
     @app.agent(pipe.topic("csat_facts"), name="aggregate_csat", concurrency=1)
     async def aggregate_csat(stream: Any) -> None:

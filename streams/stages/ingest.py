@@ -10,6 +10,9 @@
 - At-least-once: the batch's records are acked (and so committed) only after Kafka acknowledged
   every record written for them; a failed write ends the worker (`runtime.crash_worker`).
 - Duplicates are dropped later, by the conversation stage (`streams.rules.dedupe`).
+- Pages (issue 14): events of a page switched off, or of a page not connected when
+  `routing.unknown_pages = "dead_letter"`, are dead-lettered here (`page_disabled` /
+  `page_not_connected`, the raw body kept) by the live page directory's gate (`streams.stages.pages`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Splitter:
         self.letter_max_bytes = settings.dead_letter_max_bytes
         self.events_in = metrics.BoundLabels(metrics.EVENTS_IN)
         self.errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
+        self.pages = pipe.pages  # issue 14: the live page directory's gate
 
     async def run_batch(self, records: Sequence[Record]) -> None:
         """Split every record; returns once Kafka acknowledged all that was written. Raises
@@ -71,18 +75,17 @@ class Splitter:
         raw = rec.value or b""
         source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
         try:
-            result = split_body(
-                raw,
-                max_bytes=self.max_body_bytes,
-                source=source,
-                received_at=received_at(rec.headers, rec.timestamp_ms),
-            )
+            at = received_at(rec.headers, rec.timestamp_ms)
+            result = split_body(raw, max_bytes=self.max_body_bytes, source=source, received_at=at)
+            # issue 14: events of pages switched off or not connected become dead letters (page_disabled,
+            # page_not_connected) with the raw body, so `dlq replay --reason …` brings them back
+            admitted, blocked = self.pages.gate(result.events, at)
         except Exception as exc:  # noqa: BLE001 - one body must never stop ingest; logged with traceback
             log.exception("cannot split raw record %s: dead-lettered", rec.src)
             self.errors.inc("split", type(exc).__name__)
             await self._dead(rec, source, "processing_error", f"{type(exc).__name__}: {exc}", None, acks)
             return
-        for ev in result.events:
+        for ev in admitted:
             try:
                 value = serde.dumps(ev)
                 acks.append(await self.producer.send(self.split_name, ev.conversation_key.encode(), value))
@@ -94,7 +97,7 @@ class Splitter:
                                  f"event {where or ''} cannot be written: {type(exc).__name__}: {exc}", where, acks)
                 continue
             self.events_in.inc(ev.kind)
-        for rej in result.rejected:
+        for rej in [*result.rejected, *blocked]:
             await self._dead(rec, source, rej.reason, rej.error, rej.item_index, acks)
 
     async def _dead(

@@ -31,6 +31,8 @@ SAMPLE = str(ROOT / "tests" / "samples" / "01_text_message.json")
 # How to run each leaf command against an unreachable broker (and an unreachable history database):
 # extra arguments, and the one line it then prints (None: it needs neither and exits 0).
 NO_DB = "host=/nonexistent dbname=x connect_timeout=2"
+PAGE = "1691462197845448"
+PAGES_KEY = "ZmFrZS1rZXktZm9yLXRoZS1lcnJvci1wcm9taXNlLTA="  # a valid Fernet key (32 bytes)
 HOW_TO_RUN: dict[tuple[str, ...], tuple[list[str], str | None]] = {
     ("worker",): ([], "cannot reach Kafka at "),
     ("inspect",): ([SAMPLE], None),  # offline
@@ -48,6 +50,15 @@ HOW_TO_RUN: dict[tuple[str, ...], tuple[list[str], str | None]] = {
     ("history", "migrate"): ([], "cannot reach the history database: "),
     ("history", "retain"): ([], "cannot reach the history database: "),
     ("media",): (["--store", "/tmp/messenger-streams-error-promise-media"], "cannot reach Kafka at "),  # #17
+    ("pages", "keygen"): ([], None),  # offline: prints a key
+    ("pages", "list"): ([], "cannot reach Kafka at "),
+    ("pages", "connect"): ([], "no user access token on standard input"),  # the token comes first, from stdin
+    ("pages", "set"): ([PAGE, "--skill", "billing"], "cannot reach Kafka at "),
+    ("pages", "enable"): ([PAGE], "cannot reach Kafka at "),
+    ("pages", "disable"): ([PAGE], "cannot reach Kafka at "),
+    ("pages", "disconnect"): ([PAGE], "cannot reach Kafka at "),
+    ("pages", "account"): (["--source", "on"], "cannot reach Kafka at "),
+    ("admin",): ([], "cannot reach Kafka at "),
 }
 
 
@@ -73,12 +84,17 @@ def base_env(command: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
     })
     if command[:1] == ("history",):
         env["MESSENGER_STREAMS_HISTORY_DSN"] = NO_DB
+    if command[:1] in (("pages",), ("admin",)):  # what they need before they reach for Kafka
+        env.update({"MESSENGER_STREAMS_PAGES_KEY": PAGES_KEY, "MESSENGER_STREAMS_ADMIN_PASSWORD": "a-long-password",
+                    "MESSENGER_STREAMS_ADMIN_PORT": str(free_port())})
     env.update(extra)
     return env
 
 
 def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+    # stdin: nothing (a command that reads a token from it must say so, never wait for a terminal)
+    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=120, check=False,
+                          stdin=subprocess.DEVNULL)
 
 
 def assert_one_line(res: subprocess.CompletedProcess[str], needle: str) -> None:
@@ -160,7 +176,11 @@ def test_every_variable_with_a_bad_value_is_one_line_exit_2(
         checked.append(variable)
     for typed in ("MESSENGER_STREAMS_WEBHOOK_PORT", "MESSENGER_STREAMS_RATE_PER_PAGE", "MESSENGER_STREAMS_PARTITIONS",
                   "MESSENGER_STREAMS_PUBLISH_EVENTS", "MESSENGER_STREAMS_TOPIC_RAW", "KAFKA_BOOTSTRAP_SERVERS",
-                  "MESSENGER_STREAMS_PAGE_TOKENS", "MESSENGER_STREAMS_LOG_LEVEL"):
+                  "MESSENGER_STREAMS_PAGE_TOKENS", "MESSENGER_STREAMS_LOG_LEVEL",
+                  # issue 14: the onboarding variables
+                  "MESSENGER_STREAMS_PAGES_KEY", "MESSENGER_STREAMS_ADMIN_PORT", "MESSENGER_STREAMS_ADMIN_PUBLIC_URL",
+                  "MESSENGER_STREAMS_FACEBOOK_DIALOG_URL", "MESSENGER_STREAMS_TOPIC_PAGES",
+                  "MESSENGER_STREAMS_TOPIC_PAGES_ACTIVITY"):
         assert typed in checked
 
 

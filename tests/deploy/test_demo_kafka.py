@@ -1,14 +1,18 @@
 """The newcomer's path: `make run`'s script (deploy/run-demo.sh) on a fresh topic prefix and app id
-starts the same processes as `make run`; the summary shows consumer messages and a CSAT %; Ctrl-C
-(SIGINT to the script's process group, as a terminal sends it) stops everything within 10 s."""
+starts the same processes as `make run`; the summary shows consumer messages and a CSAT %; the
+admin page's URL and demo password are printed and sign in to the demo's pages; Ctrl-C (SIGINT to
+the script's process group, as a terminal sends it) stops everything within 10 s."""
 
 from __future__ import annotations
 
+import http.cookiejar
 import os
 import re
 import signal
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -74,6 +78,26 @@ def shows_traffic(screen: str) -> bool:
     return bool(message and int(message.group(1)) > 0 and csat)
 
 
+def signs_in(base: str, password: str) -> bool:
+    """Sign in to the admin page with `password`: the pages list with the demo's pages comes back."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    deadline = time.monotonic() + 60
+    while True:  # the admin page starts once it has read the page directory
+        try:
+            form = opener.open(base + "login", timeout=10).read().decode()  # noqa: S310 - a local test server
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+    data = urllib.parse.urlencode({"password": password, **({"csrf": csrf.group(1)} if csrf else {})}).encode()
+    page = opener.open(base + "login", data=data, timeout=10).read().decode()  # noqa: S310
+    demo_pages = ("1691462197845448", "298733926841562", "111899832631525")  # deploy/connector.example.toml
+    return "Activate Facebook source" in page and all(p in page for p in demo_pages)
+
+
 def test_newcomer_demo_shows_traffic_and_stops_on_ctrl_c(kafka_bootstrap: str, tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:8]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESSENGER_STREAMS_")}
@@ -82,6 +106,7 @@ def test_newcomer_demo_shows_traffic_and_stops_on_ctrl_c(kafka_bootstrap: str, t
         "MESSENGER_STREAMS_APP_ID": f"demo-test-{tag}",
         "MESSENGER_STREAMS_TOPIC_PREFIX": f"demo{tag}.",
         "MESSENGER_STREAMS_WEB_PORT": str(free_port()),
+        "MESSENGER_STREAMS_ADMIN_PORT": str(free_port()),
         "DEMO_DIR": str(tmp_path / "demo"),
         "RATE": "40",
         "SUMMARY_INTERVAL": "1",
@@ -110,8 +135,12 @@ def test_newcomer_demo_shows_traffic_and_stops_on_ctrl_c(kafka_bootstrap: str, t
         seen |= descendants(proc.pid) | started_in(tmp_path / "demo")
         names = {Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode() for p in seen if running(p)}
         for command in ("messenger-streams worker", "messenger-streams history sink", "messenger-streams simulate",
-                        "messenger-streams summary", "postgres"):
+                        "messenger-streams summary", "messenger-streams admin", "postgres"):
             assert any(command in n for n in names), (command, names)
+        # issue 14: the admin page's URL and a demo password are printed, and the page answers with them
+        admin = re.search(r"^admin page: (http://127\.0\.0\.1:(\d+)/) +password: (\S+)$", text, re.M)
+        assert admin and admin.group(2) == env["MESSENGER_STREAMS_ADMIN_PORT"], text[-3000:]
+        assert signs_in(admin.group(1), admin.group(3)), f"the admin page refused its demo password:\n{text[-3000:]}"
 
         stop = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground process group

@@ -14,11 +14,13 @@ from aiokafka.errors import MessageSizeTooLargeError
 from faust.exceptions import ProducerSendError
 
 from streams.core.config import ConnectorConfig
+from streams.core.pages import PageDirectory
 from streams.core.settings import Settings
 from streams.rules import wheel
 from streams.rules.conversation.api import Decision, Input, Output
 from streams.stages import ingest
 from streams.stages.conversation import ConversationStage, counter_deltas
+from streams.stages.pages import LivePages
 from streams.stages.runtime import BadRecord, FactSeq, Keyed, Record, TickIn
 
 CONFIG = ConnectorConfig.model_validate(
@@ -28,7 +30,8 @@ CONFIG = ConnectorConfig.model_validate(
 
 def pipe(**settings: Any) -> Any:
     s = Settings(**settings)
-    return SimpleNamespace(settings=s, config=CONFIG, skill_topics={k: None for k in CONFIG.all_skills()})
+    return SimpleNamespace(settings=s, config=CONFIG, skill_topics={k: None for k in CONFIG.all_skills()},
+                           pages=LivePages(PageDirectory(CONFIG), s))  # the TOML's pages (not started)
 
 
 class FakeDecider:

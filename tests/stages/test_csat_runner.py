@@ -14,8 +14,10 @@ import orjson
 import pytest
 
 from streams.core.config import parse_config
+from streams.core.pages import PageDirectory
 from streams.core.settings import Settings
 from streams.stages import csat as stage
+from streams.stages.pages import LivePages
 from tests.conftest import BASE_CONFIG
 
 T0 = 1_700_000_000_000
@@ -92,7 +94,8 @@ def runner(writer: FakeWriter, data: dict[bytes, bytes] | None = None) -> tuple[
         letters.append((msg.offset, reason, error))
 
     pipe = SimpleNamespace(settings=settings, config=config, dead_letter=dead_letter,
-                           skill_topics={s: None for s in config.all_skills()})
+                           skill_topics={s: None for s in config.all_skills()},
+                           pages=LivePages(PageDirectory(config), settings))  # the TOML's pages (not started)
     table = SimpleNamespace(data={} if data is None else data)
     return stage.CellsRunner(pipe, table, writer), letters  # type: ignore[arg-type]
 

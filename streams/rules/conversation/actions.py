@@ -181,9 +181,9 @@ def _close(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
 def _transfer(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     conv = _conv(ctx)
     src = conv["skill"]
-    dst_or_none = routing.transfer_target(action.to_skill, src, ctx.rules.skills)
+    dst_or_none = routing.transfer_target(action.to_skill, src, ctx.skills)
     if dst_or_none is None:
-        ctx.reject(raw, "invalid_action", f"to_skill {action.to_skill!r} is not a configured skill")
+        ctx.reject(raw, "invalid_action", f"to_skill {action.to_skill!r} is not a known skill")
         return
     dst = dst_or_none
     if action.to_skill is None and action.to_agent_id is None:

@@ -33,11 +33,14 @@ class Env:
     """What a decision may read besides the state: passed in by the stage, so `decide` stays pure.
 
     `page` is the conversation's page as connected now (None: the page is not connected);
-    `routing` and `external_user` are the account's settings now."""
+    `routing` and `external_user` are the account's settings now; `skills` every skill a conversation
+    may be routed or transferred to now (their topics exist: the configured skills plus those of pages
+    connected live); None: the configured skills only (no live page directory)."""
 
     page: Page | None
     routing: Routing
     external_user: ExternalUser
+    skills: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,11 @@ class Ctx:
             self._base, self._n, self.now = saved
 
     # config ------------------------------------------------------------------------------------
+    @property
+    def skills(self) -> frozenset[str]:
+        """The skills a conversation may go to now: the live ones (`Env.skills`), else the configured."""
+        return self.env.skills if self.env.skills is not None else self.rules.skills
+
     def route(self) -> tuple[str, bool]:
         """(skill, page known?) for this conversation's page, per the routing mode."""
         return routing.route(self.env)
