@@ -70,6 +70,15 @@ class PersonaBook:
         while len(table) > self.cfg.max_personas:
             table.pop(next(iter(table)))
 
+    def _drop_idle_locks(self) -> None:
+        """Keep at most `max_personas` locks, dropping the oldest idle ones: a lock someone holds or
+        waits for stays (there are at most as many of those as sends in flight)."""
+        excess = len(self.locks) - self.cfg.max_personas + 1
+        if excess <= 0:
+            return
+        for key in [k for k, lk in self.locks.items() if not lk.locked()][:excess]:
+            del self.locks[key]
+
     async def persona_id(self, page_id: str, origin: str | None, agent_nickname: str | None,
                          params: Mapping[str, str]) -> str | None:
         """The persona to send as, or None (see the module docstring). Never raises for Graph errors."""
@@ -84,7 +93,7 @@ class PersonaBook:
             return None
         lock = self.locks.get(key)
         if lock is None:
-            self._bound(self.locks)
+            self._drop_idle_locks()
             lock = self.locks[key] = asyncio.Lock()
         async with lock:
             found = usable(self.mirror.get(key), spec) or usable(self.known.get(key), spec)
