@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
+
+from schemas.messages import QUICK_REPLIES_MAX, MessageAttachment, QuickReplyOut, Template, inline_schema
 
 ActionType = Literal[
     "accept", "message", "typing", "read", "transfer", "close", "open",
@@ -23,6 +25,23 @@ ActionType = Literal[
 Role = Literal["agent", "manager", "admin"]
 Origin = Literal["agent", "system", "csat"]
 MAX_RESPONSE_SECONDS = 30 * 86_400
+
+
+def _optional(schema: dict[str, Any], description: str) -> WithJsonSchema:
+    return WithJsonSchema({"anyOf": [schema, {"type": "null"}], "default": None, "description": description})
+
+
+# Rich message fields (#17): any JSON passes here; `streams.rules.messages.check_message` checks them
+# and rejects with `invalid_message` naming the field. The JSON Schema shows their shape and limits.
+RichAttachment = Annotated[Any, _optional(inline_schema(MessageAttachment), "a file by URL: image, video, audio, file")]
+RichQuickReplies = Annotated[
+    Any,
+    _optional(
+        {"type": "array", "items": inline_schema(QuickReplyOut), "minItems": 1, "maxItems": QUICK_REPLIES_MAX},
+        "quick replies under the message (with text, an attachment or a template)",
+    ),
+]
+RichTemplate = Annotated[Any, _optional(inline_schema(Template), "a button, generic or media template")]
 
 
 class AgentAction(BaseModel):
@@ -43,6 +62,9 @@ class AgentAction(BaseModel):
     agent_nickname: str | None = Field(default=None, max_length=200)
     conversation_id: str | None = Field(default=None, max_length=200)
     text: str | None = None
+    attachment: RichAttachment = None
+    quick_replies: RichQuickReplies = None
+    template: RichTemplate = None
     on: bool | None = None
     to_skill: str | None = None
     to_agent_id: str | None = Field(default=None, min_length=1, max_length=128)
@@ -57,14 +79,14 @@ CONSOLE_EVENT_TYPES = (
     "conversation_opened", "consumer_message", "external_message", "agent_message", "system_message", "status",
     "typing", "conversation_accepted", "conversation_transferred", "conversation_returned", "conversation_closed",
     "manager_joined", "manager_left", "agent_not_responding", "response_time_set", "urgency_changed",
-    "csat_requested", "csat_received", "action_rejected", "send_failed", "postback", "referral", "reaction",
-    "message_edit", "standby_event", "context_event", "page_status",
+    "csat_requested", "csat_received", "action_rejected", "send_failed", "referral", "reaction",
+    "message_edit", "standby_event", "context_event", "profile", "media_stored", "page_status",
     # #15: bots and the checkout opt-in
     "handover_context", "thread_control", "purchase", "order_update", "order_unmatched", "conversation_relinked",
 )
 REJECTION_REASONS = (
     "invalid_action", "text_too_long", "window_closed", "unknown_conversation", "not_owner", "not_assigned",
-    "thread_not_owned",
+    "invalid_message", "thread_not_owned",
 )
 
 
@@ -98,10 +120,13 @@ class OutboundRequest(BaseModel):
     skill: str | None = None
     agent_id: str | None = None
     created_at: int | None = None
+    agent_nickname: str | None = Field(default=None, description="#17: names the agent's persona")
     endpoint: str | None = Field(
         default=None,
-        description="the Graph edge: absent or `messages` = the Send API; #15: `pass_thread_control`, "
-        "`take_thread_control`, `request_thread_control`, `release_thread_control` (`request` is its body)",
+        description="the Graph edge: absent or `messages` = the Send API; `user_profile` (#17): a User Profile "
+        "API read for `request.psid` and `request.fields`, its answer comes back as a SendResult with `profile`; "
+        "#15: `pass_thread_control`, `take_thread_control`, `request_thread_control`, `release_thread_control` "
+        "(`request` is its body)",
     )
 
 
@@ -124,7 +149,9 @@ class SendResult(BaseModel):
     retryable: bool = False
     attempts: int = 1
     timestamp: int
-    endpoint: str | None = Field(default=None, description="as on the outbound record (#15: thread control)")
+    endpoint: str | None = Field(default=None, description="as on the outbound record (#17: `user_profile`, "
+                                 "#15: thread control)")
+    profile: dict[str, Any] | None = Field(default=None, description="#17: the User Profile API's answer")
 
 
 class CsatResponse(BaseModel):

@@ -39,12 +39,38 @@ class Source(BaseModel):
     index: str | None = None
 
 
+class Coordinates(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    lat: float
+    long: float
+
+
 class AttachmentRef(BaseModel):
+    """One inbound attachment, whole: `url` (media CDN URL, which expires; or the shared link of a
+    `fallback`/`location`), `title` (location name, shared link title), `sticker_id` (stickers, also on
+    their legacy `image` form), `coordinates` (a shared location)."""
+
     model_config = ConfigDict(frozen=True)
 
     type: str
     url: str | None = None
     title: str | None = None
+    sticker_id: str | None = None
+    coordinates: Coordinates | None = None
+
+
+class ReferralRef(BaseModel):
+    """How the person came: an ad (`source` ADS, `ad_id`), an m.me link (`ref`, source SHORTLINK)…
+    On a first message after a Click-to-Messenger ad it rides on the message itself."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ref: str | None = None
+    source: str | None = None
+    type: str | None = None
+    ad_id: str | None = None
+    ads_context_data: dict[str, Any] | None = None
 
 
 class NormalizedEvent(BaseModel):
@@ -66,6 +92,8 @@ class NormalizedEvent(BaseModel):
     text: str | None = None
     attachments: list[AttachmentRef] = []
     quick_reply_payload: str | None = None
+    sticker_id: str | None = None
+    referral: ReferralRef | None = None
     app_id: str | None = None
     metadata: str | None = None
     watermark: int | None = None

@@ -85,6 +85,7 @@ class Message(_Open):
     attachments: list[Attachment] | None = None
     reply_to: ReplyTo | None = None
     sticker_id: Id | None = None
+    referral: Any = None  # a Click-to-Messenger ad's referral on the first message: read leniently
 
 
 class Delivery(_Open):

@@ -6,7 +6,12 @@ Counting sends (for the dispatcher's tests and the chaos suite): a request *deli
 the fake answered it 200, whether or not the dispatcher lived to read the answer. `deliveries()`
 counts them per outbox id (the `message.metadata` the conversation stage sets), `duplicates()` lists
 the outbox ids whose same part was delivered more than once, `max_concurrent` the most requests one
-recipient had open at once. `GET /_stats` serves the same as JSON for a fake in another process."""
+recipient had open at once. `GET /_stats` serves the same as JSON for a fake in another process.
+
+Beyond sends: the onboarding endpoints (#14, `OnboardingFake`: Login, /me/accounts, debug_token,
+subscribed_apps, 190 mode, appsecret_proof checks) and the User Profile and Personas APIs (#17,
+`FakePeople`). `GET /{version}/{id}` is shared: a page of the fake user answers its name, any other
+id is a person whose profile is read."""
 
 from __future__ import annotations
 
@@ -112,6 +117,76 @@ def duplicates(requests: Iterable[GraphRequest]) -> dict[str, int]:
         if n > 1:
             out[oid] = max(out.get(oid, 0), n)
     return out
+
+
+NO_PROFILE = graph_error(100, "No profile available for this user.", 2018218, type_="GraphMethodException")
+
+
+@dataclass
+class FakePeople:
+    """#17: the User Profile API (`GET /{version}/{psid}?fields=…`) and the Personas API
+    (`GET|POST /{version}/{page_id}/personas`). `profiles` answers by PSID (only the fields asked for);
+    an unknown PSID gets Meta's "No profile available" (100/2018218); `profile_errors` scripts another
+    error for a PSID; `persona_failures` makes the next persona calls answer 500."""
+
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    profile_errors: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    profile_delay: float = 0.0
+    personas: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # page id → its personas
+    persona_failures: int = 0
+    calls: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)  # (method, path, query)
+    _n: int = 0
+
+    def profile_reads(self) -> list[str]:
+        """The PSIDs whose profile was read, in order."""
+        return [path.rsplit("/", 1)[-1] for method, path, _ in self.calls if method == "GET"
+                and not path.endswith("/personas")]
+
+    def persona_creations(self, page_id: str | None = None) -> list[str]:
+        """The names of the personas created (on one page, or on all)."""
+        return [p["name"] for page, ps in self.personas.items() if page_id in (None, page) for p in ps]
+
+    async def profile(self, request: web.Request) -> web.Response:
+        psid = request.match_info["node"]
+        self.calls.append(("GET", request.path, dict(request.query)))
+        if self.profile_delay:
+            await asyncio.sleep(self.profile_delay)
+        if psid in self.profile_errors:
+            status, body = self.profile_errors[psid]
+            return web.json_response(body, status=status)
+        known = self.profiles.get(psid)
+        if known is None:
+            return web.json_response(NO_PROFILE, status=400)
+        fields = [f for f in request.query.get("fields", "").split(",") if f]
+        return web.json_response({"id": psid, **{k: v for k, v in known.items() if k in fields}})
+
+    async def persona_list(self, request: web.Request) -> web.Response:
+        page_id = request.match_info["page_id"]
+        self.calls.append(("GET", request.path, dict(request.query)))
+        if self.persona_failures > 0:
+            self.persona_failures -= 1
+            return web.json_response(TEMPORARY, status=500)
+        return web.json_response({"data": [{"id": p["id"], "name": p["name"]} for p in self.personas.get(page_id, [])]})
+
+    async def persona_create(self, request: web.Request) -> web.Response:
+        page_id = request.match_info["page_id"]
+        self.calls.append(("POST", request.path, dict(request.query)))
+        body = orjson.loads(await request.read() or b"{}")
+        if self.persona_failures > 0:
+            self.persona_failures -= 1
+            return web.json_response(TEMPORARY, status=500)
+        if not body.get("name") or not body.get("profile_picture_url"):
+            return web.json_response(graph_error(100, "(#100) name and profile_picture_url are required"),
+                                     status=400)
+        self._n += 1
+        persona = {"id": f"9{self._n:015d}", "name": body["name"], "profile_picture_url": body["profile_picture_url"]}
+        self.personas.setdefault(page_id, []).append(persona)
+        return web.json_response({"id": persona["id"]})
+
+    def add_routes(self, app: web.Application) -> None:
+        """The Personas API; profiles share `GET /{version}/{node}` with page names (FakeGraph.node)."""
+        app.router.add_get("/{version}/{page_id}/personas", self.persona_list)
+        app.router.add_post("/{version}/{page_id}/personas", self.persona_create)
 
 
 @dataclass
@@ -238,7 +313,7 @@ class OnboardingFake:
         return web.json_response({"success": True})
 
     async def page_info(self: Any, request: web.Request) -> web.Response:
-        page = self.page_of_token(request.match_info["page_id"], request.query.get("access_token"))
+        page = self.page_of_token(request.match_info["node"], request.query.get("access_token"))
         if page is None:
             return _oauth_error("(#100) Unsupported get request.", 100)
         return web.json_response({"id": page.page_id, "name": page.name})
@@ -250,7 +325,14 @@ class OnboardingFake:
         app.router.add_get("/{version}/debug_token", self.debug_token)
         app.router.add_post("/{version}/{page_id}/subscribed_apps", self.subscribed_apps)
         app.router.add_delete("/{version}/{page_id}/subscribed_apps", self.subscribed_apps)
-        app.router.add_get("/{version}/{page_id}", self.page_info)
+        app.router.add_get("/{version}/{node}", self.node)
+
+    async def node(self: Any, request: web.Request) -> web.Response:
+        """`GET /{version}/{id}`: a page the fake user administers answers its name (onboarding, #14);
+        any other id is a person, answered by the User Profile API (#17)."""
+        if request.match_info["node"] in self.pages:
+            return await self.page_info(request)
+        return await self.people.profile(request)
 
 
 
@@ -266,6 +348,7 @@ class FakeGraph(OnboardingFake):
     default_delay: float = 0.0  # seconds before every unscripted answer (the Graph API is not instant)
     open_now: Counter[str] = field(default_factory=Counter)  # recipient → requests not answered yet
     max_concurrent: Counter[str] = field(default_factory=Counter)  # recipient → most open at once
+    people: FakePeople = field(default_factory=FakePeople)  # #17: profiles and personas
     _runner: web.AppRunner | None = None
     _count: int = 0
     # --- onboarding (#14): Facebook Login, /me/accounts, debug_token, subscribed_apps, 190 mode ---
@@ -343,6 +426,7 @@ class FakeGraph(OnboardingFake):
         for edge in THREAD_EDGES:  # #15: Conversation Routing answers {"success": true}
             app.router.add_post("/{version}/me/" + edge, self._handle)
         app.router.add_get("/_stats", self._stats)
+        self.people.add_routes(app)
         self._add_onboarding_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

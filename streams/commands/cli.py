@@ -23,7 +23,7 @@ from streams.core import serde
 from streams.core.config import ConfigError, ConnectorConfig, load_config
 from streams.core.process import CliError
 from streams.core.settings import Settings, load_settings, unknown_variables
-from streams.edges import admin, dispatch, webhook
+from streams.edges import admin, dispatch, media, webhook
 from streams.rules.normalize import split_body
 
 EXIT_USAGE = 2
@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dispatch", help="send messenger.outbound requests to the Graph API Send endpoint")
     dispatch.add_arguments(p)
 
+    p = sub.add_parser("media", help="keep inbound attachments: download them before their URLs expire (#17)")
+    media.add_arguments(p)
+
     p = sub.add_parser("dlq", help="show the dead letters, or replay their original bytes")
     dlq.add_arguments(p)
 
@@ -240,6 +243,8 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
         return dlq.run(args)
     if args.command == "history":
         return history.run(args)
+    if args.command == "media":
+        return media.run(args)
     if args.command == "pages":
         return pages.run(args)
     if args.command == "admin":

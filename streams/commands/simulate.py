@@ -42,6 +42,27 @@ AGENT_LINES = (
     "Thanks for waiting, I can see your account now.",
     "That is fixed. Anything else I can help with?",
 )
+TOPICS = (("Billing", "TOPIC_BILLING"), ("Delivery", "TOPIC_DELIVERY"), ("Other", "TOPIC_OTHER"))
+CDN = "https://scontent.xx.fbcdn.net/v/t1.15752-9/sim"
+# rich agent messages (#17): one of each kind, as a console would send them
+RICH_MESSAGES: tuple[dict[str, object], ...] = (
+    {"text": "What is it about?",
+     "quick_replies": [{"title": title, "payload": payload} for title, payload in TOPICS]},
+    {"text": "Here is your invoice", "attachment": {"type": "file", "url": "https://example.com/invoices/1234.pdf"}},
+    {"attachment": {"type": "image", "url": "https://example.com/help/reset-password.png", "is_reusable": True}},
+    {"template": {"template_type": "button", "text": "Would you like to track your order?", "buttons": [
+        {"type": "web_url", "title": "Track order", "url": "https://example.com/orders/1234"},
+        {"type": "postback", "title": "Talk to an agent", "payload": "AGENT"},
+        {"type": "phone_number", "title": "Call us", "payload": "+15105551234"}]}},
+    {"template": {"template_type": "generic", "elements": [
+        {"title": "Blue shirt", "subtitle": "29.90 EUR", "image_url": "https://example.com/p/blue.jpg",
+         "buttons": [{"type": "postback", "title": "Buy", "payload": "BUY_BLUE"}]},
+        {"title": "Red shirt", "subtitle": "27.90 EUR", "image_url": "https://example.com/p/red.jpg",
+         "buttons": [{"type": "postback", "title": "Buy", "payload": "BUY_RED"}]}]}},
+    {"template": {"template_type": "media", "elements": [
+        {"media_type": "image", "url": "https://www.facebook.com/acme/photos/a.1/1234567890/",
+         "buttons": [{"type": "web_url", "title": "Shop now", "url": "https://example.com/shop"}]}]}},
+)
 
 
 @dataclass(frozen=True)
@@ -147,6 +168,8 @@ class Simulator:
             ("message", 3),
             ("delivery", 1),
             ("agent", 3),
+            ("rich", 1),
+            ("tap", 1),
             ("read", 1),
             ("page_echo", 1),
             ("message", 2),
@@ -162,7 +185,7 @@ class Simulator:
                 name = step_name
                 break
             pick -= weight
-        if name in ("agent", "close", "csat") and not self.agents:
+        if name in ("agent", "rich", "close", "csat") and not self.agents:
             name = "message"
         if name == "message":
             mid = self._mid()
@@ -171,9 +194,13 @@ class Simulator:
                 "sender": {"id": psid},
                 "recipient": {"id": page},
                 "timestamp": now,
-                "message": {"mid": mid, "text": self.rng.choice(CONSUMER_LINES)},
+                "message": self._consumer_content(mid),
             }
             return self._raw(page, [item], now)
+        if name == "rich":
+            return self._action(c, "message", now, **self.rng.choice(RICH_MESSAGES))
+        if name == "tap":
+            return self._raw(page, [self._tap(c, now)], now)
         if name in ("delivery", "read"):
             receipt: dict[str, object] = {"watermark": now - self.rng.randrange(0, 2000)}
             return self._raw(
@@ -216,6 +243,29 @@ class Simulator:
         while self.flows.finished:
             page, psid = self.flows.finished.pop()
             self.consumers[self.rng.randrange(len(self.consumers))] = _Consumer(page, psid, step=3)
+
+    def _consumer_content(self, mid: str) -> dict[str, object]:
+        """Mostly text; sometimes a photo, a shared location or a sticker (#17)."""
+        roll = self.rng.random()
+        if roll < 0.04:
+            return {"mid": mid, "attachments": [{"type": "image", "payload": {"url": f"{CDN}/{mid}.jpg"}}]}
+        if roll < 0.06:
+            return {"mid": mid, "attachments": [{
+                "type": "location", "title": "Pinned location", "url": "https://l.facebook.com/l.php?u=maps",
+                "payload": {"coordinates": {"lat": round(self.rng.uniform(-60, 60), 6),
+                                            "long": round(self.rng.uniform(-170, 170), 6)}}}]}
+        if roll < 0.08:
+            return {"mid": mid, "sticker_id": 369239263222822, "attachments": [
+                {"type": "image", "payload": {"url": f"{CDN}/like.png", "sticker_id": 369239263222822}}]}
+        return {"mid": mid, "text": self.rng.choice(CONSUMER_LINES)}
+
+    def _tap(self, c: _Consumer, now: int) -> dict[str, object]:
+        """The consumer taps a quick reply or a postback button of a rich message (#17)."""
+        title, payload = self.rng.choice(TOPICS)
+        base: dict[str, object] = {"sender": {"id": c.psid}, "recipient": {"id": c.page_id}, "timestamp": now}
+        if self.rng.random() < 0.5:
+            return {**base, "message": {"mid": self._mid(), "text": title, "quick_reply": {"payload": payload}}}
+        return {**base, "postback": {"mid": self._mid(), "title": "Talk to an agent", "payload": "AGENT"}}
 
     def records(self, count: int) -> Iterator[Record]:
         for _ in range(count):

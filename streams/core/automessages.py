@@ -76,6 +76,7 @@ PLACEHOLDER_MAX: dict[str, int] = {
     "page_id": 24,
     "locale": 16,
     "expected_response_time": 60,
+    "consumer_first_name": 40,  # #17: the profile's first name, else `profile.first_name_fallback`
 }
 PLACEHOLDERS = frozenset(PLACEHOLDER_MAX)
 TTR_PLACEHOLDER = "expected_response_time"

@@ -27,6 +27,7 @@ from streams.core.automessages import (
     check_text,
 )
 from streams.core.config_bots import Bots, Optin
+from streams.core.config_rich import Media, Personas, Profile
 
 
 class ConfigError(ValueError):
@@ -266,6 +267,9 @@ class ConnectorConfig(_Section):
     history: History = History()
     bots: Bots = Bots()  # #15: config_bots.py
     optin: Optin = Optin()
+    profile: Profile = Profile()  # #17: config_rich.py
+    personas: Personas = Personas()
+    media: Media = Media()
 
     @model_validator(mode="after")
     def _checks(self) -> ConnectorConfig:

@@ -88,6 +88,18 @@ CSAT_FACTS_SKIPPED = Counter(
     "CSAT facts not counted here: redelivered, duplicate, invalid, or forwarded to their skill's partition",
     ["reason"],
 )
+MEDIA_STORED = Counter(
+    "messenger_media_stored", "Inbound attachments kept by `messenger-streams media` (a media_stored event each)"
+)
+MEDIA_STORED_BYTES = Counter(
+    "messenger_media_stored_bytes", "Bytes written to the media store (new files only: same content is one file)"
+)
+MEDIA_FAILURES = Counter(
+    "messenger_media_failures",
+    "Inbound attachments not stored, by reason (host_not_allowed, type_not_allowed, too_large, http_error, "
+    "timeout, connection_error, write_error)",
+    ["reason"],
+)
 QUEUE_DEPTH = Gauge(
     "messenger_queue_depth",
     "Open conversations waiting for an agent (unassigned) on this worker's partitions, by skill",
@@ -183,6 +195,16 @@ ORDERS_ROUTED = Counter(
 ORDERS_UNMATCHED_LISTED = Gauge(
     "messenger_orders_unmatched_listed", "Unmatched orders this worker lists at GET /orders/unmatched"
 )
+PROFILES = Counter(
+    "messenger_profiles",
+    "User Profile lookups of the conversation rules: asked (a request to the dispatcher), fetched, failed",
+    ["result"],
+)
+PERSONAS = Counter(
+    "messenger_personas",
+    "Persona lookups of the dispatcher: created, found (listed at Meta), failed (sent without), refused by Meta",
+    ["result"],
+)
 PAGES = Gauge(
     "messenger_pages",
     "Pages in this process's page directory, by status (active, disabled, needs_reauth, disconnected)",
@@ -212,6 +234,11 @@ CATALOGUE = (
     CSAT_AGGREGATE_ANSWERS,
     CSAT_AGGREGATE_SURVEYS,
     CSAT_FACTS_SKIPPED,
+    MEDIA_STORED,
+    MEDIA_STORED_BYTES,
+    MEDIA_FAILURES,
+    PROFILES,
+    PERSONAS,
     QUEUE_DEPTH,
     PROCESSING_ERRORS,
     REDELIVERED,
@@ -309,6 +336,8 @@ def record_notes(notes: Iterable[tuple[str, str]], figures: Iterable[tuple[str, 
             _inc(TIMERS_FIRED, label)
         elif name in _BOTS_NOTES:  # #15
             _inc(_BOTS_NOTES[name], label)
+        elif name == "profile":
+            _inc(PROFILES, label)  # #17: asked / fetched / failed
     for name, label, value in figures:
         histogram = _HISTOGRAMS.get(name)
         if histogram is not None:

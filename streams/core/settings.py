@@ -55,6 +55,7 @@ class Topics(BaseSettings):
     orders: TopicName = "commerce.orders"  # #15: merchant orders for the checkout opt-in
     orders_unmatched: TopicName = "commerce.orders.unmatched"  # #15: orders that met no opt-in (compacted)
     skill_prefix: TopicName = "skill."
+    personas: TopicName = "messenger.personas"  # personas the dispatcher created, per page (compacted; #17)
     pages: TopicName = "connector.pages"  # the page directory (compacted, 1 partition; #14)
     pages_activity: TopicName = "connector.pages.activity"  # last event / last send per page (compacted; #14)
 
@@ -143,6 +144,7 @@ class Settings(BaseSettings):
     rate_per_page: float | None = Field(default=None, gt=0, description="dispatch: sends per second per page")
     dispatch_web_port: Port | None = Field(default=None, description="dispatch: port of /metrics and /healthz")
     sent_log_days: float | None = Field(default=None, gt=0, description="dispatch: older outbound is not sent")
+    media_web_port: Port | None = Field(default=None, description="media (#17): port of /metrics and /healthz")
     # issue 14: the page directory's tokens, the `pages` commands and the admin page (docs/onboarding.md)
     pages_key: SecretStr | None = Field(
         default=None, description="Fernet key(s) of the page tokens in connector.pages (comma-separated: rotation)"

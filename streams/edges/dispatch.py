@@ -28,6 +28,9 @@ the same at-most-once log; its SendResult carries the `endpoint`.
   with `token_rejected`, every decided send with `note_result`; `redact` hides every token. The
   command follows the page directory (`connector.pages`), the tokens file as fallback; tests may
   give static tokens (`StaticCredentials`).
+- #17: a record with `endpoint: user_profile` is a User Profile read (one attempt, answered as a
+  SendResult with `profile`, not a send for `pages list`); messages may go as a persona
+  (streams/edges/personas.py). Both use the page's credential, `appsecret_proof` included.
 """
 
 from __future__ import annotations
@@ -56,12 +59,16 @@ from pydantic import ValidationError
 from schemas.contract import OutboundRequest, SendResult
 from schemas.events import Source
 from streams.core import metrics, serde
+from streams.core.config import ConfigError, load_config
+from streams.core.config_rich import Personas
 from streams.core.credentials import Credential, PageCredentials, StaticCredentials, dispatch_credentials
 from streams.core.deadletter import dead_letter
 from streams.core.process import CliError, configure_logging, quiet_kafka_startup, run_until_signalled
 from streams.core.settings import load_settings
 from streams.core.topics import ensure_topics
+from streams.edges.personas import PersonaBook, with_persona
 from streams.edges.sentlog import SentLedger, SentLogError, ensure_sent_log_topic
+from streams.rules.profile import ENDPOINT as PROFILE_ENDPOINT
 from streams.rules.sendapi import (
     DAY_MS,
     FAILED,
@@ -134,6 +141,9 @@ class DispatchOptions:
     web_port: int = 0  # 0: no HTTP server
     partitions: int = 8
     replication_factor: int = 1
+    personas: Personas = Personas()  # #17: off by default
+    personas_topic: str = "messenger.personas"
+    profile_timeout: float = 5.0  # #17: a User Profile read that takes longer fails (never waited for)
 
     def __repr__(self) -> str:  # tokens never appear in reprs or logs
         return f"DispatchOptions(group_id={self.group_id!r}, pages={sorted(self.tokens)!r})"
@@ -142,14 +152,23 @@ class DispatchOptions:
     def send_url(self) -> str:
         return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}/me/messages"
 
+    @property
+    def graph_base(self) -> str:
+        return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}"
+
     def url_for(self, endpoint: str | None) -> str | None:
-        """#15: the Graph edge of an outbound record: the Send API (no `endpoint`, or `messages`), a
-        thread-control edge (Conversation Routing), or None for an endpoint this dispatcher does not know."""
+        """#15: the Graph edge an outbound record is POSTed to: the Send API (no `endpoint`, or
+        `messages`), a thread-control edge (Conversation Routing), or None for an endpoint that is no
+        such edge (`user_profile` is a read: `Dispatcher.read_profile`)."""
         if endpoint is None or endpoint == "messages":
             return self.send_url
         if endpoint in THREAD_ENDPOINTS:
-            return f"{self.graph_url.rstrip('/')}/{self.api_version.strip('/')}/me/{endpoint}"
+            return f"{self.graph_base}/me/{endpoint}"
         return None
+
+    def knows(self, endpoint: str | None) -> bool:
+        """Whether this dispatcher can handle an outbound record's `endpoint` (#15, #17)."""
+        return endpoint == PROFILE_ENDPOINT or self.url_for(endpoint) is not None
 
 
 @dataclass
@@ -276,6 +295,8 @@ class Dispatcher:
         self.session: aiohttp.ClientSession | None = None
         self._commit_lock = asyncio.Lock()
         self._ownership_changed = asyncio.Condition()
+        self.personas = (PersonaBook(opts.personas, opts.bootstrap_servers, opts.personas_topic, opts.graph_base,
+                                     timeout=opts.request_timeout) if opts.personas.enabled else None)
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -314,8 +335,12 @@ class Dispatcher:
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=o.request_timeout, connect=max(0.1, o.request_timeout / 2))
         )
+        if self.personas is not None:
+            await self.personas.start(self.producer, self.session, timeout)
 
     async def stop(self) -> None:
+        if self.personas is not None:
+            await self.personas.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -550,7 +575,8 @@ class Dispatcher:
                 await ledger.write(p, key, entry_value(conv, out.outbox_id, verdict, _now_ms(), own.token,
                                                        _stored(result)))
                 await self._emit(result_key, serde.dumps(result), result.status)
-                self.credentials.note_result(out.page_id, result.status)  # `pages list`: the page's last send
+                if out.endpoint != PROFILE_ENDPOINT:  # a profile read is no send
+                    self.credentials.note_result(out.page_id, result.status)  # `pages list`: the page's last send
                 return True
             seen = ledger.log(p).get(conv, out.outbox_id)
         if verdict == REPLAY and seen is not None and seen.result is not None:
@@ -578,8 +604,7 @@ class Dispatcher:
         if not isinstance(token, Credential):  # refused before any Graph call: no marker, nothing in doubt
             log.warning("outbox %s not sent: %s", out.outbox_id, token.message)
             return FAILED, self._failed(out, token.reason, token.message, retryable=False, attempts=0, code=token.code)
-        url = self.opts.url_for(out.endpoint)  # #15: refused before any marker too
-        if url is None:
+        if not self.opts.knows(out.endpoint):  # #15: refused before any marker too
             return FAILED, self._failed(out, "unknown_endpoint", f"endpoint {out.endpoint!r} is not supported",
                                         retryable=False, attempts=0)
         parts, warnings = prepare_requests(out.request, self.opts.limits)
@@ -597,22 +622,33 @@ class Dispatcher:
             raise _Released
         if verdict != SEND:
             return verdict, None
-        result = await self.send(own, out, token, parts, url)
+        result = await self.send(own, out, token, parts)
         if result is None:  # released before anything reached Graph
             await ledger.write(p, key, None)
             raise _Released
         return result.status, result
 
     async def send(self, own: Ownership, out: OutboundRequest, token: Credential,
-                   parts: list[dict[str, Any]], url: str | None = None) -> SendResult | None:
+                   parts: list[dict[str, Any]]) -> SendResult | None:
         """Send every part of one request in order; the SendResult of the whole, or None when the
         partition is being released and no part reached Graph."""
         if own.releasing.is_set():
             return None
+        if out.endpoint == PROFILE_ENDPOINT:
+            return await self.read_profile(out, token)
+        url = self.opts.url_for(out.endpoint)  # the Send API or a thread-control edge (#15)
+        persona = await self._persona(out, token)  # only for bodies with a `message`
         mids: list[str] = []
         last = _Outcome()
         for done, body in enumerate(parts):
-            last = await self.send_one(out.page_id, token, body, own.releasing, url)
+            last = await self.send_one(out.page_id, token, with_persona(body, persona), own.releasing, url)
+            if persona is not None and last.error is not None and last.error.code == 100 and "message" in body:
+                # Meta refused the request with the persona (deleted at Meta?): once more without it
+                assert self.personas is not None  # noqa: S101 - a persona comes from the book
+                self.personas.forget(out.page_id, persona)
+                metrics.PERSONAS.labels("refused").inc()
+                persona = None
+                last = await self.send_one(out.page_id, token, body, own.releasing, url)
             if last.stopped:
                 if not done:
                     return None
@@ -663,6 +699,47 @@ class Dispatcher:
             if await _wait(stop, delay):
                 return _Outcome(error=err, attempts=attempt, stopped=True)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- #17: the customer's profile and personas ------------------------------------------------------
+
+    async def _persona(self, out: OutboundRequest, token: Credential) -> str | None:
+        """The persona to send `out` as (None: personas off, or none to be had: sent without)."""
+        if self.personas is None or "message" not in out.request:
+            return None
+        return await self.personas.persona_id(out.page_id, out.origin, out.agent_nickname, token.params())
+
+    async def read_profile(self, out: OutboundRequest, token: Credential) -> SendResult:
+        """A User Profile API read (`endpoint: user_profile`): one attempt, `profile_timeout`, throttled
+        with the page's sends; the answer (or the failure) goes back to the conversation as a SendResult."""
+        if self.session is None:
+            raise DispatchError("the HTTP session is closed")
+        psid = str(out.request.get("psid") or out.psid)
+        fields = [f for f in out.request.get("fields") or [] if isinstance(f, str)]
+        common = _common(out)
+        await self._throttle(out.page_id)
+        err: SendError
+        try:
+            async with self.session.get(f"{self.opts.graph_base}/{psid}",
+                                        params={"fields": ",".join(fields), **token.params()},
+                                        timeout=aiohttp.ClientTimeout(total=self.opts.profile_timeout)) as resp:
+                data = await resp.read()
+                if resp.status == 200:
+                    body = orjson.loads(data)
+                    if isinstance(body, dict):
+                        return SendResult(**common, status="sent", profile=body, timestamp=_now_ms())
+                    err = classify_error(resp.status, b"")
+                else:
+                    err = classify_error(resp.status, data)
+        except orjson.JSONDecodeError:
+            err = classify_error(None, b"")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            err = make_transport_error(exc)
+        if err.reauth:
+            self.credentials.token_rejected(token, err.code or 190, err.subcode, err.message)
+        log.info("page %s: no profile for a person (%s, code %s)", out.page_id, err.reason, err.code)
+        return SendResult(**common, status="failed", code=err.code, subcode=err.subcode,
+                          message=self.credentials.redact(err.message), retryable=False, attempts=1,
+                          reason=err.reason, timestamp=_now_ms())
 
     def _bucket(self, page_id: str) -> TokenBucket:
         b = self.buckets.get(page_id)
@@ -726,6 +803,7 @@ class Dispatcher:
 
 
 def _common(out: OutboundRequest) -> dict[str, Any]:
+    # `endpoint` too: a profile read refused or expired before any Graph call still answers as a profile read
     return {"outbox_id": out.outbox_id, "page_id": out.page_id, "psid": out.psid,
             "conversation_id": out.conversation_id, "origin": out.origin, "endpoint": out.endpoint}
 
@@ -910,7 +988,19 @@ def options_from_args(args: argparse.Namespace) -> DispatchOptions:
         web_port=args.web_port,
         partitions=settings.partitions,
         replication_factor=settings.replication_factor,
+        personas=_personas_config(),
+        personas_topic=settings.topics.name("personas"),
     )
+
+
+def _personas_config() -> Personas:
+    """`[personas]` of the connector config when one is set (MESSENGER_STREAMS_CONFIG), else off (#17)."""
+    if not os.environ.get("MESSENGER_STREAMS_CONFIG"):
+        return Personas()
+    try:
+        return load_config().personas
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
 
 
 async def serve(
@@ -932,6 +1022,8 @@ async def serve(
         )
         await ensure_sent_log_topic(opts.bootstrap_servers, opts.sent_topic, opts.outbound_topic, opts.sent_log,
                                     opts.replication_factor, opts.kafka_timeout)
+        if opts.personas.enabled:  # #17: the personas created, per page (compacted)
+            await ensure_topics(opts.bootstrap_servers, {opts.personas_topic: True}, 1, opts.replication_factor)
         await d.start()
     runner = None
     try:

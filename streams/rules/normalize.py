@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from schemas.events import AttachmentRef, EventKind, NormalizedEvent, Source
-from schemas.webhook import Entry, MessagingItem, WebhookBody
+from schemas.events import AttachmentRef, Coordinates, EventKind, NormalizedEvent, ReferralRef, Source
+from schemas.webhook import Attachment, Entry, MessagingItem, WebhookBody, as_id
 
 HANDOVER_KEYS = ("pass_thread_control", "take_thread_control", "request_thread_control")
 # Which key makes an item which kind; the first present wins (echo is decided on `message`).
@@ -119,6 +119,67 @@ def _digest(doc: Any) -> str:
     return hashlib.sha1(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS), usedforsecurity=False).hexdigest()[:16]
 
 
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _id_or_none(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _text_or_none(value)
+
+
+def _coordinates(payload: dict[str, Any]) -> Coordinates | None:
+    raw = payload.get("coordinates")
+    if not isinstance(raw, dict):
+        return None
+    lat, long = raw.get("lat"), raw.get("long")
+    if isinstance(lat, bool) or isinstance(long, bool):
+        return None
+    if not isinstance(lat, int | float) or not isinstance(long, int | float):
+        return None
+    if not (-90 <= lat <= 90 and -180 <= long <= 180):
+        return None
+    return Coordinates(lat=lat, long=long)
+
+
+def attachment_ref(att: Attachment, message_sticker_id: str | None = None) -> AttachmentRef:
+    """One inbound attachment, whole. Media: `payload.url`. `location` (legacy) and `fallback` (a
+    shared link): `title`/`url` at the attachment level (or in the payload), coordinates for a
+    location. Stickers: `payload.sticker_id`, or the message's `sticker_id` on their legacy `image`
+    form. A field of the wrong type is left out, never a reason to drop the message."""
+    payload = att.payload if isinstance(att.payload, dict) else {}
+    url = att.url if isinstance(att.url, str) else None
+    url = url or _text_or_none(payload.get("url"))
+    title = att.title if isinstance(att.title, str) else None
+    title = title or _text_or_none(payload.get("title"))
+    sticker_id = _id_or_none(payload.get("sticker_id"))
+    if sticker_id is None and att.type == "image" and message_sticker_id is not None:
+        sticker_id = message_sticker_id
+    coordinates = _coordinates(payload) if att.type == "location" else None
+    return AttachmentRef(type=att.type, url=url, title=title, sticker_id=sticker_id, coordinates=coordinates)
+
+
+def referral_ref(raw: Any) -> ReferralRef | None:
+    """The referral of a message, postback or referral event, read leniently (None when absent)."""
+    if not isinstance(raw, dict):
+        return None
+    ad_id = raw.get("ad_id")
+    try:
+        ad_id = as_id(ad_id) if ad_id is not None else None
+    except ValueError:
+        ad_id = None
+    context = raw.get("ads_context_data")
+    ref = ReferralRef(
+        ref=_text_or_none(raw.get("ref")),
+        source=_text_or_none(raw.get("source")),
+        type=_text_or_none(raw.get("type")),
+        ad_id=ad_id,
+        ads_context_data=context if isinstance(context, dict) else None,
+    )
+    return ref if ref != ReferralRef() else None
+
+
 def normalize_item(
     entry: Entry,
     doc: dict[str, Any],
@@ -155,6 +216,8 @@ def normalize_item(
     text: str | None = None
     attachments: list[AttachmentRef] = []
     quick_reply_payload: str | None = None
+    sticker_id: str | None = None
+    referral: ReferralRef | None = None
     app_id: str | None = None
     metadata: str | None = None
     watermark: int | None = None
@@ -168,9 +231,9 @@ def normalize_item(
             raise ValueError("message without mid")
         mid, text, app_id, metadata = msg.mid, msg.text, msg.app_id, msg.metadata
         quick_reply_payload = msg.quick_reply.payload if msg.quick_reply else None
-        for att in msg.attachments or []:
-            url = att.url or (att.payload or {}).get("url")
-            attachments.append(AttachmentRef(type=att.type, url=url if isinstance(url, str) else None, title=att.title))
+        attachments = [attachment_ref(att, msg.sticker_id) for att in msg.attachments or []]
+        sticker_id = msg.sticker_id or next((a.sticker_id for a in attachments if a.sticker_id), None)
+        referral = referral_ref(msg.referral)
         if msg.reply_to and msg.reply_to.mid:
             data["reply_to_mid"] = msg.reply_to.mid
         prior = _prior_message(doc)
@@ -192,6 +255,7 @@ def normalize_item(
         data = pb.model_dump(exclude_none=True)
         text = pb.title
         quick_reply_payload = pb.payload
+        referral = referral_ref(doc["postback"].get("referral"))
         idem = f"postback:{page_id}:{mid}" if mid else f"postback:{key}:{timestamp}:{_digest(data)}"
     elif kind == "reaction":
         rc = item.reaction
@@ -225,6 +289,8 @@ def normalize_item(
     else:
         # referral, app_roles, account_linking, game_play, unknown: keep the item's own fields
         data = {k: v for k, v in doc.items() if k not in ("sender", "recipient", "timestamp")}
+        if kind == "referral":
+            referral = referral_ref(doc.get("referral"))
         idem = f"{kind}:{key}:{timestamp}:{_digest(data)}"
 
     return NormalizedEvent(
@@ -242,6 +308,8 @@ def normalize_item(
         text=text,
         attachments=attachments,
         quick_reply_payload=quick_reply_payload,
+        sticker_id=sticker_id,
+        referral=referral,
         app_id=app_id,
         metadata=metadata,
         watermark=watermark,

@@ -49,6 +49,7 @@ HOW_TO_RUN: dict[tuple[str, ...], tuple[list[str], str | None]] = {
     ("history", "forget"): (["--page", "1", "--psid", "2"], "cannot reach the history database: "),
     ("history", "migrate"): ([], "cannot reach the history database: "),
     ("history", "retain"): ([], "cannot reach the history database: "),
+    ("media",): (["--store", "/tmp/messenger-streams-error-promise-media"], "cannot reach Kafka at "),  # #17
     ("pages", "keygen"): ([], None),  # offline: prints a key
     ("pages", "list"): ([], "cannot reach Kafka at "),
     ("pages", "connect"): ([], "no user access token on standard input"),  # the token comes first, from stdin

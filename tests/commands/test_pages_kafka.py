@@ -2,13 +2,15 @@
 
 A page that is not connected is dead-lettered (page_not_connected); `pages set --token-stdin`
 checks the token, subscribes the app and connects the page to a NEW skill while the worker runs:
-the next consumer message lands on the new skill topic within 5 s, no restart. `pages disable`
-sends the next event to the dead-letter topic (page_disabled); after `pages enable`,
-`dlq replay --reason page_disabled` brings it back. The token is stored encrypted, never printed.
+the worker applies the page within 5 s, no restart, and the next consumer message lands on the new
+skill topic within 5 s. `pages disable` (applied within 5 s, as every change) sends the next event
+to the dead-letter topic (page_disabled); after `pages enable`, `dlq replay --reason page_disabled`
+brings it back. The token is stored encrypted, never printed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -25,6 +27,18 @@ pytestmark = pytest.mark.kafka
 
 NEW_PAGE = "4242424242"
 CONFIG = BASE_CONFIG.replace('default_skill = "general"', 'default_skill = "general"\nunknown_pages = "dead_letter"')
+
+
+def pages_in(w: Worker, status: str) -> float:
+    """The worker's `messenger_pages{status=...}`: pages its live directory has applied, by status."""
+    return w.metrics().get(f'messenger_pages{{status="{status}"}}', 0.0)
+
+
+async def applied(w: Worker, status: str, count: float, since: float) -> None:
+    """Until the worker's live directory holds `count` pages of `status`: within 5 s of `since`."""
+    while await asyncio.to_thread(pages_in, w, status) != count:
+        assert time.monotonic() - since < 5.0, f"the worker did not apply the change within 5 s ({status})"
+        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -52,12 +66,17 @@ async def test_connect_a_page_to_a_new_skill_live_then_switch_it_off_and_replay(
         _, letter = await dlq.wait(lambda v: v["reason"] == "page_not_connected")
         assert NEW_PAGE in letter["error"] and "anyone there?" in letter["payload"]
 
+        active = await asyncio.to_thread(pages_in, w, "active")
         proc = await arun_cli(env, "pages", "set", NEW_PAGE, "--skill", "returns", "--token-stdin", stdin=token + "\n")
         assert proc.returncode == 0, proc.stderr
+        changed = time.monotonic()
         assert "app subscribed" in proc.stdout and "created topic for skill returns" in proc.stdout
         assert token not in proc.stdout + proc.stderr
         assert set(graph.subscriptions[NEW_PAGE]) >= {"messages", "message_echoes", "standby", "messaging_handovers"}
 
+        # the worker applies the page once its skill's topic is there: live, within 5 s, no restart
+        # (a message sent before that is a page_not_connected dead letter, like the first one)
+        await applied(w, "active", active + 1, changed)
         sent = time.monotonic()
         await kafka.send(raw, message_body(NEW_PAGE, "p1", "where is my parcel?"))
         at, ev = await returns.wait(lambda v: v.get("type") == "consumer_message" and v.get("text") == "where is my parcel?")
@@ -66,12 +85,14 @@ async def test_connect_a_page_to_a_new_skill_live_then_switch_it_off_and_replay(
 
         proc = await arun_cli(env, "pages", "disable", NEW_PAGE)
         assert proc.returncode == 0, proc.stderr
+        await applied(w, "active", active, time.monotonic())
         await kafka.send(raw, message_body(NEW_PAGE, "p1", "hello again", mid="m_disabled_1"))
         _, letter = await dlq.wait(lambda v: v["reason"] == "page_disabled")
         assert "hello again" in letter["payload"]
 
         proc = await arun_cli(env, "pages", "enable", NEW_PAGE)
         assert proc.returncode == 0, proc.stderr
+        await applied(w, "active", active + 1, time.monotonic())
         proc = await arun_cli(env, "dlq", "replay", "--reason", "page_disabled")
         assert proc.returncode == 0 and "replayed 1 records" in proc.stdout, proc.stdout + proc.stderr
         await returns.wait(lambda v: v.get("type") == "consumer_message" and v.get("text") == "hello again")

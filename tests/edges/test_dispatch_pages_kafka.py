@@ -17,8 +17,9 @@ from aiokafka import AIOKafkaProducer
 
 from schemas.pages import PageRecord
 from streams.core.config import parse_config
+from streams.core.config_rich import Personas
 from streams.core.credentials import DirectoryCredentials
-from streams.core.pages import PagesWriter
+from streams.core.pages import PageDirectory, PagesWriter
 from streams.core.settings import Settings
 from streams.core.tokens import Secret, TokenCipher, generate_key
 from streams.edges.dispatch import Dispatcher, serve
@@ -132,3 +133,73 @@ async def read_sent_log(opts: Any, ids: dict[str, str]) -> dict[str, str | None]
             await ledger.stop()
     finally:
         await producer.stop()
+
+
+async def test_profile_reads_and_personas_use_the_directory_credentials(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#17 on #14: User Profile reads and persona calls go with the stored token and its proof; a
+    profile read of a page switched off is refused as a profile read (the conversation rules back off,
+    no `send_failed`), and a profile read is no send for `pages list`."""
+    graph = harness.graph
+    graph.require_proof = True
+    prefix = harness.opts.outbound_topic.removesuffix("messenger.outbound")
+    monkeypatch.setenv("MESSENGER_STREAMS_TOPIC_PREFIX", prefix)
+    settings = Settings(bootstrap_servers=harness.opts.bootstrap_servers, partitions=2)
+    cipher = TokenCipher([generate_key()])
+    writer = PagesWriter(settings)
+    await writer.start()
+    token = "EAAstoredPageToken0003"
+    ana, nobody = "7000000000000001", "7000000000000002"
+    graph.people.profiles[ana] = {"first_name": "Ana", "locale": "es_MX"}
+    try:
+        await writer.put_page(PageRecord(page_id=PAGE, skill="billing", token=cipher.encrypt(Secret(token)),
+                                         token_id="t1"))
+        await writer.put_page(PageRecord(page_id=PAGE2, skill="support", enabled=False))
+        config = parse_config(BASE_CONFIG)
+        # activity is only flushed when asked: the test reads what the dispatcher noted
+        directory = PageDirectory(config, settings, track_activity=True, activity_interval=3600)
+        creds = DirectoryCredentials(settings, config, cipher, Secret(graph.app_secret), {}, directory=directory)
+        personas = Personas(enabled=True, system_name="Acme Assistant", system_picture_url="https://x.io/bot.png")
+        opts = dataclasses.replace(harness.opts, tokens={}, personas=personas, personas_topic=f"{prefix}messenger.personas")
+        stop, ready = asyncio.Event(), asyncio.Event()
+
+        async def on_ready() -> None:
+            ready.set()
+
+        task = asyncio.create_task(serve(opts, stop, on_ready=on_ready, dispatcher=Dispatcher(opts, creds)))
+        await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        assert not task.done(), task.exception()
+
+        def ask(psid: str, outbox_id: str, page: str = PAGE) -> dict[str, Any]:
+            return {**outbound(psid, outbox_id, page=page), "origin": "system", "endpoint": "user_profile",
+                    "request": {"psid": psid, "fields": ["first_name", "locale"]}}
+
+        try:
+            await harness.send({**outbound(ana, "o-1", text="Welcome!"), "origin": "system", "agent_id": None})
+            await harness.results(1)
+            directory.drain_activity()  # the message's send noted; now only the profile reads follow
+            await harness.send(ask(ana, "pf-1"))
+            await harness.send(ask(nobody, "pf-2"))
+            await harness.send(ask("7000000000000009", "pf-3", page=PAGE2))
+            res = {r["outbox_id"]: r for r in await harness.results(4)}
+            assert res["o-1"]["status"] == "sent"
+            assert graph.requests[0].body.get("persona_id") == graph.people.personas[PAGE][0]["id"]
+            assert (res["pf-1"]["status"], res["pf-1"]["profile"]) == (
+                "sent", {"id": ana, "first_name": "Ana", "locale": "es_MX"})
+            assert (res["pf-2"]["status"], res["pf-2"]["code"]) == ("failed", 100)  # no profile for this user
+            assert (res["pf-3"]["status"], res["pf-3"]["reason"], res["pf-3"]["attempts"]) == (
+                "failed", "page_disabled", 0)
+            assert all(res[o]["endpoint"] == "user_profile" for o in ("pf-1", "pf-2", "pf-3"))
+            assert "endpoint" not in res["o-1"] or res["o-1"]["endpoint"] is None
+            # every Graph call (persona list and create, profile reads) with the stored token and its proof
+            calls = graph.people.calls
+            assert [m for m, _, _ in calls] == ["GET", "POST", "GET", "GET"]
+            assert all(q["access_token"] == token and graph.proof_ok(q) for _, _, q in calls)
+            assert sorted(graph.people.profile_reads()) == [ana, nobody]
+            assert directory.drain_activity() == []  # profile reads are no sends: `pages list` keeps o-1's
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+    finally:
+        await writer.stop()

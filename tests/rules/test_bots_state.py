@@ -1,9 +1,11 @@
-"""#15 parts of the state at their largest, beside the lifecycle's: no stored value over 16 KB.
+"""#15 parts of the state at their largest, beside the lifecycle's and #17's profile: no stored
+value over 16 KB.
 
 The drive of tests/rules/test_state.py (thousands of inputs of every kind at their largest), plus a
 bot talking on the standby channel with the longest lines, a checkout at the same PSID key (opt-ins,
 claims of the longest user_refs, orders waiting with the most items that fit), order updates and a
-key that forwards. Every stored value stays under `STATE_BUDGET`."""
+key that forwards; the person's User Profile (#17) at its largest. Every stored value stays under
+`STATE_BUDGET`."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from streams.core.config_bots import TRANSCRIPT_LINES_MAX
 from streams.rules.conversation.api import Input
 from streams.rules.conversation.state import STATE_BUDGET
 from streams.rules.conversation.state_bots import LINKED_MAX, ORDERS_MAX
+from streams.rules.profile import URL_MAX
 from tests.rules.convo import SECOND, T0, Convo, cfg
 
 PAGE = "1691462197845448"
@@ -46,6 +49,8 @@ def test_bots_and_checkout_parts_keep_a_long_conversation_under_16_kb() -> None:
         f"\n[bots]\ndefault_app_id = \"1111\"\ntranscript_minutes = 1440\ntranscript_messages = {TRANSCRIPT_LINES_MAX}\n"
         "take_thread_on_agent_message = true\n"
         "\n[optin]\nmatch_window_seconds = 604800\n"
+        "\n[profile]\nenabled = true\nfields = [\"first_name\", \"last_name\", \"gender\", \"profile_pic\", "
+        "\"locale\", \"timezone\"]\n"
     )
     c = Convo(config)
     psid = c.psid
@@ -99,6 +104,11 @@ def test_bots_and_checkout_parts_keep_a_long_conversation_under_16_kb() -> None:
             value = {"type": "handoff", "relay_id": f"h{i}", "user_ref": "u" * 256, "conversation": None,
                      "orders": []}
             c.feed(Input("relay", f"h{i}", at, value))
+        elif step == 15 and i % 64 == 15:  # #17: the profile, every field at its longest
+            c.result(at=at, outbox_id=f"pf{i}", status="sent", endpoint="user_profile", profile={
+                "first_name": "F" * 150, "last_name": "L" * 150, "gender": "G" * 150,
+                "profile_pic": "https://platform-lookaside.fbsbx.com/" + "p" * (URL_MAX - 38),
+                "locale": "es_MX", "timezone": -11.5})
         else:
             c.act("set_response_time", at=at, agent=agent, role="manager", seconds=3600)
         size = len(orjson.dumps(c.state))
@@ -113,4 +123,5 @@ def test_bots_and_checkout_parts_keep_a_long_conversation_under_16_kb() -> None:
     # even if every part were at its largest at once, the value would fit
     assert sum(parts.values()) <= STATE_BUDGET, parts
     assert parts["checkout"] > 1_500 and parts["thread"] > 800  # the drive did fill the #15 parts
+    assert parts["profile"] > URL_MAX + 300  # and #17's
     assert longest > STATE_BUDGET // 2

@@ -231,7 +231,7 @@ def test_other_kinds_reach_the_console() -> None:
     assert types(c.event("handover", data={"type": "pass_thread_control"})) == ["thread_control"]
     pb = Convo()
     out = pb.event("postback", data={"title": "Get Started", "payload": "GET_STARTED"})
-    assert types(out) == ["conversation_opened", "system_message", "postback"]
+    assert types(out) == ["conversation_opened", "system_message", "consumer_message"]  # #17: a postback tap is a consumer message
 
 
 def test_standby_is_context_and_never_answered() -> None:

@@ -217,6 +217,18 @@ def test_the_reply_continues_the_conversation_under_the_psid() -> None:
     assert summary["psid"] == PSID and summary["consumer_messages"] == 1
 
 
+def test_a_checkout_key_asks_for_no_profile_its_reply_does() -> None:
+    """#17 × #15: the User Profile is asked for a person (a PSID), never for a checkout key."""
+    c = Cluster("\n[profile]\nenabled = true\n")
+    c.checkbox_optin(T0)
+    c.order(order(), T0 + SECOND)
+    assert c.conv(H) is not None and len(receipts(c, H)) == 1
+    assert [o for o in c.outbound(H) if o.get("endpoint") == "user_profile"] == []
+    c.reply(T0 + 10 * MINUTE)
+    (read,) = [o for o in c.outbound(P) if o.get("endpoint") == "user_profile"]
+    assert read["psid"] == PSID and read["request"]["psid"] == PSID
+
+
 def test_relays_late_twice_and_out_of_order_change_nothing() -> None:
     c = Cluster()
     c.checkbox_optin(T0)

@@ -16,11 +16,12 @@ from pydantic import ValidationError
 
 from schemas.contract import AgentAction
 from streams.core.automessages import clamp
-from streams.rules.conversation import bots, held, lifecycle, routing, thread, turns
+from streams.rules.conversation import bots, held, lifecycle, rich, routing, thread, turns
 from streams.rules.conversation.context import Ctx, remember
 from streams.rules.conversation.state import Agent, Conv
 from streams.rules.conversation.system import say
 from streams.rules.conversation.windows import in_response_window, send_mode
+from streams.rules.messages import Part
 
 Verdict = Literal["owner", "manager", "take", "not_owner", "not_assigned"]
 NICKNAME_MAX = 40
@@ -112,27 +113,9 @@ def _authorized(ctx: Ctx, conv: Conv, action: AgentAction, raw: dict[str, Any]) 
     return verdict
 
 
-def _text_ok(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> str | None:
-    text = action.text
-    if not text or not text.strip():
-        ctx.reject(raw, "invalid_action", f"{action.type} needs a non-empty text")
-        return None
-    limit = ctx.config.limits.agent_text
-    if len(text) > limit:
-        ctx.reject(raw, "text_too_long", f"{len(text)} characters, over the limit of {limit}")
-        return None
-    return text
-
-
-def _send_text(ctx: Ctx, action: AgentAction, text: str, mode: tuple[str, str | None]) -> None:
-    messaging_type, tag = mode
-    request: dict[str, Any] = {"recipient": {"id": ctx.psid}, "messaging_type": messaging_type}
-    if tag:
-        request["tag"] = tag
-    request["message"] = {"text": text}
-    outbox_id = ctx.outbound("agent", request, action.agent_id, text)
-    ctx.console("agent_message", agent_id=action.agent_id, text=text, outbox_id=outbox_id, mid=None,
-                messaging_type=messaging_type, tag=tag, role=action.role)
+def _send(ctx: Ctx, action: AgentAction, parts: list[Part], mode: tuple[str, str | None]) -> None:
+    """Text and rich messages (#17): one request and one `agent_message` per bubble."""
+    rich.send(ctx, action, parts, mode)
     lifecycle.agent_wrote(ctx, action.agent_id)
 
 
@@ -156,8 +139,8 @@ def _accept(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
 
 def _message(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     conv = _conv(ctx)
-    text = _text_ok(ctx, action, raw)
-    if text is None:
+    parts = rich.content(ctx, action, raw)
+    if parts is None:
         return
     verdict = _authorized(ctx, conv, action, raw)
     if verdict is None:
@@ -169,7 +152,7 @@ def _message(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
         return
     if verdict == "take":
         lifecycle.take(ctx, agent_of(action))
-    _send_text(ctx, action, text, mode)
+    _send(ctx, action, parts, mode)
 
 
 def _sender_action(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
@@ -291,8 +274,8 @@ def _open(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     if ctx.st["conv"] is not None:
         ctx.reject(raw, "invalid_action", "a conversation is already open with this person")
         return
-    text = _text_ok(ctx, action, raw)
-    if text is None:
+    parts = rich.content(ctx, action, raw)
+    if parts is None:
         return
     mode = send_mode(ctx.st["consumer_at"], ctx.now, ctx.config.messaging, ctx.config.account.human_agent_tag,
                      inside="UPDATE")
@@ -301,7 +284,7 @@ def _open(ctx: Ctx, action: AgentAction, raw: dict[str, Any]) -> None:
     if mode is None or not bots.thread_ready(ctx, raw, action.agent_id):  # #15: or another app's thread
         return
     lifecycle.open_by_agent(ctx, agent_of(action))
-    _send_text(ctx, action, text, mode)
+    _send(ctx, action, parts, mode)
 
 
 _HANDLERS: dict[str, Callable[[Ctx, AgentAction, dict[str, Any]], None]] = {

@@ -137,7 +137,8 @@ class Ctx:
                      reason=reason, detail=detail, agent_id=action.get("agent_id"))
         self.note("rejected", reason)
 
-    def outbound(self, origin: str, request: dict[str, Any], agent_id: str | None, text: str | None) -> str:
+    def outbound(self, origin: str, request: dict[str, Any], agent_id: str | None, text: str | None,
+                 agent_nickname: str | None = None) -> str:
         """A Send API request on `messenger.outbound`; messages are remembered in the outbox (the
         agent's text until its mid is known) and carry their outbox id as `metadata`."""
         conv = self.st["conv"]
@@ -155,6 +156,8 @@ class Ctx:
             "agent_id": agent_id,
             "created_at": self.now,
         }
+        if agent_nickname:
+            value["agent_nickname"] = agent_nickname  # #17: the dispatcher's agent persona
         self.outputs.append(Output("outbound", self.key, value))
         self.note("outbound", origin)
         if "message" in request:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.rules.conversation import bots, csat_hooks, lifecycle, optin, thread, turns
+from streams.rules.conversation import bots, csat_hooks, lifecycle, optin, rich, thread, turns
 from streams.rules.conversation.context import Ctx, remember
 from streams.rules.conversation.hours import off_hours_end
 from streams.rules.conversation.state import SEEN_MAX, short_hash
@@ -100,6 +100,9 @@ def learn_mid(ctx: Ctx, outbox_id: str, mid: str | None, via: str) -> None:
 def on_result(ctx: Ctx, res: dict[str, Any]) -> None:
     """A dispatcher result: `sent` gives the mid; `failed` becomes `send_failed`, once."""
     outbox_id = str(res.get("outbox_id") or "")
+    if res.get("endpoint") == "user_profile":
+        rich.on_profile_result(ctx, res)  # #17
+        return
     thread.on_result(ctx, res)  # #15: results of thread-control calls move the owner
     if res.get("status") == "sent":
         learn_mid(ctx, outbox_id, res.get("mid"), via="send_result")
@@ -126,7 +129,7 @@ def _receipt(ctx: Ctx, ev: dict[str, Any]) -> None:
 def _external(ctx: Ctx, ev: dict[str, Any]) -> None:
     ext = ctx.env.external_user
     ctx.console("external_message", timestamp=ev["timestamp"], mid=ev.get("mid"), text=ev.get("text"),
-                attachments=[{"type": a.get("type"), "url": a.get("url")} for a in ev.get("attachments") or []],
+                attachments=rich.attachments(ev),
                 author={"agent_id": ext.agent_id, "nickname": ext.nickname}, app_id=ev.get("app_id"))
     ctx.note("page_out", ctx.page_label)
     conv = ctx.st["conv"]
@@ -154,17 +157,19 @@ def _consumer_line(ctx: Ctx, ev: dict[str, Any], received: int) -> None:
     st["conv"] = turns.consumer_line(conv, ctx.now)
     ctx.note("page_in", ctx.page_label)
     if ev["kind"] == "postback":
+        # #17: a tapped postback button reaches the console as a consumer message with its payload
         d = ev.get("data") or {}
-        ctx.console("postback", timestamp=ev["timestamp"], mid=ev.get("mid"), title=d.get("title"),
-                    payload=d.get("payload"), referral=d.get("referral"))
+        ctx.console("consumer_message", timestamp=ev["timestamp"], mid=ev.get("mid"), text=d.get("title"),
+                    attachments=[], quick_reply_payload=None, truncated=False, reply_to_mid=None,
+                    payload=d.get("payload"), tap="postback", referral=d.get("referral"))
     else:
         limit = ctx.config.limits.consumer_text
         truncated = text is not None and len(text) > limit
         ctx.console("consumer_message", timestamp=ev["timestamp"], mid=ev.get("mid"),
                     text=text[:limit] if text is not None and truncated else text,
-                    attachments=[{"type": a.get("type"), "url": a.get("url")} for a in ev.get("attachments") or []],
-                    quick_reply_payload=payload, truncated=truncated,
-                    reply_to_mid=(ev.get("data") or {}).get("reply_to_mid"))
+                    attachments=rich.attachments(ev), quick_reply_payload=payload, truncated=truncated,
+                    reply_to_mid=(ev.get("data") or {}).get("reply_to_mid"),
+                    payload=payload, tap="quick_reply" if payload else None, **rich.message_extras(ev))
     if not opened:
         _off_hours_mid_conversation(ctx)
     if payload:

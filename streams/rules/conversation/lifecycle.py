@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from streams.rules.conversation import csat_hooks, thread, turns
+from streams.rules.conversation import csat_hooks, rich, thread, turns
 from streams.rules.conversation.api import Output
 from streams.rules.conversation.context import Ctx, id_hash
 from streams.rules.conversation.hours import off_hours_end
@@ -38,6 +38,7 @@ def _open(ctx: Ctx, conv: Conv, *, timestamp: int, **extra: Any) -> bool:
         ctx.note("queue+", conv["skill"])
     ctx.console("conversation_opened", timestamp=timestamp, locale=conv["locale"], opened_by=conv["opened_by"],
                 returning=returning, **extra)
+    rich.on_open(ctx)
     return returning
 
 
@@ -52,7 +53,7 @@ def open_by_consumer(ctx: Ctx, *, timestamp: int) -> None:
     skill, known = ctx.route()
     if not known:
         ctx.note("unknown_page", ctx.page_id)
-    locale = ctx.env.page.locale if ctx.env.page else "en_US"
+    locale = rich.opening_locale(ctx)
     conv = turns.new_conv(new_conversation_id(ctx), skill, locale, ctx.now, "consumer")
     returning = _open(ctx, conv, timestamp=timestamp)
     off = off_hours_end(ctx.config.skill(skill).hours, ctx.now)
@@ -87,7 +88,7 @@ def open_by_agent(ctx: Ctx, agent: Agent) -> None:
     skill, known = ctx.route()
     if not known:
         ctx.note("unknown_page", ctx.page_id)
-    locale = ctx.env.page.locale if ctx.env.page else "en_US"
+    locale = rich.opening_locale(ctx)
     conv = turns.new_conv(new_conversation_id(ctx), skill, locale, ctx.now, "agent", owner=agent)
     _open(ctx, conv, timestamp=ctx.now)
     ctx.console("conversation_accepted", agent_id=agent["id"])

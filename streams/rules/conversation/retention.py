@@ -41,6 +41,8 @@ def compact(st: State, now: int, config: ConnectorConfig, horizon_ms: int) -> St
         if until > now:
             kept["survey"] = survey
             expiries.append(until)
+    if "profile" in st and kept["person"] is not None:
+        kept["profile"] = st["profile"]  # #17: with the person (it is refreshed after its TTL)
     kept["held"] = st["held"]
     expiries.extend(thread.compact(st, kept, now, config.bots.transcript_minutes * 60_000))  # #15
     expiries.extend(orders.compact(st, kept, now, config.optin.match_window_seconds * 1000,

@@ -127,6 +127,7 @@ class State(TypedDict):
     last_closed: str | None  # the conversation closed last: actions naming it are rejected at once
     thread: NotRequired[Thread]  # #15: the thread's owner and the bot transcript (state_bots.py)
     checkout: NotRequired[Checkout]  # #15: checkout opt-ins and their orders
+    profile: NotRequired[Any]  # the person's User Profile, kept with a TTL (#17: streams.rules.profile)
     o: NotRequired[dict[str, Any]]  # the stage's own fields (offset guard, pending outputs): kept as is
     pending: NotRequired[Any]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from streams.core import automessages
 from streams.core.config import Skill
-from streams.rules.conversation import thread, turns
+from streams.rules.conversation import rich, thread, turns
 from streams.rules.conversation.context import CURRENT, Ctx
 from streams.rules.conversation.state import Conv
 from streams.rules.conversation.windows import in_response_window
@@ -67,6 +67,7 @@ def say(ctx: Ctx, trigger: str, *, skill: str | None = None, locale: str | None 
         "page_id": ctx.page_id,
         "locale": locale,
         "expected_response_time": words.duration(expected_seconds(conv, skill_cfg)),
+        "consumer_first_name": rich.first_name(ctx),
     })
     sent = in_response_window(ctx.st["consumer_at"], ctx.now, ctx.config.messaging) and thread.may_send(ctx)
     outbox_id = None
