@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -252,7 +253,14 @@ def table(res: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     opts, a = parse_args(argv)
     t = time.monotonic()
-    res = asyncio.run(run(opts, a.scenarios, a.runs, a.bootstrap, a.results_dir / "logs"))
+    # SIGTERM takes Ctrl-C's path: asyncio.run cancels the run, whose teardown stops the processes and
+    # the broker it started (a plain SIGTERM would leave them running).
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        res = asyncio.run(run(opts, a.scenarios, a.runs, a.bootstrap, a.results_dir / "logs"))
+    except KeyboardInterrupt:
+        print("[chaos] interrupted: processes and broker stopped, no report written", flush=True)
+        return 130
     res["duration_s"] = round(time.monotonic() - t, 1)
     a.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
