@@ -329,3 +329,24 @@ def expected_counts(ds: Dataset) -> dict[str, int]:
         for e in res.events:
             seen.add((e.conversation_key, e.idempotency_key))
     return {"raw": raw, "actions": actions, "split": split, "events": len(seen)}
+
+
+def mid_kind(value: bytes) -> str:
+    """What kind of message a raw body carrying a message id is (for the 'missing' breakdown):
+    `csat_digit` (a one-digit text: a CSAT answer when a survey is pending, which reaches no
+    console topic by design), `echo`, `message`, or `invalid` (a body that does not parse)."""
+    import orjson
+
+    try:
+        body = orjson.loads(value)
+        msg = body["entry"][0]["messaging"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return "invalid"
+    if not isinstance(msg, dict):
+        return "invalid"
+    if msg.get("is_echo"):
+        return "echo"
+    text = msg.get("text")
+    if isinstance(text, str) and len(text) == 1 and text.isdigit():
+        return "csat_digit"
+    return "message"

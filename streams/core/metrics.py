@@ -125,6 +125,13 @@ UNITS_FLUSHED = Counter(
     "Write/ack/send cycles of the state-first runner (state durable, then outputs acknowledged), by stage",
     ["stage"],
 )
+FLUSH_WAIT = Histogram(
+    "messenger_state_flush_wait_seconds",
+    "Time a state-first unit waits for Kafka's acks, by stage and phase (changelog: the state; outputs: "
+    "what the state produced); the agent processes nothing else meanwhile",
+    ["stage", "phase"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
 STREAM_TIME_LAG = Gauge(
     "messenger_stream_time_lag_seconds",
     "Wall clock minus the stream time timers fire on, per partition of the conversation stage",
@@ -244,6 +251,7 @@ CATALOGUE = (
     REDELIVERED,
     RESENT,
     UNITS_FLUSHED,
+    FLUSH_WAIT,
     STREAM_TIME_LAG,
     FIRST_RESPONSE,
     QUEUE_WAIT,

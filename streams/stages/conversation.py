@@ -198,8 +198,9 @@ def register(pipe: Pipeline) -> None:
     names = stage.names
     channel = pipe.raw_topic(names["split"], names["actions"], names["send_results"], names["ticks"],
                              names["relay"])
-    table = app.Table("conversations", default=None, partitions=settings.partitions)
-    store = TableStore(table)
+    # values as JSON bytes in the local store, parsed on read (`TableStore`); keys stay JSON strings
+    table = app.Table("conversations", default=None, partitions=settings.partitions, value_type=bytes)
+    store = TableStore(table, app.producer)
     runner = StateFirstRunner(
         stage,
         store,
@@ -258,7 +259,7 @@ def register(pipe: Pipeline) -> None:
         except (AttributeError, KeyError):
             return
         owned = sorted({tp.partition for tp in actives if tp.topic == names["split"]})
-        metas = [m for m in (table.data.get(meta_key(p)) for p in owned) if isinstance(m, dict)]
+        metas = [m for m in (store.get(meta_key(p)) for p in owned) if isinstance(m, dict)]
         gauges.refresh(metas)
 
     pipe.extras["agents.converse"] = converse

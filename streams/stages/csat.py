@@ -33,7 +33,6 @@ from mode.types.signals import BaseSignalT
 
 from schemas.contract import CsatFact
 from streams.core import metrics, serde
-from streams.core.config import ConfigError
 from streams.core.mirror import MirrorError, TopicMirror
 from streams.rules.csat import SCORES, csat_percent, response_rate
 from streams.rules.csat_cells import (
@@ -313,13 +312,14 @@ def register(pipe: Pipeline) -> None:
     """Attach the `aggregate_csat` agent, the `csat_cells` table, its mirror, `/csat` and the gauges."""
     app = pipe.app
     settings = pipe.settings
-    if not settings.store.startswith("memory:"):
-        # the stage writes the table's local copy itself, per partition; faust's rocksdb store files a
-        # direct write under the partition of "the current event", which a batch does not have
-        raise ConfigError(f"MESSENGER_STREAMS_STORE={settings.store}: the CSAT stage supports memory:// only")
     window_seconds = pipe.config.csat.window_seconds
     # keys and values are bytes (raw serializers): what the stage writes is what recovery reads back
-    table = app.Table(TABLE_NAME, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes)
+    # Always in memory, whatever MESSENGER_STREAMS_STORE says: the stage writes the table's local copy
+    # itself, per partition, and faust's rocksdb store files a direct write under the partition of "the
+    # current event", which a batch does not have. The table is small (bounded cells per skill, page and
+    # agent, docs/metrics.md) and is recovered from its changelog at start.
+    table = app.Table(TABLE_NAME, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes,
+                      store="memory://")
     writer = CellsWriter(settings.bootstrap_servers)
     runner = CellsRunner(pipe, table, writer)
     mirror = CellsMirror(settings.bootstrap_servers, runner.changelog)

@@ -46,6 +46,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.structs import TopicPartition
+from faust.serializers import codecs
 from faust.streams import _current_event
 from faust.types import TP
 
@@ -223,9 +224,12 @@ class Store(Protocol):
 
     def get(self, key: str) -> Any: ...
 
-    def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]: ...
+    async def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
+        """Write the local store and enqueue the changelog record (in call order); the returned
+        awaitable resolves on Kafka's ack."""
+        ...
 
-    def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]: ...
+    async def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]: ...
 
 
 class Producer(Protocol):
@@ -362,6 +366,7 @@ class Unit:
         self.visited: set[str] = set()  # keys visited by a wheel walk in this unit
         self.journal: dict[int, dict[str, dict[str, dict[str, int]]]] = {}  # partition → key → new share
         self.collected: set[int] = set()  # partitions whose fired slots this unit deletes
+        self.fired: dict[int, str] = {}  # partition → src of the firing this unit completes (once acked)
         self.cut = False
 
     # reads ------------------------------------------------------------------------------------
@@ -430,6 +435,16 @@ class Unit:
     def empty(self) -> bool:
         return not (self.dirty or self.deleted or self.slot_values or self.dirty_metas or self.outputs)
 
+    def writes_partition(self, partition: int) -> bool:
+        """True when this unit has a changelog write of `partition` (a key, a wheel slot, its meta)."""
+        return (
+            partition in self.dirty_metas
+            or partition in self.dirty.values()
+            or partition in self.deleted.values()
+            or partition in self.slot_parts.values()
+            or bool(self.resent)
+        )
+
 
 class _SlotView:
     """The wheel's view of one partition's slots: unit overlay first, then the store."""
@@ -478,6 +493,8 @@ class StateFirstRunner:
         self.consumed: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset not consumed
         self.completed: dict[int, str] = {}  # partition → src of the plan this runner fired and saw acked
         self._errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
+        self._waits = (metrics.FLUSH_WAIT.labels(stage_name, "changelog"),
+                       metrics.FLUSH_WAIT.labels(stage_name, "outputs"))
 
     # public -----------------------------------------------------------------------------------
     async def run_batch(self, records: Sequence[Record]) -> None:
@@ -686,16 +703,19 @@ class StateFirstRunner:
             meta = unit.meta_dirty(p, event)
             meta["clock"], meta["cursor"], meta["tick"] = stream_time, new_cursor, tick_offset
             return unit
-        # Everything consumed before this tick is made durable (and its outputs acked) before the
-        # plan: a durable stream time never covers an input whose state could still be lost.
-        if not unit.empty():
+        # Everything of this partition consumed before this tick is made durable (and its outputs
+        # acked) before the plan: a durable stream time never covers an input whose state could still
+        # be lost. Other partitions' writes may share the unit: their stream times are their own.
+        if unit.writes_partition(p):
             unit = await self._flush(unit)
         meta = unit.meta_dirty(p, event)
         meta["clock"], meta["cursor"], meta["tick"] = stream_time, new_cursor, tick_offset
         meta["firing"] = {"src": tick.src, "lo": cursor + 1, "upto": upto, "done": cursor, "sent": cursor,
                           "n": 0, "n_sent": 0}
-        # the plan is durable before any key fires
-        unit = await self._flush(unit)
+        # The plan is durable before any key fires: it is written in the same unit as the fired keys,
+        # before them on the same changelog partition (`_flush` writes metas before keys), and Kafka
+        # keeps a partition's records in order, so a durable fired key implies a durable plan. The
+        # unit is not flushed here: the firings of the ticks of one batch share one write/ack cycle.
         return await self._fire(unit, p, _plan_record(tick.src, event), recovering=False)
 
     async def _fire(self, unit: Unit, p: int, rec: Record, *, recovering: bool) -> Unit:
@@ -727,6 +747,9 @@ class StateFirstRunner:
                 if unit.full():
                     break
             walked = (b, facts.n)
+            if b >= f["upto"] and not recovering:
+                unit.fired[p] = src  # all acked with this unit: the next meta write may say so
+                return unit
             unit = await self._flush(unit)
             if b >= f["upto"]:
                 self.completed[p] = src  # all acked: the next meta write may say so
@@ -810,6 +833,7 @@ class StateFirstRunner:
         and the meta with its counter deltas; a durable slot delete implies the meta that
         recorded its bucket as acknowledged."""
         if unit.empty():
+            self.completed.update(unit.fired)
             return self._unit()
         store = self.store
         acks: list[Awaitable[Any]] = []
@@ -817,7 +841,7 @@ class StateFirstRunner:
             for name, value in unit.slot_values.items():
                 if value is not None:
                     p = unit.slot_parts[name]
-                    acks.append(store.put(name, value, _dumps(value), p, unit.events.get(p)))
+                    acks.append(await store.put(name, value, _dumps(value), p, unit.events.get(p)))
             for p in sorted(unit.dirty_metas):
                 m = unit.metas[p]
                 m["r"] = self.run_id
@@ -827,20 +851,22 @@ class StateFirstRunner:
                     f = m["firing"]
                     if f is not None and self.completed.get(p) == f["src"]:
                         f["sent"], f["n_sent"] = f["upto"], f["n"]  # nothing to walk again after a restart
-                acks.append(store.put(meta_key(p), m, _dumps(m), p, unit.events.get(p)))
+                acks.append(await store.put(meta_key(p), m, _dumps(m), p, unit.events.get(p)))
             for key, p in unit.dirty.items():
                 e = unit.entries[key]
                 assert e is not None  # noqa: S101 - dirty entries are never None
-                acks.append(store.put(key, e.stored(), e.encode(), p, unit.events.get(p)))
+                acks.append(await store.put(key, e.stored(), e.encode(), p, unit.events.get(p)))
             for key, p in unit.deleted.items():
-                acks.append(store.delete(key, p, unit.events.get(p)))
+                acks.append(await store.delete(key, p, unit.events.get(p)))
             for name, value in unit.slot_values.items():
                 if value is None:
                     p = unit.slot_parts[name]
-                    acks.append(store.delete(name, p, unit.events.get(p)))
+                    acks.append(await store.delete(name, p, unit.events.get(p)))
         except Exception as exc:
             raise WriteFailed(f"cannot write table values: {exc!r}") from exc
+        t0 = time.monotonic()
         await _all(acks, "changelog")
+        t1 = time.monotonic()
         sends: list[Awaitable[Any]] = []
         try:
             for out in unit.outputs:
@@ -848,9 +874,14 @@ class StateFirstRunner:
                 sends.append(await self.producer.send(out.topic, out_key, out.value))
         except Exception as exc:
             raise WriteFailed(f"cannot send output: {exc!r}") from exc
+        t2 = time.monotonic()
         await _all(sends, "output")
+        self._waits[0].observe(t1 - t0)
+        if sends:
+            self._waits[1].observe(time.monotonic() - t2)
         for out in unit.outputs:
             self.stage.sent(out)
+        self.completed.update(unit.fired)
         metrics.UNITS_FLUSHED.labels(self.stage_name).inc()
         return self._unit()
 
@@ -918,29 +949,58 @@ def current_event(event: Any) -> Iterator[None]:
 
 class TableStore:
     """A faust Table written outside `table[key] = value`: the local store through `table.data`,
-    the changelog through `table.send_changelog(partition, key, value)` with the input's partition
-    and the value already serialized (`value_serializer="raw"`; recovery decodes it with the
-    table's JSON serializer into the same dict). `send_changelog` returns the FutureMessage that
-    resolves on Kafka's ack and registers `table._on_changelog_sent`, which records the persisted
-    offset for RocksDB stores (faust 0.15.3 `tables/base.py`)."""
+    the changelog record straight to the app's aiokafka producer on the input's partition, the
+    value already serialized, the key with the table's own key serializer (JSON, as faust writes and
+    recovery reads it). Once Kafka acknowledges it, the record's offset is the persisted offset of a RocksDB
+    store, as faust's `Table._on_changelog_sent` does (faust 0.15.3 `tables/base.py`).
 
-    def __init__(self, table: Any) -> None:
+    The table is declared with `value_type=bytes` (raw values): the local store (memory or RocksDB)
+    holds the value's JSON bytes, as written to the changelog and as recovery reads them back; `get`
+    parses them. Not `table.send_changelog`: that queues each record in faust's producer buffer,
+    which a background task hands to aiokafka later, record by record; the unit's writes then reach
+    aiokafka spread over several loop turns (and produce requests), and every record pays for a
+    FutureMessage, a PendingMessage and the topic's codecs. Here a unit's writes are enqueued in
+    one go, in order (so a partition's records keep the runner's order)."""
+
+    def __init__(self, table: Any, producer: Any) -> None:
         self.table = table
+        self.producer = producer  # faust's Producer (`send` → aiokafka's delivery future)
+        self._topic: str | None = None
+
+    @property
+    def topic(self) -> str:
+        if self._topic is None:
+            self._topic = str(self.table.changelog_topic.get_topic_name())
+        return self._topic
 
     def get(self, key: str) -> Any:
-        return self.table.data.get(key)
+        value = self.table.data.get(key)
+        return orjson.loads(value) if isinstance(value, bytes | bytearray) else value
 
-    def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
+    async def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
+        # the local store keeps the serialized value (parsed again on read): a few KB of bytes per
+        # conversation instead of a Python object graph several times that size (bench/memory.py)
         with current_event(event):
-            self.table.data[key] = value
-        fut: Awaitable[Any] = self.table.send_changelog(partition, key, data, value_serializer="raw")
-        return fut
+            self.table.data[key] = data
+        return await self._send(key, data, partition)
 
-    def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
+    async def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
         with current_event(event):
             self.table.data.pop(key, None)
-        fut: Awaitable[Any] = self.table.send_changelog(partition, key, None, value_serializer="raw")
+        return await self._send(key, None, partition)
+
+    async def _send(self, key: str, data: bytes | None, partition: int) -> Awaitable[Any]:
+        # the key as faust writes and recovery reads it: the table's key serializer (JSON)
+        raw_key = codecs.dumps(self.table.key_serializer, key)
+        fut: asyncio.Future[Any] = await self.producer.send(self.topic, raw_key, data, partition, None, None)
+        fut.add_done_callback(self._persisted)
         return fut
+
+    def _persisted(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the runner's gather raises WriteFailed
+        res = fut.result()
+        self.table.data.set_persisted_offset(TP(res.topic, res.partition), res.offset)
 
 
 class AppProducer:

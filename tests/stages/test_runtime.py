@@ -104,11 +104,11 @@ class FakeStore:
     def get(self, key: str) -> Any:
         return self.data.get(key)
 
-    def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
+    async def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
         self.data[key] = value
         return self.kafka.write("cl", partition, (key, data))
 
-    def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
+    async def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
         self.data.pop(key, None)
         return self.kafka.write("cl", partition, (key, None))
 
