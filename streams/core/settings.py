@@ -71,7 +71,8 @@ class Topics(BaseSettings):
 class Settings(BaseSettings):
     """Everything that is not connector behaviour: where Kafka is and how the worker runs."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore", env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix=PREFIX, frozen=True, extra="ignore", env_ignore_empty=True,
+                                      populate_by_name=True)  # Settings(bootstrap_servers=...) in code and tests
 
     bootstrap_servers: str = Field(
         default="127.0.0.1:9092",
