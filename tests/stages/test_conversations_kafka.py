@@ -261,12 +261,17 @@ async def test_failover_within_15_seconds(make_worker: Callable[..., Worker], ka
                 done = {orjson.loads(r.value).get("mid") for r in recs}
                 if all(any(m in done for m, _ in sent[p]) for p in (0, 1)):
                     break
-        recs = await kafka.read_all(a.topic("skill.billing"), settle=1.0, timeout=30)
-        at = {}
-        for r in recs:
-            v = orjson.loads(r.value)
-            if v["type"] == "consumer_message":
-                at.setdefault(v["mid"], r.timestamp / 1000)
+        # every message sent after the kill arrives (the last ones may still be in flight: wait for them)
+        want = {m for p in (0, 1) for m, _ in sent[p]}
+        at: dict[str, float] = {}
+        deadline = time.monotonic() + 60
+        while True:
+            for r in await kafka.read_all(a.topic("skill.billing"), settle=1.0, timeout=30):
+                v = orjson.loads(r.value)
+                if v["type"] == "consumer_message":
+                    at.setdefault(v["mid"], r.timestamp / 1000)
+            if want <= at.keys() or time.monotonic() > deadline:
+                break
         # per partition: when the first message written after the kill was processed
         takeover = max(min(at[m] for m, _ in sent[p] if m in at) - killed_at for p in (0, 1))
         print(f"every partition processed again {takeover:.1f} s after the SIGKILL")
