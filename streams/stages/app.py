@@ -9,57 +9,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 from aiokafka.partitioner import DefaultPartitioner
 
-from schemas.events import Source
-from streams.core import metrics, serde
 from streams.core.config import ConnectorConfig
-from streams.core.deadletter import dead_letter
 from streams.core.pages import PageDirectory
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
 from streams.stages import conversation, csat, history, ingest, orders, pages, runtime, web
+from streams.stages.pipeline import Pipeline
 from streams.stages.supervision import supervise
 
 log = logging.getLogger("messenger_streams")
 
-
-
-@dataclass
-class Pipeline:
-    """A configured app: the Faust app, every topic by name, and shared state of the stages."""
-
-    settings: Settings
-    config: ConnectorConfig
-    app: faust.App
-    pages: pages.LivePages  # the live page directory (#14): env_for, gate, skill_topics
-    topics: dict[str, Any] = field(default_factory=dict)
-    skill_topics: dict[str, Any] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
-    raw_topic: Callable[..., Any] = field(default=lambda *names: None)
-
-    def topic(self, attr: str) -> Any:
-        """The faust topic for one of TOPIC_SPECS."""
-        return self.topics[attr]
-
-    async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
-        """Hand one record to the app's producer (no per-record faust Topic machinery).
-
-        The faust consumer flushes this producer before it commits offsets, so at-least-once holds."""
-        await self.app.producer.send(topic, key, value, partition, None, None)
-
-    async def dead_letter(self, msg: Any, reason: str, error: str, item_index: str | None = None) -> None:
-        """Send one consumed record to the dead-letter topic (reason, error, its source and its
-        original bytes; `item_index` names one bad item of a body) and count it."""
-        raw = msg.value if isinstance(msg.value, bytes) else b""
-        source = Source(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-        letter = dead_letter(raw, reason, error, source, item_index)
-        await self.send(self.settings.topics.name("dlq"), msg.key, serde.dumps(letter))
-        metrics.DEAD_LETTERS.labels(reason).inc()
 
 
 class CachedPartitioner:

@@ -41,7 +41,7 @@ from streams.stages.runtime import (
 if TYPE_CHECKING:
     from mode.types.signals import BaseSignalT
 
-    from streams.stages.app import Pipeline
+    from streams.stages.pipeline import Pipeline
 
 log = logging.getLogger("messenger_streams.conversations")
 

@@ -47,7 +47,7 @@ from streams.rules.csat_cells import (
 )
 
 if TYPE_CHECKING:
-    from streams.stages.app import Pipeline
+    from streams.stages.pipeline import Pipeline
 
 log = logging.getLogger("messenger_streams.csat")
 

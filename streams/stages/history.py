@@ -31,7 +31,7 @@ from streams.history.store import HistoryStore, StoreError
 from streams.rules.history import BadParam, admin_authorized, parse_search
 
 if TYPE_CHECKING:
-    from streams.stages.app import Pipeline
+    from streams.stages.pipeline import Pipeline
 
 log = logging.getLogger("messenger_streams.history")
 

@@ -28,7 +28,7 @@ from streams.rules.normalize import split_body
 from streams.stages.runtime import AppProducer, Record, WriteFailed, crash_worker, is_too_large
 
 if TYPE_CHECKING:
-    from streams.stages.app import Pipeline
+    from streams.stages.pipeline import Pipeline
 
 log = logging.getLogger("messenger_streams.ingest")
 

@@ -34,7 +34,7 @@ from streams.stages.runtime import AppProducer, Record, WriteFailed, crash_worke
 if TYPE_CHECKING:
     from mode.types.signals import BaseSignalT
 
-    from streams.stages.app import Pipeline
+    from streams.stages.pipeline import Pipeline
 
 log = logging.getLogger("messenger_streams.orders")
 

@@ -27,7 +27,7 @@ from streams.core.topics import (
     delete_topics,
     ensure_topic_specs,
 )
-from streams.stages.app import Pipeline
+from streams.stages.pipeline import Pipeline
 
 
 def _faust_spec(topic: Any, default_partitions: int) -> TopicSpec:

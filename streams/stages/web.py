@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 if TYPE_CHECKING:
-    from streams.stages.app import Pipeline
+    from streams.stages.pipeline import Pipeline
 
 
 def register(pipe: Pipeline) -> None:
