@@ -98,6 +98,13 @@ def signs_in(base: str, password: str) -> bool:
     return "Activate Facebook source" in page and all(p in page for p in demo_pages)
 
 
+def terminal_signals() -> None:
+    """Start the demo as a terminal would: with SIGINT at its default. Run from a background job
+    (`nohup make test &`), pytest inherits SIGINT ignored, and a shell cannot trap a signal ignored
+    on entry: the script would never see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_newcomer_demo_shows_traffic_and_stops_on_ctrl_c(kafka_bootstrap: str, tmp_path: Path) -> None:
     tag = uuid.uuid4().hex[:8]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESSENGER_STREAMS_")}
@@ -113,7 +120,7 @@ def test_newcomer_demo_shows_traffic_and_stops_on_ctrl_c(kafka_bootstrap: str, t
     })
     out = tmp_path / "demo.out"
     proc = subprocess.Popen([str(ROOT / "deploy" / "run-demo.sh")], cwd=ROOT, env=env, stdout=open(out, "wb"),  # noqa: SIM115
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=terminal_signals)
     seen: set[int] = set()
     try:
         start = time.monotonic()
