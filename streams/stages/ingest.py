@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from schemas.events import Source
-from streams.core import deadletter, metrics, serde
+from streams.core import metrics, serde
 from streams.rules.normalize import split_body
-from streams.stages.runtime import AppProducer, Record, WriteFailed, crash_worker, is_too_large
+from streams.stages.runtime import AppProducer, BatchRouter, Record, WriteFailed, crash_worker, is_too_large
 
 if TYPE_CHECKING:
     from streams.stages.pipeline import Pipeline
@@ -44,34 +44,22 @@ def received_at(headers: Sequence[tuple[str, Any]], timestamp_ms: int) -> int:
     return timestamp_ms
 
 
-class Splitter:
+class Splitter(BatchRouter):
     """Splits batches of raw bodies; every write's ack is awaited before the batch is acked."""
+
+    what = "split or dead-letter"
 
     def __init__(self, pipe: Pipeline, producer: AppProducer) -> None:
         settings = pipe.settings
-        self.producer = producer
+        super().__init__(producer, settings.topics.name("dlq"), settings.dead_letter_max_bytes)
         self.split_name = settings.topics.name("split")
-        self.dlq_name = settings.topics.name("dlq")
         self.max_body_bytes = settings.max_body_bytes
-        self.letter_max_bytes = settings.dead_letter_max_bytes
         self.events_in = metrics.BoundLabels(metrics.EVENTS_IN)
         self.errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
         self.pages = pipe.pages  # issue 14: the live page directory's gate
 
-    async def run_batch(self, records: Sequence[Record]) -> None:
-        """Split every record; returns once Kafka acknowledged all that was written. Raises
-        WriteFailed when a write failed."""
-        acks: list[Awaitable[Any]] = []
-        for rec in records:
-            metrics.RAW_BODIES.inc()
-            await self._one(rec, acks)
-        for ack in acks:
-            try:
-                await ack
-            except Exception as exc:
-                raise WriteFailed(f"a split or dead-letter record was not acknowledged: {exc!r}") from exc
-
     async def _one(self, rec: Record, acks: list[Awaitable[Any]]) -> None:
+        metrics.RAW_BODIES.inc()
         raw = rec.value or b""
         source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
         try:
@@ -83,7 +71,7 @@ class Splitter:
         except Exception as exc:  # noqa: BLE001 - one body must never stop ingest; logged with traceback
             log.exception("cannot split raw record %s: dead-lettered", rec.src)
             self.errors.inc("split", type(exc).__name__)
-            await self._dead(rec, source, "processing_error", f"{type(exc).__name__}: {exc}", None, acks)
+            await self._dead(rec, "processing_error", f"{type(exc).__name__}: {exc}", acks)
             return
         for ev in admitted:
             try:
@@ -93,24 +81,12 @@ class Splitter:
                 if not is_too_large(exc) and not isinstance(exc, (TypeError, ValueError)):
                     raise WriteFailed(f"cannot send a split event: {exc!r}") from exc
                 where = ev.source.index if ev.source is not None else None
-                await self._dead(rec, source, "processing_error",
-                                 f"event {where or ''} cannot be written: {type(exc).__name__}: {exc}", where, acks)
+                await self._dead(rec, "processing_error",
+                                 f"event {where or ''} cannot be written: {type(exc).__name__}: {exc}", acks, where)
                 continue
             self.events_in.inc(ev.kind)
         for rej in [*result.rejected, *blocked]:
-            await self._dead(rec, source, rej.reason, rej.error, rej.item_index, acks)
-
-    async def _dead(
-        self, rec: Record, source: Source, reason: str, error: str, item_index: str | None, acks: list[Awaitable[Any]]
-    ) -> None:
-        letter = deadletter.dead_letter(
-            rec.value or b"", reason, error, source, item_index, max_bytes=self.letter_max_bytes
-        )
-        try:
-            acks.append(await self.producer.send(self.dlq_name, rec.key, serde.dumps(letter)))
-        except Exception as exc:
-            raise WriteFailed(f"cannot send a dead letter: {exc!r}") from exc
-        metrics.DEAD_LETTERS.labels(reason).inc()
+            await self._dead(rec, rej.reason, rej.error, acks, rej.item_index)
 
 
 def register(pipe: Pipeline) -> None:

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
 
 from schemas.commerce import Order
-from schemas.events import Source
-from streams.core import deadletter, metrics, serde
+from streams.core import metrics, serde
 from streams.core.mirror import MirrorError, TopicMirror
 from streams.rules.conversation.checkout import kind_of, order_relay
 from streams.rules.normalize import short_error
-from streams.stages.runtime import AppProducer, Record, WriteFailed, crash_worker, is_too_large
+from streams.stages.runtime import AppProducer, BatchRouter, Record, WriteFailed, crash_worker, is_too_large
 
 if TYPE_CHECKING:
     from mode.types.signals import BaseSignalT
@@ -78,28 +77,16 @@ class UnmatchedMirror(TopicMirror[dict[str, Any]]):
         return rows[:limit]
 
 
-class OrderRouter:
+class OrderRouter(BatchRouter):
     """Routes batches of merchant orders; every write's ack is awaited before the batch is acked."""
+
+    what = "relay or dead-letter"
 
     def __init__(self, pipe: Pipeline, producer: AppProducer) -> None:
         settings = pipe.settings
-        self.producer = producer
+        super().__init__(producer, settings.topics.name("dlq"), settings.dead_letter_max_bytes)
         self.relay_name = settings.topics.name("relay")
-        self.dlq_name = settings.topics.name("dlq")
-        self.letter_max_bytes = settings.dead_letter_max_bytes
         self.routed = metrics.BoundLabels(metrics.ORDERS_ROUTED)
-
-    async def run_batch(self, records: Sequence[Record]) -> None:
-        """Route every record; returns once Kafka acknowledged all that was written. Raises
-        WriteFailed when a write failed."""
-        acks: list[Awaitable[Any]] = []
-        for rec in records:
-            await self._one(rec, acks)
-        for ack in acks:
-            try:
-                await ack
-            except Exception as exc:
-                raise WriteFailed(f"a relay or dead-letter record was not acknowledged: {exc!r}") from exc
 
     async def _one(self, rec: Record, acks: list[Awaitable[Any]]) -> None:
         try:
@@ -122,15 +109,6 @@ class OrderRouter:
             await self._dead(rec, "invalid_order", "the order is too large for Kafka", acks)
             return
         self.routed.inc(kind_of(key))
-
-    async def _dead(self, rec: Record, reason: str, error: str, acks: list[Awaitable[Any]]) -> None:
-        source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
-        letter = deadletter.dead_letter(rec.value or b"", reason, error, source, None, max_bytes=self.letter_max_bytes)
-        try:
-            acks.append(await self.producer.send(self.dlq_name, rec.key, serde.dumps(letter)))
-        except Exception as exc:
-            raise WriteFailed(f"cannot send a dead letter: {exc!r}") from exc
-        metrics.DEAD_LETTERS.labels(reason).inc()
 
 
 def register(pipe: Pipeline) -> None:

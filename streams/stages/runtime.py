@@ -812,11 +812,7 @@ class StateFirstRunner:
     # dead letters, errors ---------------------------------------------------------------------
     def _dead(self, unit: Unit, rec: Record, reason: str, error: str) -> Out:
         """Send a record to the dead-letter topic (with this unit's outputs)."""
-        letter = deadletter.dead_letter(
-            rec.value or b"", reason, error, Source(topic=rec.topic, partition=rec.partition, offset=rec.offset),
-            max_bytes=self.dead_letter_max_bytes,
-        )
-        out = Out(self.dlq_topic, rec.key, serde.dumps(letter))
+        out = Out(self.dlq_topic, rec.key, letter_bytes(rec, reason, error, max_bytes=self.dead_letter_max_bytes))
         unit.outputs.append(out)
         metrics.DEAD_LETTERS.labels(reason).inc()
         return out
@@ -916,6 +912,44 @@ def _plan_record(src: str, event: Any) -> Record:
     """The tick record that made a firing plan (timer inputs and their facts name it as source)."""
     topic, partition, offset = src.rsplit("/", 2)
     return Record(topic, int(partition), int(offset), TICK_KEY, None, 0, (), event)
+
+
+def letter_bytes(rec: Record, reason: str, error: str, *, max_bytes: int, item_index: str | None = None) -> bytes:
+    """The dead letter of one consumed record, serialized: its reason, error, source and original bytes
+    (a bounded prefix with size and SHA-256 when the original is too large; `streams.core.deadletter`)."""
+    source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
+    return serde.dumps(deadletter.dead_letter(rec.value or b"", reason, error, source, item_index, max_bytes=max_bytes))
+
+
+class BatchRouter:
+    """A stage without state (ingest's splitter, the orders router): each record of a batch becomes
+    writes or a dead letter (`_one`), and the batch returns once Kafka acknowledged every write of it;
+    a write that fails raises `WriteFailed`."""
+
+    what = "output"  # names the records in a WriteFailed message
+
+    def __init__(self, producer: Producer, dlq_name: str, letter_max_bytes: int) -> None:
+        self.producer = producer
+        self.dlq_name = dlq_name
+        self.letter_max_bytes = letter_max_bytes
+
+    async def run_batch(self, records: Sequence[Record]) -> None:
+        acks: list[Awaitable[Any]] = []
+        for rec in records:
+            await self._one(rec, acks)
+        await _all(acks, self.what)
+
+    async def _one(self, rec: Record, acks: list[Awaitable[Any]]) -> None:
+        raise NotImplementedError
+
+    async def _dead(self, rec: Record, reason: str, error: str, acks: list[Awaitable[Any]],
+                    item_index: str | None = None) -> None:
+        letter = letter_bytes(rec, reason, error, max_bytes=self.letter_max_bytes, item_index=item_index)
+        try:
+            acks.append(await self.producer.send(self.dlq_name, rec.key, letter))
+        except Exception as exc:
+            raise WriteFailed(f"cannot send a dead letter: {exc!r}") from exc
+        metrics.DEAD_LETTERS.labels(reason).inc()
 
 
 async def _all(acks: Sequence[Awaitable[Any]], what: str) -> None:
