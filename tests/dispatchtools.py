@@ -10,10 +10,12 @@ shared by tests/edges/test_dispatch_kafka.py and the chaos suite (scenario e):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from tests.fakegraph import FakeGraph
 from tests.kafkatools import ROOT
 
 PAGE = "1691462197845448"
+PAGE2 = "298733926841562"
 
 
 def outbound(psid: str, outbox_id: str, text: str = "hello", page: str = PAGE,
@@ -154,3 +157,58 @@ def audit_sends(graph: FakeGraph, results: Iterable[dict[str, Any]], expected: I
         unreported=want - set(by_id),
         inconsistent=inconsistent,
     )
+
+
+@dataclass
+class Directory:
+    """The page directory a dispatcher test writes to (see `directory_pages`)."""
+
+    settings: Any
+    cipher: Any
+    writer: Any
+    prefix: str
+
+
+@contextlib.asynccontextmanager
+async def directory_pages(harness: Any, monkeypatch: Any, token: str) -> AsyncIterator[Directory]:
+    """`connector.pages` for a dispatcher test (#14): PAGE active with `token` (encrypted, token id
+    `t1`), PAGE2 switched off; the fake Graph demands an `appsecret_proof` on every call."""
+    from schemas.pages import PageRecord
+    from streams.core.pages import PagesWriter
+    from streams.core.settings import Settings
+    from streams.core.tokens import Secret, TokenCipher, generate_key
+
+    harness.graph.require_proof = True
+    prefix = harness.opts.outbound_topic.removesuffix("messenger.outbound")
+    monkeypatch.setenv("MESSENGER_STREAMS_TOPIC_PREFIX", prefix)
+    settings = Settings(bootstrap_servers=harness.opts.bootstrap_servers, partitions=2)
+    cipher = TokenCipher([generate_key()])
+    writer = PagesWriter(settings)
+    await writer.start()
+    try:
+        await writer.put_page(PageRecord(page_id=PAGE, skill="billing", token=cipher.encrypt(Secret(token)),
+                                         token_id="t1"))
+        await writer.put_page(PageRecord(page_id=PAGE2, skill="support", enabled=False))
+        yield Directory(settings, cipher, writer, prefix)
+    finally:
+        await writer.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(opts: Any, dispatcher: Any) -> AsyncIterator[asyncio.Task[Any]]:
+    """The dispatcher served in process until the block ends (then stopped and awaited)."""
+    from streams.edges.dispatch import serve
+
+    stop, ready = asyncio.Event(), asyncio.Event()
+
+    async def on_ready() -> None:
+        ready.set()
+
+    task = asyncio.create_task(serve(opts, stop, on_ready=on_ready, dispatcher=dispatcher))
+    await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    assert not task.done(), task.exception()
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)

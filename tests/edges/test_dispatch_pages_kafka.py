@@ -19,12 +19,12 @@ from schemas.pages import PageRecord
 from streams.core.config import parse_config
 from streams.core.config_rich import Personas
 from streams.core.credentials import DirectoryCredentials
-from streams.core.pages import PageDirectory, PagesWriter
-from streams.core.settings import Settings
-from streams.core.tokens import Secret, TokenCipher, generate_key
-from streams.edges.dispatch import Dispatcher, serve
+from streams.core.pages import PageDirectory
+from streams.core.tokens import Secret
+from streams.edges.dispatch import Dispatcher
 from streams.edges.sentlog import SentLedger
 from tests.conftest import BASE_CONFIG
+from tests.dispatchtools import directory_pages, serving
 from tests.edges.test_dispatch_kafka import PAGE, PAGE2, Harness, harness, outbound
 
 __all__ = ["harness"]  # the fixture, shared with the dispatcher's own tests
@@ -43,30 +43,12 @@ async def test_tokens_refusals_190_and_reconnect_from_the_page_directory(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     graph = harness.graph
-    graph.require_proof = True  # every call must carry a valid appsecret_proof
-    prefix = harness.opts.outbound_topic.removesuffix("messenger.outbound")
-    monkeypatch.setenv("MESSENGER_STREAMS_TOPIC_PREFIX", prefix)
-    settings = Settings(bootstrap_servers=harness.opts.bootstrap_servers, partitions=2)
-    cipher = TokenCipher([generate_key()])
-    writer = PagesWriter(settings)
-    await writer.start()
     token1, token2 = "EAAstoredPageToken0001", "EAAstoredPageToken0002"
-    try:
-        await writer.put_page(PageRecord(page_id=PAGE, skill="billing", token=cipher.encrypt(Secret(token1)),
-                                         token_id="t1"))
-        await writer.put_page(PageRecord(page_id=PAGE2, skill="support", enabled=False))
+    async with directory_pages(harness, monkeypatch, token1) as pages:
+        settings, cipher, writer = pages.settings, pages.cipher, pages.writer
         creds = DirectoryCredentials(settings, parse_config(BASE_CONFIG), cipher, Secret(graph.app_secret), {})
         opts = dataclasses.replace(harness.opts, tokens={})
-        stop, ready = asyncio.Event(), asyncio.Event()
-
-        async def on_ready() -> None:
-            ready.set()
-
-        dispatcher = Dispatcher(opts, creds)
-        task = asyncio.create_task(serve(opts, stop, on_ready=on_ready, dispatcher=dispatcher))
-        await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=60, return_when=asyncio.FIRST_COMPLETED)
-        assert not task.done(), task.exception()
-        try:
+        async with serving(opts, Dispatcher(opts, creds)) as task:
             # a stored token, with its proof; a page switched off: refused without a Graph call
             await harness.send(outbound("u1", "o-1"))
             await harness.send(outbound("u2", "o-2", page=PAGE2))
@@ -100,17 +82,12 @@ async def test_tokens_refusals_190_and_reconnect_from_the_page_directory(
             res = {r["outbox_id"]: r for r in await harness.results(5)}
             assert res["o-5"]["status"] == "sent" and graph.requests[-1].query["access_token"] == token2
             assert not task.done()
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 60)
         assert creds.directory._mirror is None  # the directory stopped with the dispatcher  # noqa: SLF001
 
         # the sent log holds a final outcome for every outbox id, refusals included: a redelivery replays
         convs = {"o-1": f"{PAGE}:u1", "o-2": f"{PAGE2}:u2", "o-3": f"{PAGE}:u1", "o-4": f"{PAGE}:u1", "o-5": f"{PAGE}:u1"}
         assert await read_sent_log(opts, convs) == {
             "o-1": "sent", "o-2": "failed", "o-3": "failed", "o-4": "failed", "o-5": "sent"}
-    finally:
-        await writer.stop()
 
 
 async def read_sent_log(opts: Any, ids: dict[str, str]) -> dict[str, str | None]:
@@ -142,40 +119,24 @@ async def test_profile_reads_and_personas_use_the_directory_credentials(
     profile read of a page switched off is refused as a profile read (the conversation rules back off,
     no `send_failed`), and a profile read is no send for `pages list`."""
     graph = harness.graph
-    graph.require_proof = True
-    prefix = harness.opts.outbound_topic.removesuffix("messenger.outbound")
-    monkeypatch.setenv("MESSENGER_STREAMS_TOPIC_PREFIX", prefix)
-    settings = Settings(bootstrap_servers=harness.opts.bootstrap_servers, partitions=2)
-    cipher = TokenCipher([generate_key()])
-    writer = PagesWriter(settings)
-    await writer.start()
     token = "EAAstoredPageToken0003"
     ana, nobody = "7000000000000001", "7000000000000002"
     graph.people.profiles[ana] = {"first_name": "Ana", "locale": "es_MX"}
-    try:
-        await writer.put_page(PageRecord(page_id=PAGE, skill="billing", token=cipher.encrypt(Secret(token)),
-                                         token_id="t1"))
-        await writer.put_page(PageRecord(page_id=PAGE2, skill="support", enabled=False))
+    async with directory_pages(harness, monkeypatch, token) as pages:
         config = parse_config(BASE_CONFIG)
         # activity is only flushed when asked: the test reads what the dispatcher noted
-        directory = PageDirectory(config, settings, track_activity=True, activity_interval=3600)
-        creds = DirectoryCredentials(settings, config, cipher, Secret(graph.app_secret), {}, directory=directory)
+        directory = PageDirectory(config, pages.settings, track_activity=True, activity_interval=3600)
+        creds = DirectoryCredentials(pages.settings, config, pages.cipher, Secret(graph.app_secret), {},
+                                     directory=directory)
         personas = Personas(enabled=True, system_name="Acme Assistant", system_picture_url="https://x.io/bot.png")
-        opts = dataclasses.replace(harness.opts, tokens={}, personas=personas, personas_topic=f"{prefix}messenger.personas")
-        stop, ready = asyncio.Event(), asyncio.Event()
-
-        async def on_ready() -> None:
-            ready.set()
-
-        task = asyncio.create_task(serve(opts, stop, on_ready=on_ready, dispatcher=Dispatcher(opts, creds)))
-        await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=60, return_when=asyncio.FIRST_COMPLETED)
-        assert not task.done(), task.exception()
+        opts = dataclasses.replace(harness.opts, tokens={}, personas=personas,
+                                   personas_topic=f"{pages.prefix}messenger.personas")
 
         def ask(psid: str, outbox_id: str, page: str = PAGE) -> dict[str, Any]:
             return {**outbound(psid, outbox_id, page=page), "origin": "system", "endpoint": "user_profile",
                     "request": {"psid": psid, "fields": ["first_name", "locale"]}}
 
-        try:
+        async with serving(opts, Dispatcher(opts, creds)):
             await harness.send({**outbound(ana, "o-1", text="Welcome!"), "origin": "system", "agent_id": None})
             await harness.results(1)
             directory.drain_activity()  # the message's send noted; now only the profile reads follow
@@ -198,8 +159,3 @@ async def test_profile_reads_and_personas_use_the_directory_credentials(
             assert all(q["access_token"] == token and graph.proof_ok(q) for _, _, q in calls)
             assert sorted(graph.people.profile_reads()) == [ana, nobody]
             assert directory.drain_activity() == []  # profile reads are no sends: `pages list` keeps o-1's
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 60)
-    finally:
-        await writer.stop()

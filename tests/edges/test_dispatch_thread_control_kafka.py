@@ -4,20 +4,16 @@ directory's credentials (#14) thread-control calls are sent, refused and marked 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import pytest
 
-from schemas.pages import PageRecord
 from streams.core.config import parse_config
 from streams.core.credentials import DirectoryCredentials
-from streams.core.pages import PagesWriter
-from streams.core.settings import Settings
-from streams.core.tokens import Secret, TokenCipher, generate_key
-from streams.edges.dispatch import Dispatcher, serve
+from streams.core.tokens import Secret
+from streams.edges.dispatch import Dispatcher
 from tests.conftest import BASE_CONFIG
-from tests.dispatchtools import outbound
+from tests.dispatchtools import directory_pages, outbound, serving
 from tests.edges.test_dispatch_kafka import PAGE, PAGE2, TOKENS, Harness, harness  # noqa: F401 - the fixture
 from tests.edges.test_dispatch_pages_kafka import read_sent_log, until
 
@@ -61,29 +57,12 @@ async def test_thread_control_with_the_page_directorys_credentials(
     """#14 × #15: thread-control calls carry the directory's token and its appsecret_proof, a page
     switched off is refused before any call, a 190 on a thread-control edge marks the page like a send's."""
     graph = harness.graph
-    graph.require_proof = True
-    prefix = harness.opts.outbound_topic.removesuffix("messenger.outbound")
-    monkeypatch.setenv("MESSENGER_STREAMS_TOPIC_PREFIX", prefix)
-    settings = Settings(bootstrap_servers=harness.opts.bootstrap_servers, partitions=2)
-    cipher = TokenCipher([generate_key()])
-    writer = PagesWriter(settings)
-    await writer.start()
     token = "EAAstoredPageTokenTC01"
-    try:
-        await writer.put_page(PageRecord(page_id=PAGE, skill="billing", token=cipher.encrypt(Secret(token)),
-                                         token_id="t1"))
-        await writer.put_page(PageRecord(page_id=PAGE2, skill="support", enabled=False))
-        creds = DirectoryCredentials(settings, parse_config(BASE_CONFIG), cipher, Secret(graph.app_secret), {})
+    async with directory_pages(harness, monkeypatch, token) as pages:
+        creds = DirectoryCredentials(pages.settings, parse_config(BASE_CONFIG), pages.cipher,
+                                     Secret(graph.app_secret), {})
         opts = dataclasses.replace(harness.opts, tokens={})
-        stop, ready = asyncio.Event(), asyncio.Event()
-
-        async def on_ready() -> None:
-            ready.set()
-
-        task = asyncio.create_task(serve(opts, stop, on_ready=on_ready, dispatcher=Dispatcher(opts, creds)))
-        await asyncio.wait([task, asyncio.create_task(ready.wait())], timeout=60, return_when=asyncio.FIRST_COMPLETED)
-        assert not task.done(), task.exception()
-        try:
+        async with serving(opts, Dispatcher(opts, creds)):
             passed = {"recipient": {"id": "u1"}, "target_app_id": "1111", "metadata": "back to the bot"}
             await harness.send(outbound("u1", "tc-1", request=passed, endpoint="pass_thread_control", origin="system"))
             await harness.send(outbound("u2", "tc-2", page=PAGE2, request={"recipient": {"id": "u2"}},
@@ -109,11 +88,6 @@ async def test_thread_control_with_the_page_directorys_credentials(
                                         endpoint="request_thread_control", origin="system"))
             res = {r["outbox_id"]: r for r in await harness.results(4)}
             assert (res["tc-4"]["code"], res["tc-4"]["attempts"]) == (190, 0) and len(graph.requests) == 2
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 60)
         convs = {"tc-1": f"{PAGE}:u1", "tc-2": f"{PAGE2}:u2", "tc-3": f"{PAGE}:u1", "tc-4": f"{PAGE}:u1"}
         assert await read_sent_log(opts, convs) == {"tc-1": "sent", "tc-2": "failed", "tc-3": "failed",
                                                     "tc-4": "failed"}
-    finally:
-        await writer.stop()
