@@ -26,9 +26,8 @@ from streams.rules.onboarding import (
     REQUIRED_PAGE_SCOPES,
     SUBSCRIBED_FIELDS,
     granted_scopes,
-    locale_problem,
+    page_fields_problem,
     page_id_problem,
-    skill_problem,
     token_problems,
 )
 
@@ -114,9 +113,8 @@ class Onboarding:
     ) -> Report:
         """Check the token, subscribe the app, create the skill topic, store the page (token encrypted)."""
         report = Report(page_id)
-        for problem in (page_id_problem(page_id), skill and skill_problem(skill), locale and locale_problem(locale)):
-            if problem:
-                return report.fail(problem)
+        if problem := page_fields_problem(page_id, skill, locale):
+            return report.fail(problem)
         if self.graph is None:
             return report.fail("connecting a page needs the App Secret: set MESSENGER_STREAMS_APP_SECRET")
         try:
@@ -189,9 +187,8 @@ class Onboarding:
     ) -> Report:
         """Add a page without a token (the dispatcher's tokens file sends for it) or change a page's settings."""
         report = Report(page_id)
-        for problem in (page_id_problem(page_id), skill and skill_problem(skill), locale and locale_problem(locale)):
-            if problem:
-                return report.fail(problem)
+        if problem := page_fields_problem(page_id, skill, locale):
+            return report.fail(problem)
         old = self.current(page_id)
         if old is None and not skill:
             return report.fail("a new page needs --skill")

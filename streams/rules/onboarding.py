@@ -60,6 +60,11 @@ def locale_problem(locale: str) -> str | None:
     return None
 
 
+def page_fields_problem(page_id: str, skill: str | None, locale: str | None) -> str | None:
+    """The first problem of a page's id and its optional skill and locale, or None."""
+    return page_id_problem(page_id) or (skill and skill_problem(skill)) or (locale and locale_problem(locale)) or None
+
+
 def granted_scopes(debug: dict[str, Any]) -> list[str]:
     return sorted({str(s) for s in debug.get("scopes") or []})
 

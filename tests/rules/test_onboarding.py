@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from streams.rules.conversation.api import Decision, Env, Input
-from streams.rules.onboarding import REQUIRED_PAGE_SCOPES, token_problems
+from streams.rules.onboarding import REQUIRED_PAGE_SCOPES, page_fields_problem, token_problems
 from tests.rules.convo import Convo, cfg, console, rejections
 
 APP = "950864918368986"
@@ -78,3 +78,11 @@ def test_env_skills_are_the_whole_list_of_transfer_targets() -> None:
     out = narrow.act("transfer", to_skill="support")
     assert rejections(out) == ["invalid_action"] and "not a known skill" in console(out)[0]["detail"]
     assert narrow.conv["skill"] == "billing"
+
+
+def test_page_fields_problem_names_the_first_bad_field() -> None:
+    assert page_fields_problem("1691462197845448", "billing", "en_US") is None
+    assert page_fields_problem("1691462197845448", None, None) is None
+    assert "page" in (page_fields_problem("not-a-page", "billing", "en_US") or "")
+    assert "skill" in (page_fields_problem("1691462197845448", "Bad Skill!", "en_US") or "")
+    assert "locale" in (page_fields_problem("1691462197845448", "billing", "english") or "")
