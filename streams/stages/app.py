@@ -18,7 +18,7 @@ from streams.core.config import ConnectorConfig
 from streams.core.pages import PageDirectory
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
-from streams.stages import conversation, csat, history, ingest, orders, pages, runtime, web
+from streams.stages import conversation, csat, faustfix, history, ingest, orders, pages, runtime, web
 from streams.stages.pipeline import Pipeline
 from streams.stages.supervision import supervise
 
@@ -53,6 +53,7 @@ class CachedPartitioner:
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app tuned for this processor: ordering and at-least-once first."""
+    faustfix.install()  # two faust/mode fixes that lost records around a rebalance (streams/stages/faustfix.py)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{hp.strip()}" for hp in settings.bootstrap_servers.split(",") if hp.strip()],

@@ -1,0 +1,139 @@
+"""The faust fixes (streams/stages/faustfix.py).
+
+Against a real broker: faust's own fetch hands out the records of paused partitions when its set of
+active partitions is empty (the failover stall of issue 12); the guarded fetch hands out only active
+partitions' records, only while faust's flow runs, and leaves the others where they are. And
+without a broker: mode's flow control cleared the streams' queues on every resume, also one that
+ended no suspension (the CSAT facts lost after a restart); now only a resume after a suspension
+clears them."""
+
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import TopicPartition
+
+from streams.stages import faustfix
+from tests.kafkatools import KafkaIO
+
+
+async def two_partitions_with_records(kafka: KafkaIO, bootstrap: str) -> str:
+    topic = f"fetchguard-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
+    finally:
+        await admin.close()
+    p = await kafka.producer()
+    for i in range(5):
+        for part in (0, 1):
+            await p.send_and_wait(topic, f"r{i}".encode(), partition=part)
+    return topic
+
+
+async def assigned_consumer(bootstrap: str, topic: str) -> tuple[AIOKafkaConsumer, list[TopicPartition]]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    return consumer, tps
+
+
+def faust_side(flow_active: bool) -> Any:
+    """What `_fetch_records` reads of faust's consumer thread: `self.consumer.flow_active`."""
+    return SimpleNamespace(consumer=SimpleNamespace(flow_active=flow_active))
+
+
+async def fetch(fn: Any, side: Any, consumer: AIOKafkaConsumer, live: set[Any]) -> dict[Any, Any]:
+    got: dict[Any, Any] = await fn(side, consumer, live, timeout=1.0, max_records=100)
+    return got
+
+
+async def test_every_partition_paused_hands_out_nothing(kafka: KafkaIO, kafka_bootstrap: str) -> None:
+    topic = await two_partitions_with_records(kafka, kafka_bootstrap)
+    consumer, tps = await assigned_consumer(kafka_bootstrap, topic)
+    try:
+        # faust's own fetch: an empty active set (every partition paused) hands out every record
+        unguarded = await fetch(faustfix.UNGUARDED_FETCH, faust_side(True), consumer, set())
+        assert {tp.partition for tp in unguarded} == {0, 1}, "faust no longer drains paused partitions?"
+        for tp in tps:
+            consumer.seek(tp, 0)
+        faustfix.install()
+        from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+        guarded = await fetch(AIOKafkaConsumerThread._fetch_records, faust_side(True), consumer, set())
+        assert guarded == {}
+        assert [await consumer.position(tp) for tp in tps] == [0, 0], "records were consumed and dropped"
+        # one partition resumed: only its records, from where it stood
+        only0 = await fetch(AIOKafkaConsumerThread._fetch_records, faust_side(True), consumer, {tps[0]})
+        assert list(only0) == [tps[0]] and [r.offset for r in only0[tps[0]]] == [0, 1, 2, 3, 4]
+        assert await consumer.position(tps[1]) == 0
+    finally:
+        await consumer.stop()
+
+
+async def test_a_stopped_flow_hands_out_nothing(kafka: KafkaIO, kafka_bootstrap: str) -> None:
+    """faust stops the flow at a rebalance; a fetch already waiting must not drain then."""
+    topic = await two_partitions_with_records(kafka, kafka_bootstrap)
+    consumer, tps = await assigned_consumer(kafka_bootstrap, topic)
+    try:
+        faustfix.install()
+        side = faust_side(True)
+        live = set(tps)
+        view = faustfix.FetchablePartitions(side.consumer, live)
+        assert tps[0] in view and bool(view)
+        side.consumer.flow_active = False
+        assert tps[0] not in view and bool(view)
+        from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+        # flow stopped while the fetch waits (faust's own check sits only at the start of the call)
+        got = await fetch(AIOKafkaConsumerThread._fetch_records, SimpleNamespace(consumer=_StopsAfterStart()),
+                          consumer, live)
+        assert got == {}
+        assert [await consumer.position(tp) for tp in tps] == [0, 0]
+    finally:
+        await consumer.stop()
+
+
+class _StopsAfterStart:
+    """`flow_active` is True for faust's check at the start of the fetch, False afterwards."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    @property
+    def flow_active(self) -> bool:
+        self.reads += 1
+        return self.reads == 1
+
+
+def test_flow_control_clears_queues_only_when_a_suspension_ends() -> None:
+    import asyncio
+
+    from mode.utils.queues import FlowControlEvent, FlowControlQueue
+
+    async def scenario(resume: Any) -> list[int]:
+        flow = FlowControlEvent(initially_suspended=True)
+        queue: FlowControlQueue[int] = FlowControlQueue(maxsize=10, flow_control=flow, clear_on_resume=True)
+        queue.put_nowait(1)  # queued before the rebalance
+        resume(flow)  # the rebalance ends: stale input is dropped
+        queue.put_nowait(2)  # fetched for the new assignment
+        resume(flow)  # faust resumes again at the end of a table recovery
+        kept = []
+        while not queue.empty():
+            kept.append(queue.get_nowait())
+        return kept
+
+    # mode's own resume drops the record of the current assignment too
+    assert asyncio.run(scenario(faustfix.CLEARING_RESUME)) == []
+    assert asyncio.run(scenario(faustfix.resume_flow_control)) == [2]
+    faustfix.install()
+    assert asyncio.run(scenario(FlowControlEvent.resume)) == [2]
