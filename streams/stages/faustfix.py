@@ -1,4 +1,4 @@
-"""Two fixes to faust 0.15.3 (and mode 0.4) that lost records around a rebalance (issue 12).
+"""Two fixes to faust-streaming 0.15.3 (and mode-streaming 0.7.1) that lost records around a rebalance (issue 12).
 
 Both were found by instrumenting failing runs of `tests/stages/test_conversations_kafka.py::
 test_failover_within_15_seconds` and `tests/stages/test_csat_stage_kafka.py::

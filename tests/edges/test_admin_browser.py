@@ -119,9 +119,15 @@ def shot(driver: Any, name: str) -> None:
 async def test_connect_a_page_in_the_browser_and_watch_it_live(
     browser: Any, graph: FakeGraph, make_worker: Callable[..., Worker], kafka: KafkaIO, tmp_path: Path
 ) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.wait import WebDriverWait
+
+    def until_badge(page_id: str, status: str) -> None:
+        # the page re-renders after a toggle: a row found just before that is stale, look again
+        WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda _: badge(page_id) == status)
 
     def by_id(i: str) -> Any:
         return WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.ID, i)))
@@ -201,7 +207,7 @@ async def test_connect_a_page_in_the_browser_and_watch_it_live(
             def switch(on: bool) -> None:
                 browser.get(base + "/")
                 by_id(f"toggle-{NEW_PAGE}").click()
-                WebDriverWait(browser, 30).until(lambda _: badge(NEW_PAGE) == ("active" if on else "disabled"))
+                until_badge(NEW_PAGE, "active" if on else "disabled")
             await asyncio.to_thread(switch, False)
             await kafka.send(raw, message_body(NEW_PAGE, "p9", "are you there?"))
             _, letter = await dlq.wait(lambda v: v["reason"] == "page_disabled")
@@ -241,7 +247,7 @@ async def test_connect_a_page_in_the_browser_and_watch_it_live(
                 assert by_id(f"connect-{NEW_PAGE}").is_selected()  # already connected: checked
                 by_id("done").click()
                 at_url(base + "/")
-                WebDriverWait(browser, 30).until(lambda _: badge(NEW_PAGE) == "active")
+                until_badge(NEW_PAGE, "active")
             await asyncio.to_thread(reconnect)
             await kafka.send(actions, {"type": "message", "action_id": "a-2", "page_id": NEW_PAGE, "psid": "p9",
                                        "agent_id": "agent7", "text": "Back online."}, key=key)
