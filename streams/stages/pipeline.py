@@ -9,12 +9,11 @@ from typing import Any
 
 import faust
 
-from schemas.events import Source
-from streams.core import metrics, serde
+from streams.core import metrics
 from streams.core.config import ConnectorConfig
-from streams.core.deadletter import dead_letter
 from streams.core.settings import Settings
 from streams.stages import pages
+from streams.stages.runtime import letter_bytes
 
 
 @dataclass
@@ -42,9 +41,8 @@ class Pipeline:
 
     async def dead_letter(self, msg: Any, reason: str, error: str, item_index: str | None = None) -> None:
         """Send one consumed record to the dead-letter topic (reason, error, its source and its
-        original bytes; `item_index` names one bad item of a body) and count it."""
-        raw = msg.value if isinstance(msg.value, bytes) else b""
-        source = Source(topic=msg.topic, partition=msg.partition, offset=msg.offset)
-        letter = dead_letter(raw, reason, error, source, item_index)
-        await self.send(self.settings.topics.name("dlq"), msg.key, serde.dumps(letter))
+        original bytes, bounded by `dead_letter_max_bytes`; `item_index` names one bad item of a body)
+        and count it."""
+        letter = letter_bytes(msg, reason, error, max_bytes=self.settings.dead_letter_max_bytes, item_index=item_index)
+        await self.send(self.settings.topics.name("dlq"), msg.key, letter)
         metrics.DEAD_LETTERS.labels(reason).inc()

@@ -914,11 +914,21 @@ def _plan_record(src: str, event: Any) -> Record:
     return Record(topic, int(partition), int(offset), TICK_KEY, None, 0, (), event)
 
 
-def letter_bytes(rec: Record, reason: str, error: str, *, max_bytes: int, item_index: str | None = None) -> bytes:
+class Consumed(Protocol):
+    """What a dead letter needs of a consumed record: a `Record` or a faust message."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: Any
+
+
+def letter_bytes(rec: Consumed, reason: str, error: str, *, max_bytes: int, item_index: str | None = None) -> bytes:
     """The dead letter of one consumed record, serialized: its reason, error, source and original bytes
     (a bounded prefix with size and SHA-256 when the original is too large; `streams.core.deadletter`)."""
     source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
-    return serde.dumps(deadletter.dead_letter(rec.value or b"", reason, error, source, item_index, max_bytes=max_bytes))
+    raw = rec.value if isinstance(rec.value, bytes) else b""
+    return serde.dumps(deadletter.dead_letter(raw, reason, error, source, item_index, max_bytes=max_bytes))
 
 
 class BatchRouter:
