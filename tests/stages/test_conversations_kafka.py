@@ -114,11 +114,13 @@ async def test_whole_conversations_across_two_pages(make_worker: Callable[..., W
     # its echo comes back from our app: it gives the agent message its mid, never an external message
     await kafka.send(raw, body(BILLING_PAGE, echo(BILLING_PAGE, "alice", "m-agent", "Let me check that", APP_ID,
                                                   send["outbox_id"])))
-    # receipts, out of order: the older read watermark after the newer one is ignored
+    # receipts, out of order: the older read watermark after the newer one is ignored. One key, so one
+    # raw partition: unkeyed bodies land on any partition and may be split in another order
     t = now_ms()
-    await kafka.send(raw, body(BILLING_PAGE, receipt(BILLING_PAGE, "alice", "read", t)))
-    await kafka.send(raw, body(BILLING_PAGE, receipt(BILLING_PAGE, "alice", "read", t - 5000)))
-    await kafka.send(raw, body(BILLING_PAGE, receipt(BILLING_PAGE, "alice", "delivery", t - 1000)))
+    alice = f"{BILLING_PAGE}:alice"
+    await kafka.send(raw, body(BILLING_PAGE, receipt(BILLING_PAGE, "alice", "read", t)), key=alice)
+    await kafka.send(raw, body(BILLING_PAGE, receipt(BILLING_PAGE, "alice", "read", t - 5000)), key=alice)
+    await kafka.send(raw, body(BILLING_PAGE, receipt(BILLING_PAGE, "alice", "delivery", t - 1000)), key=alice)
 
     billing = await con.wait_for("billing", lambda e: len(of_type(e, "status")) == 2)
     agent_msgs = of_type(billing, "agent_message")
