@@ -22,10 +22,14 @@ def msg_body(page: str, psid: str, mid: str, text: str = "hi") -> bytes:
          "message": {"mid": mid, "text": text}}]}]})
 
 
+@pytest.mark.parametrize("one_hop", [True, False], ids=["one-hop", "two-hops"])
 async def test_raw_bodies_to_normalized_events_and_dead_letters(
-    make_worker: Callable[..., Worker], kafka: KafkaIO
+    make_worker: Callable[..., Worker], kafka: KafkaIO, one_hop: bool
 ) -> None:
-    w = make_worker(MESSENGER_STREAMS_MAX_BODY_BYTES="20000", MESSENGER_STREAMS_PUBLISH_EVENTS="true")
+    """Both paths of a raw body: split in place by the conversation stage (one hop, the default:
+    only events of another partition go through the split topic), or by `split_webhooks`."""
+    w = make_worker(MESSENGER_STREAMS_MAX_BODY_BYTES="20000", MESSENGER_STREAMS_PUBLISH_EVENTS="true",
+                    MESSENGER_STREAMS_ONE_HOP=str(one_hop).lower())
     good: list[bytes] = [body_of(p) for p in WEBHOOK_SAMPLES]
     good += [msg_body("1691462197845448", f"u{i}", f"m-{i}") for i in range(20)]
     duplicates = [good[0], good[5], msg_body("1691462197845448", "u3", "m-3", text="redelivered")]
@@ -52,7 +56,14 @@ async def test_raw_bodies_to_normalized_events_and_dead_letters(
     events = await kafka.read_json(w.topic("messenger.events"), min_count=len(expected_keys), timeout=60)
     dlq_records = await kafka.read_all(w.topic("messenger.dlq"), min_count=5, timeout=30)
     expected_split = sum(len(split_body(raw, max_bytes=20000).events) for raw in inputs)
-    split = await kafka.read_json(w.topic("messenger.events.split"), min_count=expected_split, timeout=60)
+    split_records = await kafka.read_all(w.topic("messenger.events.split"), min_count=0 if one_hop else expected_split,
+                                         timeout=60)
+    split = [orjson.loads(r.value) for r in split_records]
+    if one_hop:  # what went through the split topic changed partition; the rest was decided in place
+        assert 0 < len(split) < expected_split
+        assert all(r.partition != orjson.loads(r.value)["source"]["partition"] for r in split_records)
+    else:
+        assert len(split) == expected_split
 
     # exactly the expected events, each once, duplicates dropped
     assert sorted(e["idempotency_key"] for e in events) == sorted(expected_keys)
@@ -77,11 +88,12 @@ async def test_raw_bodies_to_normalized_events_and_dead_letters(
     item_letter = next(d for d in letters if d["reason"] == "invalid_item")
     assert item_letter["item_index"] == "entry[0].messaging[1]"
 
-    # accounting: every input item ends processed (split) or dead-lettered
+    # accounting: every input item ends processed (split, in place or through the split topic) or dead-lettered
     item_letters = sum(1 for d in letters if d["item_index"] is not None)
-    assert len(split) + item_letters == expected_items
-
     metrics = w.metrics()
+    taken = sum(v for k, v in metrics.items() if k.startswith("messenger_events_in_total"))
+    assert taken == expected_split and taken + item_letters == expected_items
+
     assert metrics.get('messenger_dead_letters_total{reason="invalid_json"}') == 2.0
     assert metrics.get('messenger_raw_bodies_total') == float(len(inputs))
 
@@ -112,7 +124,7 @@ async def test_a_2mb_body_is_dead_lettered_with_prefix_size_and_hash(
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-    w = make_worker()
+    w = make_worker(MESSENGER_STREAMS_PUBLISH_EVENTS="true")
     raw = w.topic("messenger.webhook.raw")
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap)
     await admin.start()
@@ -134,8 +146,8 @@ async def test_a_2mb_body_is_dead_lettered_with_prefix_size_and_hash(
     finally:
         await producer.stop()
 
-    split = await kafka.read_json(w.topic("messenger.events.split"), min_count=2, timeout=60)
-    assert sorted(e["mid"] for e in split) == ["after", "before"]
+    events = await kafka.read_json(w.topic("messenger.events"), min_count=2, timeout=60)
+    assert sorted(e["mid"] for e in events) == ["after", "before"]
     (record,) = await kafka.read_all(w.topic("messenger.dlq"), min_count=1, timeout=30)
     assert len(record.value) <= 900_000
     letter = orjson.loads(record.value)

@@ -110,6 +110,30 @@ async def test_a_topic_with_another_partition_count_is_refused(
                           "MESSENGER_STREAMS_PARTITIONS=1\n")
 
 
+@pytest.mark.parametrize("one_hop", [True, False])
+async def test_a_raw_topic_with_another_partition_count(
+    make_worker: Callable[..., Worker], kafka_bootstrap: str, one_hop: bool
+) -> None:
+    """The raw topic belongs to the ingester: with two hops any count will do; one hop needs raw
+    partition p assigned with the table's partition p, so the worker says what to do instead."""
+    w = make_worker(partitions=2, start=False, MESSENGER_STREAMS_ONE_HOP=str(one_hop).lower())
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(w.topic("messenger.webhook.raw"), 3, 1)])
+    finally:
+        await admin.close()
+    if not one_hop:
+        w.start()  # ready: the count is not checked
+        return
+    res = await asyncio.to_thread(subprocess.run, [str(ROOT / ".venv/bin/messenger-streams"), "worker"], env=w.env,
+                                  capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 2
+    assert res.stderr == (f"messenger-streams: error: topic {w.topic('messenger.webhook.raw')} has 3 partitions, the "
+                          "processor needs 2 (MESSENGER_STREAMS_PARTITIONS): give it 2 partitions, or set "
+                          "MESSENGER_STREAMS_ONE_HOP=false (every body then goes through messenger.events.split)\n")
+
+
 @pytest.mark.parametrize(("kind", "line"), [
     ("agent", "[CRITICAL] agent explode crashed: Boom: cannot handle b'bad record'; stopping the worker (exit status 1)"),
     ("timer", "[CRITICAL] worker crashed: Boom: timer gave up; stopping the worker (exit status 1)"),
