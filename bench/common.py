@@ -314,8 +314,8 @@ def percentiles(values: list[float], ps: Sequence[float] = (50, 90, 99, 99.9)) -
 def expected_counts(ds: Dataset, partitions: int) -> dict[str, int]:
     """What each internal stage should see for the data set (an oracle from the pure functions):
     raw bodies, agent actions, normalized events written to `split` by `split_webhooks` (two hops),
-    those the conversation stage forwards there (`forwarded`, one hop: events whose conversation's
-    partition is not their raw record's), and the survivors of dedupe (unique idempotency keys per
+    those the conversation stage forwards there (`forwarded`, one hop: events of bodies not keyed by
+    their conversation), and the survivors of dedupe (unique idempotency keys per
     conversation) written to `events`."""
     from aiokafka.partitioner import murmur2
 
@@ -332,7 +332,8 @@ def expected_counts(ds: Dataset, partitions: int) -> dict[str, int]:
         split += len(res.events)
         for e in res.events:
             seen.add((e.conversation_key, e.idempotency_key))
-            forwarded += (murmur2(e.conversation_key.encode()) & 0x7FFFFFFF) % partitions != r.partition
+            key = e.conversation_key.encode()
+            forwarded += r.key != key or (murmur2(key) & 0x7FFFFFFF) % partitions != r.partition
     return {"raw": raw, "actions": actions, "split": split, "forwarded": forwarded, "events": len(seen)}
 
 

@@ -119,13 +119,14 @@ class Sender:
         raise RuntimeError(f"could not write to {topic} for a minute")
 
     async def send_raw(self, value: bytes, kind: str, ref: int = -1, partition: int | None = None) -> Sent | None:
-        """Every other body is keyed by its conversation as the `webhook` command keys it (it lands on
-        its conversation's partition and is decided there in place, one hop); the others go
-        round-robin, so most take two hops: one conversation's events come by both paths."""
+        """Every other valid body is keyed by its conversation as the `webhook` command keys it (it
+        lands on its conversation's partition and is decided there in place, one hop); the others go
+        round-robin unkeyed and take two hops: one conversation's events come by both paths. Fuzzed
+        bodies and probes go unkeyed (their events are accounted for on the split topic)."""
         part, key = partition, None
         if partition is None:
             part = self.next_partition()
-            conversation = conversation_key_of(value) if self._rr % 2 else None
+            conversation = conversation_key_of(value) if kind == "valid" and self._rr % 2 else None
             if conversation is not None:
                 part, key = None, conversation.encode()
         try:

@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     )
     one_hop: bool = Field(
         default=True,
-        description="the conversation stage splits raw bodies whose events belong to its own partition in place "
-        "(no messenger.events.split round trip); false: every body goes through split_webhooks",
+        description="the conversation stage splits raw bodies and decides a body keyed by its conversation in "
+        "place (no messenger.events.split round trip; the raw topic needs MESSENGER_STREAMS_PARTITIONS "
+        "partitions); false: every body goes through split_webhooks",
     )
     tick_interval_seconds: float = Field(default=1.0, gt=0, description="timer resolution of the conversation stage")
     commit_interval_seconds: float = Field(default=1.0, gt=0)

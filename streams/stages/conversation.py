@@ -162,9 +162,14 @@ class ConversationStage:
 
     def split(self, rec: Record) -> Split:
         """A raw webhook body split in place (one hop): the inputs of its events whose conversation
-        key belongs to this record's partition (co-partitioned: same count, same partitioner), the
-        other events forwarded to the split topic, the bad items as dead letters. Raises only on a
-        bug (the runner dead-letters the body)."""
+        key is the record's key (the producer put it on that conversation's partition: the webhook
+        keys a body of one conversation so), the other events forwarded to the split topic, the bad
+        items as dead letters. Raises only on a bug (the runner dead-letters the body).
+
+        Only a body keyed by its conversation is decided in place, not every event that happens to
+        belong to the record's partition: an ingester that does not key by conversation gets exactly
+        the two-hop order it had (all of its bodies' events through the split topic), and one that
+        does gets every body of a conversation on one raw partition, in order."""
         self.check_copartitioned()
         admitted, rejected = split_record(rec, self.max_body_bytes, self.pages)
         inputs: list[Keyed] = []
@@ -182,7 +187,7 @@ class ConversationStage:
                                          f"{type(exc).__name__}: {exc}", where))
                 continue
             self.events_in.inc(ev.kind)
-            if self.partition_of(key_bytes) != rec.partition:
+            if key_bytes != rec.key or self.partition_of(key_bytes) != rec.partition:
                 outs.append(Out(self.names["split"], key_bytes, value))
                 continue
             data = serde.loads(value)  # exactly what the split path's consumer would read

@@ -210,6 +210,12 @@ def test_a_raw_body_is_split_in_place_for_its_own_partition() -> None:
                                          "index": "entry[0].messaging[1]"}
     letters = [orjson.loads(o.value) for o in parsed.outs if o.topic == t.name("dlq")]
     assert [(d["reason"], d["item_index"]) for d in letters] == [("invalid_item", "entry[0].messaging[3]")]
+    # the same body unkeyed, or keyed otherwise, on the same partition: every event takes two hops
+    for key in (None, b"k1", f"P1:{other}".encode()):
+        again = stage.parse(Record(t.name("raw"), here, 12, key, raw, 1_000))
+        assert isinstance(again, Split) and again.inputs == []
+        assert sorted(orjson.loads(o.value)["psid"] for o in again.outs if o.topic == t.name("split")) == sorted(
+            ["a", other, "a"])
     assert letters[0]["payload"] == raw.decode()
     # the input is what the two-hop path decides: the split event's JSON, read back
     split_value = next(o.value for o in parsed.outs if o.topic == t.name("split"))
