@@ -311,13 +311,17 @@ def percentiles(values: list[float], ps: Sequence[float] = (50, 90, 99, 99.9)) -
     return out
 
 
-def expected_counts(ds: Dataset) -> dict[str, int]:
+def expected_counts(ds: Dataset, partitions: int) -> dict[str, int]:
     """What each internal stage should see for the data set (an oracle from the pure functions):
-    raw bodies, agent actions, normalized events written to `split`, and the survivors of dedupe
-    (unique idempotency keys per conversation) written to `events`."""
+    raw bodies, agent actions, normalized events written to `split` by `split_webhooks` (two hops),
+    those the conversation stage forwards there (`forwarded`, one hop: events of bodies not keyed by
+    their conversation), and the survivors of dedupe (unique idempotency keys per
+    conversation) written to `events`."""
+    from aiokafka.partitioner import murmur2
+
     from streams.rules.normalize import split_body
 
-    raw = actions = split = 0
+    raw = actions = split = forwarded = 0
     seen: set[tuple[str, str]] = set()
     for r in ds.records:
         if r.attr != "raw":
@@ -328,7 +332,9 @@ def expected_counts(ds: Dataset) -> dict[str, int]:
         split += len(res.events)
         for e in res.events:
             seen.add((e.conversation_key, e.idempotency_key))
-    return {"raw": raw, "actions": actions, "split": split, "events": len(seen)}
+            key = e.conversation_key.encode()
+            forwarded += r.key != key or (murmur2(key) & 0x7FFFFFFF) % partitions != r.partition
+    return {"raw": raw, "actions": actions, "split": split, "forwarded": forwarded, "events": len(seen)}
 
 
 def mid_kind(value: bytes) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aiokafka.partitioner import murmur2
 
 from bench.common import (
     DEFAULT_CONFIG,
@@ -40,7 +41,8 @@ from bench.run import Names, log, parse_args, start_workers, wait_ready
 
 
 def bodies(config: Any, n: int, partitions: int) -> list[Rec]:
-    """N raw bodies, one consumer message each from N distinct people, round-robin over pages."""
+    """N raw bodies, one consumer message each from N distinct people, round-robin over pages, keyed
+    by their conversation as the `webhook` command keys them."""
     pages = [p.page_id for p in config.pages]
     now = int(time.time() * 1000)
     out = []
@@ -49,7 +51,8 @@ def bodies(config: Any, n: int, partitions: int) -> list[Rec]:
         item = {"sender": {"id": f"7{i:014d}"}, "recipient": {"id": page}, "timestamp": now + i,
                 "message": {"mid": f"m_mem{i:012d}", "text": "Hello, I need help with my order"}}
         body = orjson.dumps({"object": "page", "entry": [{"id": page, "time": now + i, "messaging": [item]}]})
-        out.append(Rec("raw", None, body, i % partitions))
+        key = f"{page}:{item['sender']['id']}".encode()  # keyed as the webhook keys it (one hop)
+        out.append(Rec("raw", key, body, (murmur2(key) & 0x7FFFFFFF) % partitions))
     return out
 
 

@@ -122,6 +122,11 @@ class Opts:
         return int(self.worker_env.get("MESSENGER_STREAMS_PRODUCER_LINGER_MS", _settings_default("producer_linger_ms")))
 
     @property
+    def one_hop(self) -> bool:
+        value = self.worker_env.get("MESSENGER_STREAMS_ONE_HOP", str(_settings_default("one_hop")))
+        return value.strip().lower() in ("1", "true", "yes", "on")
+
+    @property
     def commit_interval(self) -> float:
         return float(
             self.worker_env.get("MESSENGER_STREAMS_COMMIT_INTERVAL_SECONDS", _settings_default("commit_interval_seconds"))
@@ -395,9 +400,13 @@ async def prepare(opts: Opts, names: Names, ds: Dataset) -> float:
     return await preload(opts.bootstrap, ds.records, {a: names.attr(a) for a in input_attrs()})
 
 
-def c_stages(names: Names, exp: dict[str, int]) -> list[Stage]:
-    """The pipeline's consuming stages and what each must consume: split (raw), then converse
-    (split + actions, deduplicating as it goes)."""
+def c_stages(names: Names, exp: dict[str, int], one_hop: bool = True) -> list[Stage]:
+    """The pipeline's consuming stages and what each must consume. One hop (the default): converse
+    reads raw, the events forwarded to split, and actions. Two hops (`--worker-env
+    MESSENGER_STREAMS_ONE_HOP=false`): split_webhooks (raw), then converse (split + actions)."""
+    if one_hop:
+        return [([names.attr("raw"), names.attr("split"), names.attr("actions")],
+                 exp["raw"] + exp["forwarded"] + exp["actions"])]
     return [
         ([names.attr("raw")], exp["raw"]),
         ([names.attr("split"), names.attr("actions")], exp["split"] + exp["actions"]),
@@ -434,7 +443,7 @@ async def arm_c_drain(opts: Opts, names: Names, ds: Dataset, exp: dict[str, int]
     procs = start_workers(opts, names, app_id, workdir, workers)
     try:
         return await drain(opts, "C" if workers == 1 else f"C{workers}", names, app_id, procs, len(ds.records),
-                           c_stages(names, exp), names.internal(), bpid)
+                           c_stages(names, exp, opts.one_hop), names.internal(), bpid)
     finally:
         for p in procs:
             p.stop()
@@ -724,7 +733,7 @@ async def run(opts: Opts) -> dict[str, Any]:
     t = time.monotonic()
     ds = make_dataset(config, opts.events, opts.partitions, attrs)
     gen_s = time.monotonic() - t
-    exp = expected_counts(ds)
+    exp = expected_counts(ds, opts.partitions)
     rid = opts.run_id
     log(f"dataset: {len(ds.records)} records {ds.counts()}, {len(ds.mid_first)} message ids; "
         f"workdir {workdir}")
@@ -789,7 +798,7 @@ async def run(opts: Opts) -> dict[str, Any]:
                 spy = subprocess.Popen([_bin("py-spy"), "record", "--pid", str(procs[0].pid), "--rate", "200",
                                         "--format", opts.profile_format, "--output", opts.profile,
                                         "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-                r = await drain(opts, "C", names, f"bench{rid}p", procs, len(ds.records), c_stages(names, exp),
+                r = await drain(opts, "C", names, f"bench{rid}p", procs, len(ds.records), c_stages(names, exp, opts.one_hop),
                                 names.internal(), bpid)
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)

@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from chaos.observe import Console, Observer, partition_of
+from streams.rules.normalize import conversation_key_of
 
 log = logging.getLogger("chaos")
 
@@ -118,9 +119,18 @@ class Sender:
         raise RuntimeError(f"could not write to {topic} for a minute")
 
     async def send_raw(self, value: bytes, kind: str, ref: int = -1, partition: int | None = None) -> Sent | None:
-        part = self.next_partition() if partition is None else partition
+        """Every other valid body is keyed by its conversation as the `webhook` command keys it (it
+        lands on its conversation's partition and is decided there in place, one hop); the others go
+        round-robin unkeyed and take two hops: one conversation's events come by both paths. Fuzzed
+        bodies and probes go unkeyed (their events are accounted for on the split topic)."""
+        part, key = partition, None
+        if partition is None:
+            part = self.next_partition()
+            conversation = conversation_key_of(value) if kind == "valid" and self._rr % 2 else None
+            if conversation is not None:
+                part, key = None, conversation.encode()
         try:
-            md = await self._send(self.raw_topic, value, None, part, [("received-at", str(now_ms()).encode())])
+            md = await self._send(self.raw_topic, value, key, part, [("received-at", str(now_ms()).encode())])
         except KafkaError as exc:
             self.refused.append((kind, ref, type(exc).__name__))
             return None

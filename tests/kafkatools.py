@@ -241,11 +241,12 @@ class KafkaIO:
         value: bytes | dict[str, Any],
         key: bytes | str | None = None,
         headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
     ) -> None:
         p = await self.producer()
         raw = value if isinstance(value, bytes) else orjson.dumps(value)
         k = key.encode() if isinstance(key, str) else key
-        await p.send_and_wait(topic, raw, key=k, headers=headers or [])
+        await p.send_and_wait(topic, raw, key=k, headers=headers or [], partition=partition)
 
     async def read_all(self, topic: str, *, settle: float = 1.0, timeout: float = 30.0, min_count: int = 0) -> list[Any]:
         """Every record of `topic` from the beginning, waiting until at least `min_count` arrived

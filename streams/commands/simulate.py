@@ -24,6 +24,7 @@ from streams.core.config import ConnectorConfig
 from streams.core.process import start_client
 from streams.core.settings import Settings
 from streams.core.topics import ensure_contract_topics
+from streams.rules.normalize import conversation_key_of
 
 PAGE_INBOX_APP_ID = "263902037430900"
 CONSUMER_LINES = (
@@ -75,6 +76,13 @@ class Record:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+def raw_record(body: bytes, now: int) -> Record:
+    """A raw body as the `webhook` command writes it: keyed by its conversation when it holds one
+    (so the conversation stage decides it in place), with its `received-at` header."""
+    key = conversation_key_of(body)
+    return Record("raw", key.encode() if key is not None else None, body, (("received-at", str(now).encode()),))
+
+
 @dataclass
 class _Consumer:
     page_id: str
@@ -120,7 +128,7 @@ class Simulator:
         return f"m_sim{uuid.UUID(int=self.rng.getrandbits(128)).hex}"
 
     def _raw(self, page_id: str, items: list[dict[str, object]], now: int) -> Record:
-        rec = Record("raw", None, _body(page_id, items, now), (("received-at", str(now).encode()),))
+        rec = raw_record(_body(page_id, items, now), now)
         self._last_body = rec
         return rec
 
@@ -147,7 +155,7 @@ class Simulator:
             value = b"\xff\xfenot json at all"
         else:
             value = orjson.dumps({"object": "page", "entry": [{"id": None, "messaging": [{}]}]})
-        return Record("raw", None, value, (("received-at", str(now).encode()),))
+        return raw_record(value, now)
 
     def step(self, now: int | None = None) -> Record:
         """The next record of the traffic mix."""
@@ -161,7 +169,7 @@ class Simulator:
         self._join_flows()
         if flow is not None:
             topic, key, value = flow
-            return Record(topic, key, value, (("received-at", str(now).encode()),) if topic == "raw" else ())
+            return raw_record(value, now) if topic == "raw" else Record(topic, key, value)
         c = self.rng.choice(self.consumers)
         page, psid = c.page_id, c.psid
         script = (

@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     publish_events: bool = Field(
         default=False, description="also write every deduplicated event to messenger.events (audit, analytics)"
     )
+    one_hop: bool = Field(
+        default=True,
+        description="the conversation stage splits raw bodies and decides a body keyed by its conversation in "
+        "place (no messenger.events.split round trip; the raw topic needs MESSENGER_STREAMS_PARTITIONS "
+        "partitions); false: every body goes through split_webhooks",
+    )
     tick_interval_seconds: float = Field(default=1.0, gt=0, description="timer resolution of the conversation stage")
     commit_interval_seconds: float = Field(default=1.0, gt=0)
     producer_linger_ms: int = Field(

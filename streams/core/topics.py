@@ -67,6 +67,7 @@ class TopicSpec:
     compacted: bool = False
     exact: bool = True  # refuse an existing topic with another partition count
     config: Mapping[str, str] = field(default_factory=dict)  # more topic configs (retention.ms, …)
+    hint: str = ""  # what to do about another partition count, when not the default advice
 
     def topic_configs(self) -> dict[str, str]:
         configs = {"cleanup.policy": "compact"} if self.compacted else {}
@@ -144,10 +145,10 @@ async def _ensure(bootstrap: str, specs: Mapping[str, TopicSpec], replication_fa
         for name in present:
             spec = specs[name]
             if spec.exact and counts.get(name) != spec.partitions:
+                hint = spec.hint or f"delete the topic or set MESSENGER_STREAMS_PARTITIONS={counts.get(name)}"
                 raise TopicError(
                     f"topic {name} has {counts.get(name)} partitions, the processor needs {spec.partitions} "
-                    f"(MESSENGER_STREAMS_PARTITIONS): delete the topic or set MESSENGER_STREAMS_PARTITIONS="
-                    f"{counts.get(name)}"
+                    f"(MESSENGER_STREAMS_PARTITIONS): {hint}"
                 )
         new = [
             NewTopic(name, spec.partitions, replication_factor, topic_configs=spec.topic_configs())

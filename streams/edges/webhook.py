@@ -34,6 +34,7 @@ from streams.core import metrics
 from streams.core.process import CliError, configure_logging, quiet_kafka_startup, run_until_signalled
 from streams.core.settings import load_settings
 from streams.core.topics import ensure_topics
+from streams.rules.normalize import conversation_key_of
 
 log = logging.getLogger("messenger_streams.webhook")
 
@@ -44,6 +45,17 @@ DEFAULT_PORT = 8080
 def sign(body: bytes, secret: bytes) -> str:
     """The `X-Hub-Signature-256` value Meta sends for `body`."""
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def body_key(body: bytes, max_bytes: int) -> bytes | None:
+    """The raw record's key: the body's conversation key when it holds one conversation, else None.
+    A body the rules cannot read goes unkeyed (the splitter dead-letters it with its reason)."""
+    try:
+        key = conversation_key_of(body, max_bytes)
+    except Exception:  # noqa: BLE001 - the key is an optimisation; the body is accepted whatever it holds
+        log.debug("cannot key a webhook body", exc_info=True)
+        return None
+    return key.encode() if key is not None else None
 
 
 def verify_signature(body: bytes, header: str | None, secret: bytes) -> bool:
@@ -126,8 +138,11 @@ def create_app(opts: WebhookOptions, producer: _Producer, ready: Callable[[], bo
             return web.Response(status=403, text="bad signature")
         headers = [("x-hub-signature-256", header.encode("ascii", "replace")),
                    ("received-at", str(received_at).encode("ascii"))]
+        # keyed by its conversation when it holds one: it lands on that conversation's partition and is
+        # decided there in place (one hop, docs/architecture.md); other bodies go unkeyed and are split
+        key = body_key(body, opts.max_body_bytes)
         try:
-            await asyncio.wait_for(producer.send_and_wait(opts.raw_topic, body, key=None, headers=headers),
+            await asyncio.wait_for(producer.send_and_wait(opts.raw_topic, body, key=key, headers=headers),
                                    opts.kafka_timeout)
         except asyncio.CancelledError:
             raise

@@ -360,3 +360,14 @@ def split_body(
                 except ValueError as exc:
                     result.rejected.append(Rejected("invalid_item", str(exc), index))
     return result
+
+
+def conversation_key_of(raw: bytes, max_bytes: int = 1_048_576) -> str | None:
+    """The conversation key (`<page_id>:<psid>`) of a body whose events all belong to one
+    conversation, else None (several conversations, none, or not a valid body).
+
+    The webhook keys its raw records with it, so the body lands on its conversation's partition and
+    the conversation stage decides it in place (one hop, docs/architecture.md); an upstream ingester
+    may do the same. Bad items do not count: they become dead letters whatever the key."""
+    keys = {ev.conversation_key for ev in split_body(raw, max_bytes=max_bytes).events}
+    return keys.pop() if len(keys) == 1 else None

@@ -118,7 +118,9 @@ def create_pipeline(
         pipe.topics[attr] = raw_topic(settings.topics.name(attr))
     for skill in config.all_skills():
         pipe.skill_topics[skill] = raw_topic(settings.topics.skill(skill))
-    for name in list(stages) if stages is not None else list(registry):
+    names = list(stages) if stages is not None else list(registry)
+    pipe.one_hop = settings.one_hop and "ingest" in names and "conversations" in names
+    for name in names:
         registry[name](pipe)
     # faust skips records fetched across a rebalance; make sure they are fetched again (issue 12)
     runtime.reseek_uncommitted(app, group_id=settings.app_id, bootstrap_servers=settings.bootstrap_servers)

@@ -19,14 +19,18 @@ from typing import TYPE_CHECKING, Any
 from streams.core import metrics, serde
 from streams.rules.conversation.api import Input
 from streams.rules.conversation.decider import Decider
+from streams.rules.normalize import Rejected
 from streams.rules.wheel import parse_tick
+from streams.stages.ingest import split_record
 from streams.stages.runtime import (
+    MAX_INPUT_OUTPUT_BYTES,
     AppProducer,
     BadRecord,
     FactSeq,
     Keyed,
     Out,
     Record,
+    Split,
     StateFirstRunner,
     Step,
     TableStore,
@@ -35,6 +39,7 @@ from streams.stages.runtime import (
     WriteFailed,
     committed_offsets,
     crash_worker,
+    letter_bytes,
     meta_key,
 )
 
@@ -69,7 +74,7 @@ class ConversationStage:
         topics = settings.topics
         self.decider = decider
         self.names = {attr: topics.name(attr)
-                      for attr in ("split", "events", "actions", "send_results", "ticks", "relay")}
+                      for attr in ("raw", "split", "events", "actions", "send_results", "ticks", "relay")}
         self.source_of = {self.names["split"]: "event", self.names["actions"]: "action",
                           self.names["send_results"]: "result", self.names["relay"]: "relay"}  # relay: #15
         self.dests = {
@@ -88,11 +93,40 @@ class ConversationStage:
         self.default_skill_topic = self.skill_topics[pipe.config.routing.default_skill]
         self.publish_events = settings.publish_events
         self.console_events = metrics.BoundLabels(metrics.CONSOLE_EVENTS)
+        # one hop (issue 18): raw bodies are split here; their events of this record's partition are
+        # decided in place, the others forwarded to the split topic (the repartition by conversation)
+        self.max_body_bytes = settings.max_body_bytes
+        self.dlq_name = topics.name("dlq")
+        self.dead_letter_max_bytes = settings.dead_letter_max_bytes
+        self.partitions = settings.partitions
+        self.pipe = pipe  # its app's partitioner and consumer metadata, read when a raw body comes
+        self.events_in = metrics.BoundLabels(metrics.EVENTS_IN)
+        self.errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
+
+    def check_copartitioned(self) -> None:
+        """One hop needs raw partition p assigned with the table's partition p: the raw topic must
+        have MESSENGER_STREAMS_PARTITIONS partitions (the worker refuses to start otherwise,
+        `streams.stages.startup`). If someone adds partitions while it runs, faust assigns raw on its
+        own and this worker could write another worker's partitions: end it instead; its restart
+        refuses with the one-line reason."""
+        count = self.pipe.app.consumer.topic_partitions(self.names["raw"])
+        if count is not None and count != self.partitions:
+            crash_worker(RuntimeError(
+                f"{self.names['raw']} now has {count} partitions, not {self.partitions}: one hop cannot go on "
+                "(give it the same count, or set MESSENGER_STREAMS_ONE_HOP=false)"))
+
+    def partition_of(self, key: bytes) -> int:
+        """The partition the producer writes `key` to (murmur2, as every keyed record of the app)."""
+        every = list(range(self.partitions))
+        partitioner: Any = self.pipe.app.conf.producer_partitioner  # the app's CachedPartitioner
+        return int(partitioner(key, every, every))
 
     # records → inputs -------------------------------------------------------------------------
-    def parse(self, rec: Record) -> Keyed | TickIn:
+    def parse(self, rec: Record) -> Keyed | Split | TickIn:
         """The rule input (or tick) of a record; raises BadRecord with the dead-letter reason."""
         topic = rec.topic
+        if topic == self.names["raw"]:
+            return self.split(rec)
         reason = "invalid_action" if topic == self.names["actions"] else "processing_error"
         if rec.value is None:
             raise BadRecord(reason, "record without a value")
@@ -126,6 +160,47 @@ class ConversationStage:
             return Keyed(key, Input("relay", f"relay:{data.get('relay_id')}", rec.timestamp_ms, data))
         return Keyed(key, Input("result", f"result:{data.get('outbox_id')}", rec.timestamp_ms, data))
 
+    def split(self, rec: Record) -> Split:
+        """A raw webhook body split in place (one hop): the inputs of its events whose conversation
+        key is the record's key (the producer put it on that conversation's partition: the webhook
+        keys a body of one conversation so), the other events forwarded to the split topic, the bad
+        items as dead letters. Raises only on a bug (the runner dead-letters the body).
+
+        Only a body keyed by its conversation is decided in place, not every event that happens to
+        belong to the record's partition: an ingester that does not key by conversation gets exactly
+        the two-hop order it had (all of its bodies' events through the split topic), and one that
+        does gets every body of a conversation on one raw partition, in order."""
+        self.check_copartitioned()
+        admitted, rejected = split_record(rec, self.max_body_bytes, self.pages)
+        inputs: list[Keyed] = []
+        outs: list[Out] = []
+        for ev in admitted:
+            key = ev.conversation_key
+            where = ev.source.index if ev.source is not None else None
+            try:
+                value = serde.dumps(ev)
+                key_bytes = key.encode()
+                if len(value) > MAX_INPUT_OUTPUT_BYTES:
+                    raise ValueError(f"event of {len(value)} bytes, over {MAX_INPUT_OUTPUT_BYTES}")
+            except (TypeError, ValueError) as exc:
+                rejected.append(Rejected("processing_error", f"event {where or ''} cannot be written: "
+                                         f"{type(exc).__name__}: {exc}", where))
+                continue
+            self.events_in.inc(ev.kind)
+            if key_bytes != rec.key or self.partition_of(key_bytes) != rec.partition:
+                outs.append(Out(self.names["split"], key_bytes, value))
+                continue
+            data = serde.loads(value)  # exactly what the split path's consumer would read
+            received = data.get("received_at")
+            now = received if isinstance(received, int) and not isinstance(received, bool) else rec.timestamp_ms
+            inputs.append(Keyed(key, Input("event", str(data.get("idempotency_key")), now, data)))
+        for rej in rejected:
+            letter = letter_bytes(rec, rej.reason, rej.error, max_bytes=self.dead_letter_max_bytes,
+                                  item_index=rej.item_index)
+            outs.append(Out(self.dlq_name, rec.key, letter))
+            metrics.DEAD_LETTERS.labels(rej.reason).inc()
+        return Split(inputs, outs)
+
     # decisions → records ----------------------------------------------------------------------
     def decide(self, state: dict[str, Any] | None, inp: Input, key: str, rec: Record, facts: FactSeq) -> Step:
         """Decide one input and turn the decision into records: skill topics by skill, CSAT facts
@@ -136,7 +211,9 @@ class ConversationStage:
             return Step(state, None, [], [], duplicate=True)
         outs: list[Out] = []
         if inp.source == "event" and self.publish_events and rec.value is not None:
-            outs.append(Out(self.names["events"], key, rec.value))
+            # a body split in place: the event itself, as the split path would have read it
+            event_bytes = serde.dumps(inp.data) if rec.topic == self.names["raw"] else rec.value
+            outs.append(Out(self.names["events"], key, event_bytes))
         for out in decision.outputs:
             if out.dest == "skill":
                 skill = out.skill or ""
@@ -196,8 +273,10 @@ def register(pipe: Pipeline) -> None:
     )
     stage = ConversationStage(pipe, decider)
     names = stage.names
-    channel = pipe.raw_topic(names["split"], names["actions"], names["send_results"], names["ticks"],
-                             names["relay"])
+    inputs = [names["split"], names["actions"], names["send_results"], names["relay"]]
+    if pipe.one_hop:  # issue 18: raw bodies are split here, their own partition's events decided in place
+        inputs.insert(0, names["raw"])
+    channel = pipe.raw_topic(*inputs, names["ticks"])
     # values as JSON bytes in the local store, parsed on read (`TableStore`); keys stay JSON strings
     table = app.Table("conversations", default=None, partitions=settings.partitions, value_type=bytes)
     store = TableStore(table, app.producer)
@@ -231,7 +310,7 @@ def register(pipe: Pipeline) -> None:
     ticks = TickSource(
         app,
         ticks_topic=names["ticks"],
-        input_topics=[names["split"], names["actions"], names["send_results"], names["relay"]],
+        input_topics=inputs,
         upstream_topic=None,
         group_id=settings.app_id,
         bootstrap_servers=settings.bootstrap_servers,
@@ -240,8 +319,9 @@ def register(pipe: Pipeline) -> None:
 
     @app.timer(settings.tick_interval_seconds)  # type: ignore[untyped-decorator]  # faust is untyped
     async def tick() -> None:
-        # raw bodies count as input when this app splits them (every stage registered by now)
-        ticks.upstream_topic = topics.name("raw") if "split_webhooks" in app.agents else None
+        # raw bodies count as input when this app splits them (every stage registered by now): their
+        # events of other partitions reach this stage through the split topic
+        ticks.upstream_topic = topics.name("raw") if pipe.one_hop or "split_webhooks" in app.agents else None
         await ticks.run_once()
 
     async def close_ticks(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:

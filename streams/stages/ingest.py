@@ -22,12 +22,13 @@ import time
 from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from schemas.events import Source
+from schemas.events import NormalizedEvent, Source
 from streams.core import metrics, serde
-from streams.rules.normalize import split_body
+from streams.rules.normalize import Rejected, split_body
 from streams.stages.runtime import AppProducer, BatchRouter, Record, WriteFailed, crash_worker, is_too_large
 
 if TYPE_CHECKING:
+    from streams.stages.pages import LivePages
     from streams.stages.pipeline import Pipeline
 
 log = logging.getLogger("messenger_streams.ingest")
@@ -42,6 +43,20 @@ def received_at(headers: Sequence[tuple[str, Any]], timestamp_ms: int) -> int:
             except (TypeError, ValueError):
                 break
     return timestamp_ms
+
+
+def split_record(rec: Record, max_body_bytes: int, pages: LivePages) -> tuple[list[NormalizedEvent], list[Rejected]]:
+    """One raw body's events to take in and its dead letters (reason, error, item index): every
+    item normalized or rejected, then the live page directory's gate (issue 14: events of pages
+    switched off or not connected become `page_disabled` / `page_not_connected` dead letters with
+    the raw body, so `dlq replay --reason …` brings them back). Counts the body. Raises on a bug only:
+    the caller dead-letters the whole body."""
+    metrics.RAW_BODIES.inc()
+    source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
+    at = received_at(rec.headers, rec.timestamp_ms)
+    result = split_body(rec.value or b"", max_bytes=max_body_bytes, source=source, received_at=at)
+    admitted, blocked = pages.gate(result.events, at)
+    return admitted, [*result.rejected, *blocked]
 
 
 class Splitter(BatchRouter):
@@ -59,15 +74,8 @@ class Splitter(BatchRouter):
         self.pages = pipe.pages  # issue 14: the live page directory's gate
 
     async def _one(self, rec: Record, acks: list[Awaitable[Any]]) -> None:
-        metrics.RAW_BODIES.inc()
-        raw = rec.value or b""
-        source = Source(topic=rec.topic, partition=rec.partition, offset=rec.offset)
         try:
-            at = received_at(rec.headers, rec.timestamp_ms)
-            result = split_body(raw, max_bytes=self.max_body_bytes, source=source, received_at=at)
-            # issue 14: events of pages switched off or not connected become dead letters (page_disabled,
-            # page_not_connected) with the raw body, so `dlq replay --reason …` brings them back
-            admitted, blocked = self.pages.gate(result.events, at)
+            admitted, rejected = split_record(rec, self.max_body_bytes, self.pages)
         except Exception as exc:  # noqa: BLE001 - one body must never stop ingest; logged with traceback
             log.exception("cannot split raw record %s: dead-lettered", rec.src)
             self.errors.inc("split", type(exc).__name__)
@@ -85,12 +93,15 @@ class Splitter(BatchRouter):
                                  f"event {where or ''} cannot be written: {type(exc).__name__}: {exc}", acks, where)
                 continue
             self.events_in.inc(ev.kind)
-        for rej in [*result.rejected, *blocked]:
+        for rej in rejected:
             await self._dead(rec, rej.reason, rej.error, acks, rej.item_index)
 
 
 def register(pipe: Pipeline) -> None:
-    """Attach the `split_webhooks` agent to the pipeline's app."""
+    """Attach the `split_webhooks` agent to the pipeline's app, unless the conversation stage of
+    this app splits the raw bodies itself (`Pipeline.one_hop`, issue 18)."""
+    if pipe.one_hop:
+        return
     app = pipe.app
     settings = pipe.settings
     raw_topic = pipe.topic("raw")

@@ -28,6 +28,9 @@ class Pipeline:
     skill_topics: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     raw_topic: Callable[..., Any] = field(default=lambda *names: None)
+    # issue 18: the conversation stage splits raw bodies itself (`streams.stages.conversation`), and
+    # `split_webhooks` is not registered; set by `create_pipeline` when both stages run in this app
+    one_hop: bool = False
 
     def topic(self, attr: str) -> Any:
         """The faust topic for one of TOPIC_SPECS."""

@@ -183,6 +183,20 @@ class Keyed:
 
 
 @dataclass(frozen=True, slots=True)
+class Split:
+    """A record that holds several inputs: a raw webhook body split in place (one hop, issue 18).
+
+    `inputs` are the inputs of keys of the record's own partition, in the body's order; `outs` are
+    records that go out whatever the keys' state says (the body's events of other partitions,
+    forwarded to the split topic, and the dead letters of its bad items). They follow from the
+    record's bytes alone, so they are sent again on every delivery (at-least-once; the forwarded
+    events are deduplicated by their conversation)."""
+
+    inputs: list[Keyed]
+    outs: list[Out]
+
+
+@dataclass(frozen=True, slots=True)
 class TickIn:
     """A decoded tick."""
 
@@ -206,7 +220,7 @@ class Stage(Protocol):
 
     facts_topic: str | None  # outputs to this topic are numbered by FactSeq
 
-    def parse(self, rec: Record) -> Keyed | TickIn:
+    def parse(self, rec: Record) -> Keyed | Split | TickIn:
         """Decode a record; raises BadRecord (or any exception: then `processing_error`)."""
         ...
 
@@ -538,7 +552,13 @@ class StateFirstRunner:
             tick = replace(parsed.tick, src=rec.src)
             proven = self.clock.offer(p, tick, lambda topic: self.progress(topic, p))
         else:
-            self._input(unit, rec, parsed.key, parsed.inp)
+            if isinstance(parsed, Split):
+                unit.outputs.extend(parsed.outs)
+                facts = FactSeq()  # one numbering for the facts of every input of the record
+                for key, inps in _by_key(parsed.inputs).items():
+                    self._input(unit, rec, key, inps, facts)
+            else:
+                self._input(unit, rec, parsed.key, [parsed.inp], FactSeq())
             if not self.clock.waiting(p):
                 return unit
             # this record may be the data a waiting tick was waiting for
@@ -565,7 +585,9 @@ class StateFirstRunner:
             return await self._fire(unit, p, _plan_record(f["src"], rec.event), recovering=True)
         return unit
 
-    def _input(self, unit: Unit, rec: Record, key: str, inp: Input) -> None:
+    def _input(self, unit: Unit, rec: Record, key: str, inps: Sequence[Input], facts: FactSeq) -> None:
+        """The inputs one record holds for one key (one, or several items of a raw body split in
+        place), decided in order; the key's guard covers them together (one offset)."""
         p = rec.partition
         entry = unit.entry(key)
         if entry is not None and guard.is_applied(entry.applied, rec.topic, p, rec.offset):
@@ -575,24 +597,26 @@ class StateFirstRunner:
             if found is not None:  # else its outputs were acked before a later unit replaced `pending`
                 self._resend(unit, key, found)
             return
-        try:
-            step = self.stage.decide(entry.state if entry else None, inp, key, rec, FactSeq())
-            self._check(step)
-        except Exception as exc:  # noqa: BLE001 - dead-lettered with reason, logged with traceback
-            self._failed(rec, exc, f"key {key!r}")
-            letter = self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
-            # the key's guard covers this offset once a later input is applied: keep the letter
-            # pending on the key, so that a redelivery sends it again instead of skipping it
-            e = self._touch(unit, key, p, rec.event)
-            guard.mark_applied(e.applied, rec.topic, p, rec.offset)
-            e.pending.append([rec.src, [[letter.topic, key, letter.value]], [], self.run_id])
-            if e.state is None and e.purge_at is None:
-                e.purge_at = max(unit.meta(p)["clock"], rec.timestamp_ms) + PURGE_AFTER_MS
-                self._arm(unit, p, key, e.purge_at, rec.event)
-            return
-        if step.duplicate:
-            return
-        self._apply(unit, key, p, rec, rec.src, step, guarded=True)
+        for inp in inps:
+            entry = unit.entry(key)
+            try:
+                step = self.stage.decide(entry.state if entry else None, inp, key, rec, facts)
+                self._check(step)
+            except Exception as exc:  # noqa: BLE001 - dead-lettered with reason, logged with traceback
+                self._failed(rec, exc, f"key {key!r}")
+                letter = self._dead(unit, rec, "processing_error", f"{type(exc).__name__}: {exc}")
+                # the key's guard covers this offset once a later input is applied: keep the letter
+                # pending on the key, so that a redelivery sends it again instead of skipping it
+                e = self._touch(unit, key, p, rec.event)
+                guard.mark_applied(e.applied, rec.topic, p, rec.offset)
+                _pend(e, rec.src, [[letter.topic, key, letter.value]], [], self.run_id)
+                if e.state is None and e.purge_at is None:
+                    e.purge_at = max(unit.meta(p)["clock"], rec.timestamp_ms) + PURGE_AFTER_MS
+                    self._arm(unit, p, key, e.purge_at, rec.event)
+                continue
+            if step.duplicate:
+                continue
+            self._apply(unit, key, p, rec, rec.src, step, guarded=True)
 
     def _check(self, step: Step) -> None:
         if step.state_bytes is not None and len(step.state_bytes) > MAX_STATE_BYTES:
@@ -611,8 +635,8 @@ class StateFirstRunner:
         if guarded:
             guard.mark_applied(e.applied, rec.topic, p, rec.offset)
         if step.outputs or step.deltas:
-            e.pending.append([src, [[o.topic, o.key, o.value] for o in step.outputs],
-                              [list(d) for d in step.deltas], self.run_id])
+            _pend(e, src, [[o.topic, o.key, o.value] for o in step.outputs], [list(d) for d in step.deltas],
+                  self.run_id)
             unit.pending_bytes[key] = unit.pending_bytes.get(key, 0) + sum(len(o.value) for o in step.outputs)
             if unit.pending_bytes[key] >= KEY_MAX_PENDING_BYTES:
                 unit.cut = True
@@ -880,6 +904,24 @@ class StateFirstRunner:
         self.completed.update(unit.fired)
         metrics.UNITS_FLUSHED.labels(self.stage_name).inc()
         return self._unit()
+
+
+def _pend(e: Entry, src: str, outs: list[list[Any]], deltas: list[list[Any]], run_id: str) -> None:
+    """Keep the outputs and deltas of input `src` pending on the key; the inputs of one record for
+    one key (items of a raw body) share one pending entry, re-sent together on redelivery."""
+    last = e.pending[-1] if e.pending else None
+    if last is not None and last[0] == src:
+        e.pending[-1] = [src, [*last[1], *outs], [*last[2], *deltas], run_id]
+    else:
+        e.pending.append([src, outs, deltas, run_id])
+
+
+def _by_key(inputs: Sequence[Keyed]) -> dict[str, list[Input]]:
+    """Inputs grouped by key, each key's in their order (keys in order of first appearance)."""
+    out: dict[str, list[Input]] = {}
+    for k in inputs:
+        out.setdefault(k.key, []).append(k.inp)
+    return out
 
 
 def _added(counts: Mapping[str, Mapping[str, int]], deltas: Sequence[Sequence[Any]]) -> dict[str, dict[str, int]]:

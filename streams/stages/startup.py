@@ -12,6 +12,7 @@ turns a mismatch Faust would only find on the first record into one line at star
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import sys
 from typing import Any
@@ -53,6 +54,15 @@ def required_topics(pipe: Pipeline) -> dict[str, TopicSpec]:
     for topic in declared:
         for name in getattr(topic, "topics", None) or ():  # channels that are not Kafka topics have none
             specs.setdefault(name, _faust_spec(topic, default))
+    raw = pipe.settings.topics.name("raw")
+    if pipe.one_hop and raw in specs:
+        # one hop: raw partition p must be assigned with the table's partition p (one co-partitioned
+        # group in faust's assignor), so the raw topic's count is no longer the ingester's choice
+        specs[raw] = dataclasses.replace(
+            specs[raw], exact=True,
+            hint=f"give it {pipe.settings.partitions} partitions, or set MESSENGER_STREAMS_ONE_HOP=false "
+            "(every body then goes through messenger.events.split)",
+        )
     return specs
 
 

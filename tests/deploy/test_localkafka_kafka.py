@@ -58,14 +58,21 @@ async def write_and_commit(bootstrap: str, topic: str) -> None:
         await consumer.stop()
 
 
-async def read_back(bootstrap: str, topic: str) -> tuple[int, int | None]:
-    """(end offset of partition 0, the group's committed offset)."""
+async def read_back(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[int, int | None]:
+    """(end offset of partition 0, the group's committed offset). A broker just started may not
+    serve the group's offsets yet (its coordinator loads `__consumer_offsets` first; aiokafka then
+    says None): asked again until it does, or until `timeout`."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="keeper", enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
         ends = await consumer.end_offsets([tp])
-        return ends[tp], await consumer.committed(tp)
+        deadline = time.monotonic() + timeout
+        committed = await consumer.committed(tp)
+        while committed is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            committed = await consumer.committed(tp)
+        return ends[tp], committed
     finally:
         await consumer.stop()
 

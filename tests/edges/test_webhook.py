@@ -65,6 +65,7 @@ def test_signature_verification() -> None:
 class FakeProducer:
     def __init__(self, fail: BaseException | None = None, delay: float = 0.0) -> None:
         self.sent: list[tuple[str, bytes, list[tuple[str, bytes]]]] = []
+        self.keys: list[bytes | None] = []
         self.fail = fail
         self.delay = delay
 
@@ -74,6 +75,7 @@ class FakeProducer:
         if self.fail is not None:
             raise self.fail
         self.sent.append((topic, value, list(headers or [])))
+        self.keys.append(key)
         return None
 
 
@@ -116,6 +118,23 @@ async def test_post_written_only_when_signed_and_acknowledged() -> None:
         assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
     finally:
         await client.close()
+
+
+async def test_a_body_of_one_conversation_is_keyed_by_it() -> None:
+    """One hop: the raw record lands on its conversation's partition (decided there in place);
+    a body of several conversations, or one the rules cannot read, goes unkeyed (split, repartitioned)."""
+    prod = FakeProducer()
+    client = await client_for(prod)
+    two = orjson.loads(body("m2"))
+    two["entry"].append(orjson.loads(body("m3", psid="42"))["entry"][0])
+    bodies = [body("m1"), orjson.dumps(two), b'{"object": "page", "entry": [', body("m4", psid="7")]
+    try:
+        for raw in bodies:
+            r = await client.post("/webhook", data=raw, headers={"X-Hub-Signature-256": sign(raw, SECRET)})
+            assert r.status == 200
+    finally:
+        await client.close()
+    assert prod.keys == [f"{PAGE}:1254938275682919".encode(), None, None, f"{PAGE}:7".encode()]
 
 
 @pytest.mark.parametrize("producer", [FakeProducer(fail=ConnectionError("down")), FakeProducer(delay=2.0)])

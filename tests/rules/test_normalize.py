@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from streams.rules.normalize import split_body
+from streams.rules.normalize import conversation_key_of, split_body
 from tests.kafkatools import envelope
 
 SAMPLES = Path(__file__).parents[1] / "samples"
@@ -252,3 +252,20 @@ def test_ids_as_numbers_and_strings_agree(value: dict[str, Any]) -> None:
 def test_second_timestamps_are_scaled_to_ms() -> None:
     ev = one(body(item(timestamp="1527459824", postback={"payload": "P"})))
     assert ev.timestamp == 1527459824000
+
+
+def test_conversation_key_of_a_body() -> None:
+    """The key the webhook gives a raw record: the one conversation its events belong to, else None.
+    An echo belongs to the consumer it was sent to; bad items do not count."""
+    for name, (_kind, page, psid, _) in EXPECTED.items():
+        assert conversation_key_of(body_of(SAMPLES / name)) == f"{page}:{psid}", name
+    one = {"sender": {"id": "u1"}, "recipient": {"id": "P"}, "timestamp": 1, "message": {"mid": "m1", "text": "a"}}
+    echo = {"sender": {"id": "P"}, "recipient": {"id": "u1"}, "timestamp": 2,
+            "message": {"mid": "m2", "text": "b", "is_echo": True}}
+    other = {**one, "sender": {"id": "u2"}}
+    doc = {"object": "page", "entry": [{"id": "P", "time": 1, "messaging": [one, echo, 42]}]}
+    assert conversation_key_of(orjson.dumps(doc)) == "P:u1"
+    doc["entry"][0]["messaging"].append(other)
+    assert conversation_key_of(orjson.dumps(doc)) is None
+    assert conversation_key_of(b"not json") is None
+    assert conversation_key_of(orjson.dumps({"object": "page", "entry": []})) is None

@@ -19,19 +19,24 @@ from streams.core.settings import Settings
 from streams.rules import wheel
 from streams.rules.conversation.api import Decision, Input, Output
 from streams.stages import ingest
+from streams.stages.app import CachedPartitioner
 from streams.stages.conversation import ConversationStage, counter_deltas
 from streams.stages.pages import LivePages
-from streams.stages.runtime import BadRecord, FactSeq, Keyed, Record, TickIn
+from streams.stages.runtime import BadRecord, FactSeq, Keyed, Record, Split, TickIn
 
 CONFIG = ConnectorConfig.model_validate(
     {"account": {"app_id": "1"}, "routing": {"default_skill": "general"}, "pages": [{"page_id": "P1", "skill": "billing"}]}
 )
 
 
-def pipe(**settings: Any) -> Any:
+def pipe(raw_partitions: int | None = 8, **settings: Any) -> Any:
+    """A pipeline as the stages see it; its app only answers the partitioner and the raw topic's
+    partition count (what the consumer's metadata says)."""
     s = Settings(**settings)
+    consumer = SimpleNamespace(topic_partitions=lambda topic: raw_partitions)
+    app = SimpleNamespace(conf=SimpleNamespace(producer_partitioner=CachedPartitioner()), consumer=consumer)
     return SimpleNamespace(settings=s, config=CONFIG, skill_topics={k: None for k in CONFIG.all_skills()},
-                           pages=LivePages(PageDirectory(CONFIG), s))  # the TOML's pages (not started)
+                           pages=LivePages(PageDirectory(CONFIG), s), app=app)  # the TOML's pages (not started)
 
 
 class FakeDecider:
@@ -176,3 +181,71 @@ def test_received_at_header() -> None:
     assert ingest.received_at([("received-at", b"123")], 9) == 123
     assert ingest.received_at([("received-at", b"x")], 9) == 9
     assert ingest.received_at([], 9) == 9
+
+
+def partition_of(key: str, n: int = 8) -> int:
+    every = list(range(n))
+    return CachedPartitioner()(key.encode(), every, every)
+
+
+def test_a_raw_body_is_split_in_place_for_its_own_partition() -> None:
+    """One hop (issue 18): the events of the record's own partition become inputs, in the body's
+    order, exactly as the split topic's consumer would read them; the others are forwarded to the
+    split topic; bad items become dead letters with the raw body."""
+    stage = ConversationStage(pipe(), FakeDecider(Decision({})))  # type: ignore[arg-type]
+    t = Settings().topics
+    here = partition_of("P1:a")
+    other = next(p for p in ("b", "c", "d", "e", "f") if partition_of(f"P1:{p}") != here)
+    doc = orjson.loads(body("a", other, "a"))
+    doc["entry"][0]["messaging"].append(42)  # a bad item
+    raw = orjson.dumps(doc)
+    r = Record(t.name("raw"), here, 11, b"P1:a", raw, 1_000, [("received-at", b"900")])
+    parsed = stage.parse(r)
+    assert isinstance(parsed, Split)
+    assert [(k.key, k.inp.data["mid"], k.inp.now) for k in parsed.inputs] == [("P1:a", "m-a", 900)] * 2
+    assert [k.inp.data["source"]["index"] for k in parsed.inputs] == ["entry[0].messaging[0]", "entry[0].messaging[2]"]
+    forwarded = [(o.topic, o.key, orjson.loads(o.value)) for o in parsed.outs if o.topic == t.name("split")]
+    assert [(topic, key) for topic, key, _ in forwarded] == [(t.name("split"), f"P1:{other}".encode())]
+    assert forwarded[0][2]["source"] == {"topic": t.name("raw"), "partition": here, "offset": 11,
+                                         "index": "entry[0].messaging[1]"}
+    letters = [orjson.loads(o.value) for o in parsed.outs if o.topic == t.name("dlq")]
+    assert [(d["reason"], d["item_index"]) for d in letters] == [("invalid_item", "entry[0].messaging[3]")]
+    # the same body unkeyed, or keyed otherwise, on the same partition: every event takes two hops
+    for key in (None, b"k1", f"P1:{other}".encode()):
+        again = stage.parse(Record(t.name("raw"), here, 12, key, raw, 1_000))
+        assert isinstance(again, Split) and again.inputs == []
+        assert sorted(orjson.loads(o.value)["psid"] for o in again.outs if o.topic == t.name("split")) == sorted(
+            ["a", other, "a"])
+    assert letters[0]["payload"] == raw.decode()
+    # the input is what the two-hop path decides: the split event's JSON, read back
+    split_value = next(o.value for o in parsed.outs if o.topic == t.name("split"))
+    two_hop = stage.parse(Record(t.name("split"), here, 0, f"P1:{other}".encode(), split_value, 1_000))
+    assert isinstance(two_hop, Keyed) and two_hop.inp.data["source"]["index"] == "entry[0].messaging[1]"
+    assert parsed.inputs[0].inp.data.keys() == two_hop.inp.data.keys()
+
+
+def test_a_raw_topic_whose_partition_count_changed_ends_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions added to raw while workers run: faust now assigns raw apart from the table, so
+    deciding in place could write another worker's partitions. The worker ends (its restart refuses
+    with the reason) rather than go on."""
+    from streams.stages import conversation
+
+    def crash(exc: BaseException) -> None:
+        raise SystemExit(str(exc))
+
+    monkeypatch.setattr(conversation, "crash_worker", crash)
+    stage = ConversationStage(pipe(raw_partitions=12), FakeDecider(Decision({})))  # type: ignore[arg-type]
+    t = Settings().topics
+    with pytest.raises(SystemExit, match="now has 12 partitions, not 8: one hop cannot go on"):
+        stage.parse(Record(t.name("raw"), partition_of("P1:a"), 0, b"P1:a", body("a"), 1_000))
+
+
+def test_publish_events_writes_the_event_of_a_body_split_in_place() -> None:
+    stage = ConversationStage(pipe(publish_events=True), FakeDecider(Decision({})))  # type: ignore[arg-type]
+    t = Settings().topics
+    r = Record(t.name("raw"), partition_of("P1:a"), 0, b"P1:a", body("a"), 1_000)
+    parsed = stage.parse(r)
+    assert isinstance(parsed, Split)
+    step = stage.decide(None, parsed.inputs[0].inp, "P1:a", r, FactSeq())
+    assert step.outputs[0].topic == t.name("events")
+    assert orjson.loads(step.outputs[0].value) == parsed.inputs[0].inp.data

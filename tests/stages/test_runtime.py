@@ -31,6 +31,7 @@ from streams.stages.runtime import (
     Keyed,
     Out,
     Record,
+    Split,
     StateFirstRunner,
     Step,
     TickIn,
@@ -138,14 +139,22 @@ class FakeStage:
 
     facts_topic = "facts"
 
-    def parse(self, rec: Record) -> Keyed | TickIn:
+    def parse(self, rec: Record) -> Keyed | Split | TickIn:
         assert rec.value is not None
         if rec.topic == "t":
             return TickIn(wheel.parse_tick(orjson.loads(rec.value)))
         if rec.value == b"bad":
             raise BadRecord("processing_error", "bad record")
-        assert rec.key is not None
         data = orjson.loads(rec.value)
+        if "items" in data:  # a body of several items (one hop): this partition's decided, others forwarded
+            inputs, outs = [], []
+            for j, item in enumerate(data["items"]):
+                if part_of(item["key"]) == rec.partition:
+                    inputs.append(Keyed(item["key"], Input("event", f"in:{rec.src}#{j}", rec.timestamp_ms, item)))
+                else:
+                    outs.append(Out("fwd", item["key"], dumps({"id": f"fwd:{rec.src}#{j}"})))
+            return Split(inputs, outs)
+        assert rec.key is not None
         return Keyed(rec.key.decode(), Input("event", f"in:{rec.src}", rec.timestamp_ms, data))
 
     def decide(self, state: dict[str, Any] | None, inp: Input, key: str, rec: Record, facts: FactSeq) -> Step:
@@ -173,8 +182,9 @@ class FakeStage:
         pass
 
 
-def timeline(rng: random.Random, n: int) -> dict[tuple[str, int], list[Record]]:
-    """Input records on topics a/b and ticks on t, per topic-partition, in offset order."""
+def timeline(rng: random.Random, n: int, multi: bool = False) -> dict[tuple[str, int], list[Record]]:
+    """Input records on topics a/b and ticks on t, per topic-partition, in offset order. `multi`:
+    a third of the records are bodies of 2–4 items (keys of any partition, some the same key twice)."""
     tps: dict[tuple[str, int], list[Record]] = defaultdict(list)
     keys = [f"k{i}" for i in range(12)]
     ts = 1_000_000
@@ -185,6 +195,10 @@ def timeline(rng: random.Random, n: int) -> dict[tuple[str, int], list[Record]]:
         topic = rng.choice(TOPICS)
         roll = rng.random()
         value = b"bad" if roll < 0.04 else dumps({"i": i, "boom": roll > 0.97})
+        if multi and value != b"bad" and rng.random() < 0.35:
+            items = [key, *(rng.choice([key, *keys]) for _ in range(rng.randint(1, 3)))]
+            value = dumps({"i": i, "items": [{"key": k, "j": j, "boom": rng.random() < 0.03}
+                                             for j, k in enumerate(items)]})
         recs = tps[(topic, p)]
         recs.append(Record(topic, p, len(recs), key.encode(), value, ts))
         if i % 7 == 0:
@@ -222,9 +236,11 @@ async def consume(
     committed.update(acked)
 
 
-async def run_with_crashes(seed: int, n: int = 160, crashes: int = 3) -> tuple[FakeKafka, FakeStore, dict[Any, Any]]:
+async def run_with_crashes(
+    seed: int, n: int = 160, crashes: int = 3, multi: bool = False
+) -> tuple[FakeKafka, FakeStore, dict[Any, Any]]:
     rng = random.Random(seed)
-    tps = timeline(rng, n)
+    tps = timeline(rng, n, multi)
     kafka = FakeKafka(rng)
     store = FakeStore(kafka)
     committed: dict[tuple[str, int], int] = {}
@@ -255,18 +271,33 @@ def outputs(kafka: FakeKafka, topic: str) -> list[dict[str, Any]]:
     return [orjson.loads(v) for (t, _), log in kafka.logs.items() if t == topic for v in log]
 
 
+def _items(r: Record) -> list[tuple[str, dict[str, Any]]]:
+    """(input id, item) of every input of a good record, its own partition's items for a body."""
+    data = orjson.loads(r.value or b"")
+    if "items" not in data:
+        return [(f"in:{r.src}", data)]
+    return [(f"in:{r.src}#{j}", item) for j, item in enumerate(data["items"]) if part_of(item["key"]) == r.partition]
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["one-input", "bodies"])
 @pytest.mark.parametrize("seed", range(40))
-async def test_crashes_anywhere_keep_state_and_outputs_together(seed: int) -> None:
-    kafka, store, ctx = await run_with_crashes(seed)
+async def test_crashes_anywhere_keep_state_and_outputs_together(seed: int, multi: bool) -> None:
+    """`bodies`: records that hold several inputs (a raw body split in place, one hop) share one
+    offset in each key's guard; each item is still decided once and its outputs re-sent together."""
+    kafka, store, ctx = await run_with_crashes(seed, multi=multi)
     tps = ctx["tps"]
     out = outputs(kafka, "out")
     by_id: dict[str, dict[str, Any]] = {}
     for o in out:
         assert by_id.setdefault(o["id"], o) == o, f"output {o['id']} seen with two values: state was lost"
-    good = {f"in:{r.src}" for recs in tps.values() for r in recs if r.topic != "t" and r.value != b"bad"
-            and not orjson.loads(r.value).get("boom")}
+    records = [r for recs in tps.values() for r in recs if r.topic != "t" and r.value != b"bad"]
+    good = {i for r in records for i, item in _items(r) if not item.get("boom")}
     inputs = {i for i in by_id if i.startswith("in:")}
     assert inputs == good, "an input lost its output (or an output has no input)"
+    # the items of other partitions were forwarded (at least once: they follow from the bytes alone)
+    forwarded = {orjson.loads(v)["id"] for (t, _), log in kafka.logs.items() if t == "fwd" for v in log}
+    assert forwarded == {f"fwd:{r.src}#{j}" for r in records for j, item in enumerate(orjson.loads(r.value or b"")
+                         .get("items", [])) if part_of(item["key"]) != r.partition}
     # per key the outputs number the inputs 1..N, N being the durable count
     per_key: dict[str, list[int]] = defaultdict(list)
     for o in by_id.values():
@@ -278,7 +309,7 @@ async def test_crashes_anywhere_keep_state_and_outputs_together(seed: int) -> No
         assert sorted(ns) == list(range(1, entry.state["n"] + 1)), key
     # dead letters: every bad record and every record the rules choked on
     bad = {r.src for recs in tps.values() for r in recs if r.topic != "t"
-           and (r.value == b"bad" or orjson.loads(r.value).get("boom"))}
+           and (r.value == b"bad" or any(item.get("boom") for _, item in _items(r)))}
     letters = {f"{d['source']['topic']}/{d['source']['partition']}/{d['source']['offset']}" for d in outputs(kafka, "dlq")}
     assert letters == bad
     # timers: fired once each, exactly for the keys whose due second the stream time passed

@@ -92,22 +92,43 @@ async def test_fresh_app_id_has_every_topic_before_faust_starts(
     assert w.proc is not None and w.proc.poll() is None
 
 
+async def start_on_a_topic_of(w: Worker, bootstrap: str, topic: str, partitions: int) -> subprocess.CompletedProcess[str]:
+    """Create `topic` with `partitions` partitions, then run the worker command (it should refuse)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(w.topic(topic), partitions, 1)])
+    finally:
+        await admin.close()
+    return await asyncio.to_thread(subprocess.run, [str(ROOT / ".venv/bin/messenger-streams"), "worker"], env=w.env,
+                                   capture_output=True, text=True, timeout=120, check=False)
+
+
 async def test_a_topic_with_another_partition_count_is_refused(
     make_worker: Callable[..., Worker], kafka_bootstrap: str
 ) -> None:
     w = make_worker(partitions=2, start=False)
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(w.topic("csat.facts"), 1, 1)])
-    finally:
-        await admin.close()
-    res = await asyncio.to_thread(subprocess.run, [str(ROOT / ".venv/bin/messenger-streams"), "worker"], env=w.env,
-                                  capture_output=True, text=True, timeout=120, check=False)
+    res = await start_on_a_topic_of(w, kafka_bootstrap, "csat.facts", 1)
     assert res.returncode == 2
     assert res.stderr == (f"messenger-streams: error: topic {w.topic('csat.facts')} has 1 partitions, the processor "
                           "needs 2 (MESSENGER_STREAMS_PARTITIONS): delete the topic or set "
                           "MESSENGER_STREAMS_PARTITIONS=1\n")
+
+
+async def test_one_hop_refuses_a_raw_topic_with_another_partition_count(
+    make_worker: Callable[..., Worker], kafka_bootstrap: str
+) -> None:
+    """The raw topic belongs to the ingester, and with two hops any count will do (the suite's
+    two-hop runs use raw topics they create as they like); one hop needs raw partition p assigned
+    with the table's partition p, so the worker says what to do instead."""
+    w = make_worker(partitions=2, start=False)
+    res = await start_on_a_topic_of(w, kafka_bootstrap, "messenger.webhook.raw", 3)
+    assert res.returncode == 2
+    assert res.stderr == (f"messenger-streams: error: topic {w.topic('messenger.webhook.raw')} has 3 partitions, the "
+                          "processor needs 2 (MESSENGER_STREAMS_PARTITIONS): give it 2 partitions, or set "
+                          "MESSENGER_STREAMS_ONE_HOP=false (every body then goes through messenger.events.split)\n")
+    w.env["MESSENGER_STREAMS_ONE_HOP"] = "false"
+    w.start()  # two hops: the same topic will do
 
 
 @pytest.mark.parametrize(("kind", "line"), [
