@@ -118,8 +118,8 @@ class ConversationStage:
     def partition_of(self, key: bytes) -> int:
         """The partition the producer writes `key` to (murmur2, as every keyed record of the app)."""
         every = list(range(self.partitions))
-        partitioner: Any = self.pipe.app.conf.producer_partitioner  # the app's CachedPartitioner
-        return int(partitioner(key, every, every))
+        conf: Any = self.pipe.app.conf  # faust's Settings types the partitioner as a method
+        return int(conf.producer_partitioner(key, every, every))  # the app's CachedPartitioner
 
     # records → inputs -------------------------------------------------------------------------
     def parse(self, rec: Record) -> Keyed | Split | TickIn:
