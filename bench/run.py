@@ -123,8 +123,11 @@ class Opts:
 
     @property
     def one_hop(self) -> bool:
-        value = self.worker_env.get("MESSENGER_STREAMS_ONE_HOP", str(_settings_default("one_hop")))
-        return value.strip().lower() in ("1", "true", "yes", "on")
+        from pydantic import TypeAdapter
+
+        # read as the worker's settings read it (pydantic's bool), so the bench never disagrees with it
+        return TypeAdapter(bool).validate_python(self.worker_env.get("MESSENGER_STREAMS_ONE_HOP",
+                                                                     _settings_default("one_hop")))
 
     @property
     def commit_interval(self) -> float:

@@ -99,9 +99,9 @@ class ConversationStage:
         self.dlq_name = topics.name("dlq")
         self.dead_letter_max_bytes = settings.dead_letter_max_bytes
         self.partitions = settings.partitions
+        self.every_partition = list(range(settings.partitions))  # the partitioner's arguments, built once
         self.pipe = pipe  # its app's partitioner and consumer metadata, read when a raw body comes
         self.events_in = metrics.BoundLabels(metrics.EVENTS_IN)
-        self.errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
 
     def check_copartitioned(self) -> None:
         """One hop needs raw partition p assigned with the table's partition p: the raw topic must
@@ -117,8 +117,8 @@ class ConversationStage:
 
     def partition_of(self, key: bytes) -> int:
         """The partition the producer writes `key` to (murmur2, as every keyed record of the app)."""
-        every = list(range(self.partitions))
         conf: Any = self.pipe.app.conf  # faust's Settings types the partitioner as a method
+        every = self.every_partition
         return int(conf.producer_partitioner(key, every, every))  # the app's CachedPartitioner
 
     # records → inputs -------------------------------------------------------------------------
