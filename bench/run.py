@@ -608,6 +608,7 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
     lat: list[float] = []
     lat_prod: list[float] = []
     lat_hop: dict[str, list[float]] = {h: [] for h in hop_names}
+    worst: dict[int, float] = {}  # second of the run (intended) → its slowest arrival, to place the tail in time
     # every id sent, not only those of the measured window: each CSAT digit that never reached a
     # console must be an answer, i.e. one record on csat.responses (a missing message would be a loss)
     never: dict[str, int] = {}
@@ -633,6 +634,8 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
                 missing_ids.append(mid.decode(errors="replace"))
             continue
         lat.append((got[0] - intended) / 1e6)
+        sec = int((intended - t0) // 1_000_000_000)
+        worst[sec] = max(worst.get(sec, 0.0), lat[-1])
         lat_prod.append((got[1] * 1_000_000 - intended) / 1e6)
         for h, t in hop_names.items():
             ts = hops[t].get(mid)
@@ -653,6 +656,7 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         "never_arrived_by_kind": never,
         "csat_responses_written": csat_responses,  # for bench/missing.py (where did they go?) with --keep-topics
         "latency_ms": percentiles(lat),
+        "max_ms_by_second": {str(k): round(v, 1) for k, v in sorted(worst.items())},
         "latency_to_output_create_time_ms": percentiles(lat_prod),
         # intended send time → the record's create time on each internal topic (C only)
         "latency_to_hop_create_time_ms": {h: percentiles(v) for h, v in lat_hop.items()},

@@ -253,6 +253,9 @@ class Producer(Protocol):
         self, topic: str, key: bytes | None, value: bytes, partition: int | None = None
     ) -> Awaitable[Any]: ...
 
+    def send_now(self) -> None:
+        """Send what was enqueued without waiting out the linger: the caller awaits its acks next."""
+
 
 # --------------------------------------------------------------------------------------------
 # stored values
@@ -884,6 +887,7 @@ class StateFirstRunner:
                     acks.append(await store.delete(name, p, unit.events.get(p)))
         except Exception as exc:
             raise WriteFailed(f"cannot write table values: {exc!r}") from exc
+        self.producer.send_now()  # the store writes through the same producer
         t0 = time.monotonic()
         await _all(acks, "changelog")
         t1 = time.monotonic()
@@ -894,6 +898,7 @@ class StateFirstRunner:
                 sends.append(await self.producer.send(out.topic, out_key, out.value))
         except Exception as exc:
             raise WriteFailed(f"cannot send output: {exc!r}") from exc
+        self.producer.send_now()
         t2 = time.monotonic()
         await _all(sends, "output")
         self._waits[0].observe(t1 - t0)
@@ -989,6 +994,7 @@ class BatchRouter:
         acks: list[Awaitable[Any]] = []
         for rec in records:
             await self._one(rec, acks)
+        self.producer.send_now()
         await _all(acks, self.what)
 
     async def _one(self, rec: Record, acks: list[Awaitable[Any]]) -> None:
@@ -1098,6 +1104,24 @@ class AppProducer:
     async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> Awaitable[Any]:
         fut: Awaitable[Any] = await self.app.producer.send(topic, key, value, partition, None, None)
         return fut
+
+    def send_now(self) -> None:
+        """Close the producer's open batches and wake its sender, as aiokafka's own
+        `flush_for_commit` does (pinned aiokafka 0.14): a batch is sent once its builder is closed
+        or its linger ran out. The stages await their acks right after enqueuing a unit, so the
+        linger (`MESSENGER_STREAMS_PRODUCER_LINGER_MS`) would only delay them; the linger still
+        gathers the writes of other tasks (ticks, the CSAT stage) between two units."""
+        try:
+            producer = self.app.producer._ensure_producer()
+        except Exception:  # noqa: BLE001 - not started (tests, shutdown): nothing is enqueued
+            return
+        acc = producer._message_accumulator
+        for batches in acc._batches.values():
+            for batch in batches:
+                batch._builder.close()
+        waiter = acc._waiter_future
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def committed_offsets(app: Any) -> Callable[[str, int], int | None]:

@@ -148,6 +148,9 @@ class FakeProducer:
         fut.set_result(None)
         return fut
 
+    def send_now(self) -> None:
+        pass
+
 
 def body(*psids: str) -> bytes:
     return orjson.dumps({"object": "page", "entry": [{"id": "P1", "time": 1, "messaging": [

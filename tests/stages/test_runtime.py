@@ -133,6 +133,9 @@ class FakeProducer:
     async def send(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> Awaitable[Any]:
         return self.kafka.write(topic, zlib.crc32(key or b"") % PARTITIONS, value)
 
+    def send_now(self) -> None:
+        pass
+
 
 class FakeStage:
     """Counts inputs per key; the first input arms a timer 1.5 s later; the timer emits a fact."""
