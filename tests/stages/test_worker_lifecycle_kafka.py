@@ -89,6 +89,7 @@ async def test_fresh_app_id_has_every_topic_before_faust_starts(
         pytest.fail("no CSAT answer counted within 120 s")
     log = w.log_text()
     assert "Ignoring missing topic" not in log and "PartitionsMismatch" not in log and "Crashed" not in log
+    assert "heap settled:" in log  # start-up's heap frozen out of the collector (supervision.settle_heap)
     assert w.proc is not None and w.proc.poll() is None
 
 
