@@ -90,6 +90,14 @@ class Settings(BaseSettings):
     web_port: Port = 6066
     datadir: str = Field(default=".messenger-streams-data", min_length=1)
     store: str = Field(default="memory://", pattern=r"^(memory|rocksdb|aerospike)://")
+    rocksdb_write_buffer_mb: int = Field(
+        default=2, ge=1, le=1024,
+        description="with rocksdb://: memtable size per table partition (two kept); faust's default is 64 MB (x3)",
+    )
+    rocksdb_block_cache_mb: int = Field(
+        default=4, ge=1, le=65_536,
+        description="with rocksdb://: block cache per table partition; faust's default is 2 GB",
+    )
     max_body_bytes: int = Field(default=1_048_576, gt=0, description="raw bodies over this go to the DLQ")
     dedupe_horizon_seconds: int = Field(default=172_800, gt=0, description="drop duplicates seen this recently")
     dedupe_max_keys: int = Field(default=2_000, gt=0, description="idempotency keys kept per conversation")

@@ -46,6 +46,7 @@ from streams.stages.runtime import (
 if TYPE_CHECKING:
     from mode.types.signals import BaseSignalT
 
+    from streams.core.settings import Settings
     from streams.stages.pipeline import Pipeline
 
 log = logging.getLogger("messenger_streams.conversations")
@@ -261,6 +262,18 @@ class _Gauges:
         self.shown = labels
 
 
+def rocksdb_options(settings: Settings) -> dict[str, int] | None:
+    """RocksDB's memory per table partition, bounded: two memtables and a block cache
+    (`MESSENGER_STREAMS_ROCKSDB_*`). faust's defaults (64 MB memtables, three of them, and a 2 GB
+    cache, per partition's database) keep a whole table of a few hundred MB in memory, so the
+    RocksDB store held more than the memory store (docs/benchmarks.md, "Memory")."""
+    if not settings.store.startswith("rocksdb"):
+        return None
+    mb = 1 << 20
+    return {"write_buffer_size": settings.rocksdb_write_buffer_mb * mb, "max_write_buffer_number": 2,
+            "block_cache_size": settings.rocksdb_block_cache_mb * mb}
+
+
 def register(pipe: Pipeline) -> None:
     """Attach the `converse` agent, the `conversations` table, the tick writer and the gauges."""
     app = pipe.app
@@ -278,7 +291,8 @@ def register(pipe: Pipeline) -> None:
         inputs.insert(0, names["raw"])
     channel = pipe.raw_topic(*inputs, names["ticks"])
     # values as JSON bytes in the local store, parsed on read (`TableStore`); keys stay JSON strings
-    table = app.Table("conversations", default=None, partitions=settings.partitions, value_type=bytes)
+    table = app.Table("conversations", default=None, partitions=settings.partitions, value_type=bytes,
+                      options=rocksdb_options(settings))
     store = TableStore(table, app.producer)
     runner = StateFirstRunner(
         stage,

@@ -113,6 +113,9 @@ class FakeStore:
         self.data.pop(key, None)
         return self.kafka.write("cl", partition, (key, None))
 
+    def settle(self, key: str, data: bytes, partition: int, event: Any) -> None:
+        self.data[key] = orjson.loads(data)
+
     def recover(self) -> None:
         """What a restarted worker rebuilds from the changelog (values decoded from their bytes)."""
         self.data = {}
@@ -378,20 +381,39 @@ async def test_stream_time_waits_for_queued_input() -> None:
 async def test_redelivered_input_resends_pending_outputs_only() -> None:
     kafka = FakeKafka(random.Random(2))
     store = FakeStore(kafka)
-    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    committed: dict[tuple[str, int], int] = {}
+
+    def runner() -> StateFirstRunner:
+        return StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq",
+                                committed=lambda t, p: committed.get((t, p)))
+
+    first = runner()
     pump = asyncio.create_task(kafka.pump(None))
     recs = [Record("a", 0, i, b"k", dumps({}), 1_000 + i) for i in range(3)]
-    await runner.run_batch(recs)
+    await first.run_batch(recs)
     assert len(outputs(kafka, "out")) == 3
-    writes = len(kafka.logs[("cl", 0)])
-    # the same batch again (a crash before the commit): decided once, outputs re-sent, no writes
-    await runner.run_batch(recs)
+
+    def writes_of_k() -> int:
+        return sum(1 for key, _ in kafka.logs[("cl", 0)] if key == "k")
+
+    writes = writes_of_k()
+    # the same batch again in the same process (a rebalance before the commit): its outputs were
+    # acknowledged, so the local value no longer holds them (`_settle`): nothing decided or sent
+    await first.run_batch(recs)
+    assert len(outputs(kafka, "out")) == 3 and writes_of_k() == writes
+    assert runtime.Entry.load(store.data["k"]).pending == []  # type: ignore[union-attr]
+    # a crash before the commit: the table comes back from the changelog, pending included;
+    # the redelivery is decided once and its outputs are re-sent, with no writes
+    store.recover()
+    again = runner()
+    await again.run_batch(recs)
     out = outputs(kafka, "out")
     assert len(out) == 6 and {o["n"] for o in out} == {1, 2, 3}
-    assert len(kafka.logs[("cl", 0)]) == writes
-    # a later unit replaces `pending`: redelivering the first batch now re-sends nothing
-    await runner.run_batch([Record("a", 0, 3, b"k", dumps({}), 2_000)])
-    await runner.run_batch(recs)
+    assert writes_of_k() == writes  # (the new incarnation writes only the partition's meta)
+    # once committed, a later unit drops them: redelivering the first batch now re-sends nothing
+    committed[("a", 0)] = 3
+    await again.run_batch([Record("a", 0, 3, b"k", dumps({}), 2_000)])
+    await again.run_batch(recs)
     assert len(outputs(kafka, "out")) == 7
     pump.cancel()
 
@@ -439,9 +461,11 @@ async def test_deleted_state_keeps_its_guard_until_purged() -> None:
     await runner.run_batch([msg, forget])
     entry = runtime.Entry.load(store.data["k"])
     assert entry is not None and entry.state is None and entry.purge_at == 2_000 + runtime.PURGE_AFTER_MS
-    await runner.run_batch([msg])  # a redelivery: not decided again (no new conversation) ...
+    store.recover()  # a crash before the commit: the table from the changelog, pending included
+    runner = StateFirstRunner(Forgetting(), store, FakeProducer(kafka), dlq_topic="dlq")
+    await runner.run_batch([msg, forget])  # a redelivery: not decided again (no new conversation) ...
     out = outputs(kafka, "out")
-    assert [o.get("n") for o in out] == [1, None, 1] and out[2] == out[0]  # ... its pending output again
+    assert [o.get("n") for o in out] == [1, None, 1, None] and out[2:] == out[:2]  # ... its pending outputs again
     t = 2_000 + runtime.PURGE_AFTER_MS + 1_000
     await runner.run_batch([Record("t", 0, 0, runtime.TICK_KEY, dumps(wheel.tick_value(t, {"a": 2})), t)])
     assert "k" not in store.data and kafka.logs[("cl", 0)][-2] == ("k", None) or ("k", None) in kafka.logs[("cl", 0)]
@@ -481,9 +505,11 @@ async def test_a_clean_restart_sends_nothing_again() -> None:
     committed.update({("a", 0): 1, ("b", 0): 1})
     await runner().run_batch([Record("a", 0, 1, b"k", dumps({}), 1_200)])
     assert [o["n"] for o in outputs(kafka, "out")] == [1, 2, 3]
-    # crash: b/0/1 was decided and written, its commit never happened; after the restart an
-    # input of another topic-partition comes first, then the redelivery
+    # crash: b/0/1 was decided and written, its commit never happened; the restarted worker
+    # rebuilds the table from the changelog; an input of another topic-partition comes first,
+    # then the redelivery
     await runner().run_batch([Record("b", 0, 1, b"k", dumps({}), 1_300)])
+    store.recover()
     again = runner()
     await again.run_batch([Record("a", 0, 2, b"k", dumps({}), 1_400)])
     await again.run_batch([Record("b", 0, 1, b"k", dumps({}), 1_300)])
