@@ -5,6 +5,7 @@ and the ingest splitter's catch-all per record."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,8 +19,8 @@ from streams.core.pages import PageDirectory
 from streams.core.settings import Settings
 from streams.rules import wheel
 from streams.rules.conversation.api import Decision, Input, Output
-from streams.stages import ingest
-from streams.stages.app import CachedPartitioner
+from streams.stages import conversation, ingest
+from streams.stages.app import CachedPartitioner, create_pipeline
 from streams.stages.conversation import ConversationStage, counter_deltas
 from streams.stages.pages import LivePages
 from streams.stages.runtime import BadRecord, FactSeq, Keyed, Record, Split, TickIn
@@ -252,3 +253,12 @@ def test_publish_events_writes_the_event_of_a_body_split_in_place() -> None:
     step = stage.decide(None, parsed.inputs[0].inp, "P1:a", r, FactSeq())
     assert step.outputs[0].topic == t.name("events")
     assert orjson.loads(step.outputs[0].value) == parsed.inputs[0].inp.data
+
+
+def test_rocksdb_memory_is_bounded_per_table_partition(tmp_path: Path) -> None:
+    """faust's defaults (64 MB memtables x3, a 2 GB block cache per partition) are replaced in the
+    store faust builds for the conversations table."""
+    assert conversation.rocksdb_options(Settings()) is None  # memory://: nothing to bound
+    settings = Settings(store="rocksdb://", datadir=str(tmp_path), rocksdb_write_buffer_mb=3, rocksdb_block_cache_mb=5)
+    built = create_pipeline(settings, CONFIG).app.tables["conversations"].data.rocksdb_options
+    assert (built.write_buffer_size, built.max_write_buffer_number, built.block_cache_size) == (3 << 20, 2, 5 << 20)

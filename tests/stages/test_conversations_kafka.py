@@ -314,13 +314,17 @@ async def kill_mid_stream(w: Worker, type_: str, start: float, total: int, rng: 
     return seen - start
 
 
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
 async def test_sigkill_at_random_points_loses_nothing_and_shows_no_output_without_state(
-    make_worker: Callable[..., Worker], kafka: KafkaIO
+    make_worker: Callable[..., Worker], kafka: KafkaIO, store: str
 ) -> None:
     """Three SIGKILLs, each at a random point verified mid-stream (some but not all of the wave's
     console events out): no consumer message is lost, every repeated event id carries the same
     event, and no output is visible whose state was lost: an agent accepts, right after the
-    restart, the conversations it saw opened before the kill, and none is rejected as unknown."""
+    restart, the conversations it saw opened before the kill, and none is rejected as unknown.
+    With `rocksdb://` the restarted worker reads the values its predecessor left on disk (the local
+    copies `_settle` stripped of acknowledged pending entries) and replays the changelog after
+    them."""
     import random
 
     from tests.conftest import BASE_CONFIG
@@ -328,7 +332,7 @@ async def test_sigkill_at_random_points_loses_nothing_and_shows_no_output_withou
     seed = random.randrange(1 << 30)
     print(f"seed {seed}")
     rng = random.Random(seed)
-    w = make_worker(BASE_CONFIG + NO_CSAT)
+    w = make_worker(BASE_CONFIG + NO_CSAT, MESSENGER_STREAMS_STORE=store)
     con = Console(kafka, w)
     raw = w.topic("messenger.webhook.raw")
     actions = w.topic("agent.actions")
