@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +99,12 @@ async def changelog_view(bootstrap: str, topic: str, partitions: int) -> dict[by
     return sizes
 
 
-async def measure(store: str, n: int, config_path: Path, partitions: int, rid: str, workdir: Path) -> dict[str, Any]:
+async def measure(store: str, n: int, config_path: Path, partitions: int, rid: str, workdir: Path,
+                  worker_env: Sequence[str] = ()) -> dict[str, Any]:
     config = load_config(config_path)
     opts, _ = parse_args(["--config", str(config_path), "--partitions", str(partitions),
-                          "--worker-env", f"MESSENGER_STREAMS_STORE={store}://"])
+                          "--worker-env", f"MESSENGER_STREAMS_STORE={store}://",
+                          *(a for kv in worker_env for a in ("--worker-env", kv))])
     app_id = f"benchmem{rid}{store[:1]}"
     names = Names(f"{app_id}.", partitions, config)
     await create_topics(opts.bootstrap, names.all_topics(), partitions)
@@ -157,7 +160,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "results": []}
     for store in [s.strip() for s in args.stores.split(",") if s.strip()]:
         out["results"].append(await measure(store, args.conversations, args.config.resolve(), args.partitions,
-                                            rid, workdir))
+                                            rid, workdir, args.worker_env))
+    out["worker_env"] = args.worker_env
     return out
 
 
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra worker setting (repeatable), e.g. MESSENGER_STREAMS_ROCKSDB_BLOCK_CACHE_MB=64")
     args = p.parse_args(argv)
     res = asyncio.run(run(args))
     args.results_dir.mkdir(parents=True, exist_ok=True)
