@@ -293,7 +293,7 @@ def register(pipe: Pipeline) -> None:
     # values as JSON bytes in the local store, parsed on read (`TableStore`); keys stay JSON strings
     table = app.Table("conversations", default=None, partitions=settings.partitions, value_type=bytes,
                       options=rocksdb_options(settings))
-    store = TableStore(table, app.producer)
+    store = TableStore(table, app.producer, persistent=not settings.store.startswith("memory"))
     runner = StateFirstRunner(
         stage,
         store,

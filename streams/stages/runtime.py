@@ -248,6 +248,10 @@ class Store(Protocol):
     def settle(self, key: str, data: bytes, partition: int, event: Any) -> None:
         """Replace the local copy of a key's value only (no changelog record)."""
 
+    @property
+    def persistent(self) -> bool:
+        """The local copy outlives the process (RocksDB), rather than being rebuilt from the changelog."""
+
 
 class Producer(Protocol):
     """Enqueue one record; the returned awaitable resolves when Kafka acknowledged it."""
@@ -602,6 +606,7 @@ class StateFirstRunner:
             found = entry.pending_for(rec.src)
             if found is not None:  # else its outputs were acked before a later unit replaced `pending`
                 self._resend(unit, key, found)
+            self._rewrite(unit, key, p, rec.event, entry)
             return
         for inp in inps:
             entry = unit.entry(key)
@@ -676,8 +681,33 @@ class StateFirstRunner:
         """The key's working entry for a change. A pending entry written by this runner in an
         earlier unit was acknowledged (dropped); one written by another incarnation, which may
         have died before the acks, is kept until its input is committed: the input's redelivery
-        sends it again, whatever other input touches the key first."""
-        return unit.touch(key, p, event, self._maybe_needed)
+        sends it again, whatever other input touches the key first.
+
+        With a store that outlives the process (`Store.persistent`, RocksDB), a value written by
+        another incarnation may be ahead of the changelog: a local write whose record was lost with
+        a SIGKILL stays on disk, and recovery replays only the changelog after the last
+        acknowledged record. Its first change here rewrites it anyway; the wheel slots of its
+        timers are written again with it (slots before keys), so the changelog, which a worker
+        taking the partition over recovers from, never holds a key whose timer has no slot."""
+        first = key not in unit.touched
+        prior = unit.entry(key) if first else None
+        e = unit.touch(key, p, event, self._maybe_needed)
+        if first and prior is not None and prior.run != self.run_id and self.store.persistent:
+            slots = unit.slots(p)
+            for due in [*e.timers, *([e.purge_at] if e.purge_at is not None else [])]:
+                for name in wheel.bucket_keys(slots, p, self._arm(unit, p, key, due, event))[1]:
+                    keys = slots.get(name)
+                    if keys is not None and key in keys:
+                        slots[name] = list(keys)  # the slot holding the key, written again
+        return e
+
+    def _rewrite(self, unit: Unit, key: str, p: int, event: Any, entry: Entry) -> None:
+        """A redelivered input (or a firing walked again) that a value of another incarnation
+        already includes: with a persistent store that value may be ahead of the changelog (see
+        `_touch`), and the input's offset is committed after this unit, so the value is written
+        again, in this unit and so before anything it re-sends."""
+        if self.store.persistent and entry.run != self.run_id:
+            self._touch(unit, key, p, event)
 
     def _maybe_needed(self, pending: list[Any]) -> bool:
         if _own(pending, self.run_id):
@@ -685,7 +715,7 @@ class StateFirstRunner:
         topic, partition, offset = str(pending[0]).partition("#")[0].rsplit("/", 2)
         return int(offset) >= (self.committed(topic, int(partition)) or 0)
 
-    def _arm(self, unit: Unit, p: int, key: str, due: int, event: Any) -> None:
+    def _arm(self, unit: Unit, p: int, key: str, due: int, event: Any) -> int:
         meta = unit.meta(p)
         cursor = meta["cursor"]
         bucket = wheel.arm(unit.slots(p), p, cursor, key, due)
@@ -693,6 +723,7 @@ class StateFirstRunner:
             unit.meta_dirty(p, event)["low"] = bucket
         if event is not None:
             unit.events.setdefault(p, event)
+        return bucket
 
     def _resend(self, unit: Unit, key: str, pending: list[Any]) -> bool:
         """Send a pending entry's outputs again (once per unit); False when already done."""
@@ -815,6 +846,7 @@ class StateFirstRunner:
             # fired here by this plan before a crash, and its entry is durable: same outputs again
             facts.n += sum(1 for o in fired[1] if o[0] == self.stage.facts_topic)
             self._resend(unit, key, fired)
+            self._rewrite(unit, key, p, rec.event, entry)
             return
         if entry.state is None:
             if entry.purge_at is not None and entry.purge_at <= now:
@@ -1078,9 +1110,10 @@ class TableStore:
     FutureMessage, a PendingMessage and the topic's codecs. Here a unit's writes are enqueued in
     one go, in order (so a partition's records keep the runner's order)."""
 
-    def __init__(self, table: Any, producer: Any) -> None:
+    def __init__(self, table: Any, producer: Any, *, persistent: bool = False) -> None:
         self.table = table
         self.producer = producer  # faust's Producer (`send` → aiokafka's delivery future)
+        self.persistent = persistent  # rocksdb://: the local copy survives the process
         self._topic: str | None = None
 
     @property

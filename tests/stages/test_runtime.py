@@ -61,6 +61,7 @@ class FakeKafka:
         self.queues: dict[tuple[str, int], deque[tuple[asyncio.Future[None], Any]]] = defaultdict(deque)
         self.logs: dict[tuple[str, int], list[Any]] = defaultdict(list)
         self.acked = 0
+        self.acks: dict[tuple[str, int], int] = {}
         self.fail_topic: str | None = None
 
     def write(self, topic: str, partition: int, payload: Any) -> asyncio.Future[None]:
@@ -80,11 +81,16 @@ class FakeKafka:
                 fut.set_exception(RuntimeError("NotEnoughReplicas"))
             else:
                 self.logs[k].append(payload)
+                self.acks[k] = len(self.logs[k])
                 fut.set_result(None)
             self.acked += 1
             if crash_after is not None and self.acked >= crash_after:
                 return
             await asyncio.sleep(0)
+
+    def acked_count(self, topic: str, partition: int) -> int:
+        """How many of the partition's records were acknowledged (a prefix of its log)."""
+        return self.acks.get((topic, partition), 0)
 
     def crash(self) -> None:
         for k, q in self.queues.items():
@@ -96,11 +102,16 @@ class FakeKafka:
 
 
 class FakeStore:
-    """A table: a dict plus its changelog in FakeKafka (topic "cl")."""
+    """A table: a dict plus its changelog in FakeKafka (topic "cl"). `persistent`: the local copy
+    survives a crash, as RocksDB's does, and recovery replays only the changelog records after the
+    last acknowledged one of each partition (faust's persisted offset); a local write whose record
+    never landed stays, ahead of the changelog."""
 
-    def __init__(self, kafka: FakeKafka) -> None:
+    def __init__(self, kafka: FakeKafka, persistent: bool = False) -> None:
         self.kafka = kafka
         self.data: dict[str, Any] = {}
+        self.persistent = persistent
+        self.replayed: dict[int, int] = {}  # partition → changelog records already in the local copy
 
     def get(self, key: str) -> Any:
         return self.data.get(key)
@@ -118,15 +129,32 @@ class FakeStore:
 
     def recover(self) -> None:
         """What a restarted worker rebuilds from the changelog (values decoded from their bytes)."""
-        self.data = {}
-        for (topic, _), log in self.kafka.logs.items():
+        if not self.persistent:
+            self.data = self.from_changelog()
+            return
+        for (topic, p), log in self.kafka.logs.items():
             if topic != "cl":
                 continue
-            for key, data in log:
-                if data is None:
-                    self.data.pop(key, None)
-                else:
-                    self.data[key] = orjson.loads(data)
+            start = max(self.kafka.acked_count("cl", p), self.replayed.get(p, 0))
+            for key, data in log[start:]:
+                self._apply(self.data, key, data)
+            self.replayed[p] = len(log)
+
+    def from_changelog(self) -> dict[str, Any]:
+        """The table as a worker that recovers from the changelog alone sees it."""
+        data: dict[str, Any] = {}
+        for (topic, _), log in self.kafka.logs.items():
+            if topic == "cl":
+                for key, value in log:
+                    self._apply(data, key, value)
+        return data
+
+    @staticmethod
+    def _apply(data: dict[str, Any], key: str, value: bytes | None) -> None:
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = orjson.loads(value)
 
 
 class FakeProducer:
@@ -243,12 +271,12 @@ async def consume(
 
 
 async def run_with_crashes(
-    seed: int, n: int = 160, crashes: int = 3, multi: bool = False
+    seed: int, n: int = 160, crashes: int = 3, multi: bool = False, persistent: bool = False
 ) -> tuple[FakeKafka, FakeStore, dict[Any, Any]]:
     rng = random.Random(seed)
     tps = timeline(rng, n, multi)
     kafka = FakeKafka(rng)
-    store = FakeStore(kafka)
+    store = FakeStore(kafka, persistent)
     committed: dict[tuple[str, int], int] = {}
     for attempt in range(crashes + 1):
         crash_after = kafka.acked + rng.randint(1, 150) if attempt < crashes else None
@@ -285,12 +313,33 @@ def _items(r: Record) -> list[tuple[str, dict[str, Any]]]:
     return [(f"in:{r.src}#{j}", item) for j, item in enumerate(data["items"]) if part_of(item["key"]) == r.partition]
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["memory", "rocksdb"])
 @pytest.mark.parametrize("multi", [False, True], ids=["one-input", "bodies"])
 @pytest.mark.parametrize("seed", range(40))
-async def test_crashes_anywhere_keep_state_and_outputs_together(seed: int, multi: bool) -> None:
+async def test_crashes_anywhere_keep_state_and_outputs_together(seed: int, multi: bool, persistent: bool) -> None:
     """`bodies`: records that hold several inputs (a raw body split in place, one hop) share one
-    offset in each key's guard; each item is still decided once and its outputs re-sent together."""
-    kafka, store, ctx = await run_with_crashes(seed, multi=multi)
+    offset in each key's guard; each item is still decided once and its outputs re-sent together.
+    `rocksdb`: the local copy survives the crashes (`FakeStore.persistent`); what it holds must also
+    be in the changelog by the end, or a worker taking the partition over would see outputs
+    without their state."""
+    kafka, store, ctx = await run_with_crashes(seed, multi=multi, persistent=persistent)
+    if persistent:
+        recovered = store.from_changelog()
+
+        def durable(value: Any) -> Any:  # the local copy drops acknowledged pending outputs (`_settle`)
+            return {k: v for k, v in value.items() if k != "p"} if isinstance(value, dict) and "p" in value else value
+
+        for key, value in store.data.items():
+            if not key.startswith(wheel.SLOT_PREFIX):  # a stale slot left locally is skipped when walked
+                assert durable(recovered.get(key)) == durable(value), f"{key}: the local value is not the changelog's"
+        # and the changelog's keys have their timers in the changelog's wheel
+        slotted = {(int(name.split(":")[1]), int(name.split(":")[2]), k) for name, keys in recovered.items()
+                   if name.startswith(wheel.SLOT_PREFIX) for k in keys}
+        for key, value in recovered.items():
+            if isinstance(value, dict) and value.get("v") == 2:
+                for due in value["t"]:
+                    assert any(p == part_of(key) and b >= wheel.bucket_of(due) and k == key for p, b, k in slotted), \
+                        f"{key}: timer {due} not in the changelog's wheel"
     tps = ctx["tps"]
     out = outputs(kafka, "out")
     by_id: dict[str, dict[str, Any]] = {}
@@ -514,4 +563,43 @@ async def test_a_clean_restart_sends_nothing_again() -> None:
     await again.run_batch([Record("a", 0, 2, b"k", dumps({}), 1_400)])
     await again.run_batch([Record("b", 0, 1, b"k", dumps({}), 1_300)])
     assert [o["n"] for o in outputs(kafka, "out")] == [1, 2, 3, 4, 5, 4]
+    pump.cancel()
+
+
+@pytest.mark.parametrize("first_in", ["redelivery", "another input"])
+async def test_a_value_left_ahead_of_the_changelog_is_written_again_with_its_wheel_slot(first_in: str) -> None:
+    """RocksDB keeps a local write whose changelog record was lost with the process. The
+    redelivered input is not decided again (the local value includes it), but its value and the
+    wheel slot of its timer are written again before its outputs: otherwise its offset would be
+    committed while the changelog, which another worker recovers from, lacks it. When another
+    input of the key comes first, the key's new value goes out with that slot too."""
+    kafka = FakeKafka(random.Random(9))
+    store = FakeStore(kafka, persistent=True)
+    first = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    msg = Record("a", 0, 0, b"k", dumps({}), 1_000)
+    work = asyncio.create_task(first.run_batch([msg]))  # no pump: nothing is acknowledged
+    for _ in range(1_000):
+        if kafka.queues[("cl", 0)]:
+            break
+        await asyncio.sleep(0)
+    work.cancel()  # SIGKILL; none of its records landed
+    await asyncio.gather(work, return_exceptions=True)
+    for q in kafka.queues.values():
+        for fut, _ in q:
+            fut.cancel()
+        q.clear()
+    store.recover()
+    assert "k" in store.data and store.from_changelog() == {}  # the local copy is ahead
+    pump = asyncio.create_task(kafka.pump(None))
+    again = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    n = 1
+    if first_in == "another input":
+        await again.run_batch([Record("b", 0, 0, b"k", dumps({}), 1_100)])
+        n = 2
+    await again.run_batch([msg])
+    recovered = store.from_changelog()
+    entry = runtime.Entry.load(recovered["k"])
+    assert entry is not None and entry.state == {"n": n, "fired": 0, "due": 2_500} and entry.timers == [2_500]
+    assert ["k"] in [keys for name, keys in recovered.items() if name.startswith(wheel.SLOT_PREFIX)]
+    assert sorted(o["n"] for o in outputs(kafka, "out")) == list(range(1, n + 1))  # each once
     pump.cancel()
