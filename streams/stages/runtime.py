@@ -887,11 +887,11 @@ class StateFirstRunner:
     def _settle(self, unit: Unit) -> None:
         """After a unit's outputs were acknowledged, the local copy of each key it wrote drops the
         pending entries of this incarnation: nothing in this process reads them again (a redelivery
-        whose entry is gone was acknowledged; `_touch` drops them on the key's next change), and a
-        crash rebuilds or replays the values from the changelog, which keeps them. About two
-        thirds of a new conversation's value (docs/benchmarks.md, "Lean local values"): fewer bytes held
-        and parsed on every read. Entries of another incarnation stay until their input is
-        committed (`_maybe_needed`)."""
+        whose entry is gone was acknowledged; `_touch` drops them on the key's next change); after a
+        crash the memory store is rebuilt from the changelog, which keeps them, and a RocksDB copy
+        is only settled once they were acknowledged. About two thirds of a new conversation's value
+        (docs/benchmarks.md, "lean local values"): fewer bytes held and parsed on every read.
+        Entries of another incarnation stay until their input is committed (`_maybe_needed`)."""
         run_id = self.run_id
         for key, p in unit.dirty.items():
             e = unit.entries[key]
