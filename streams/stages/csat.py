@@ -317,9 +317,11 @@ def register(pipe: Pipeline) -> None:
     # Always in memory, whatever MESSENGER_STREAMS_STORE says: the stage writes the table's local copy
     # itself, per partition, and faust's rocksdb store files a direct write under the partition of "the
     # current event", which a batch does not have. The table is small (bounded cells per skill, page and
-    # agent, docs/metrics.md) and is recovered from its changelog at start.
+    # agent, docs/metrics.md) and is recovered from its changelog at start. The URL names a host:
+    # faust keeps `store` only when `URL(store)` is truthy, and yarl's URL("memory://") is not, so a
+    # bare "memory://" silently fell back to the app's rocksdb:// (every CSAT fact crashed the agent).
     table = app.Table(TABLE_NAME, default=None, partitions=settings.partitions, key_type=bytes, value_type=bytes,
-                      store="memory://")
+                      store=f"memory://{TABLE_NAME}")
     writer = CellsWriter(settings.bootstrap_servers)
     runner = CellsRunner(pipe, table, writer)
     mirror = CellsMirror(settings.bootstrap_servers, runner.changelog)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aiokafka.errors import MessageSizeTooLargeError
 from faust.exceptions import ProducerSendError
+from faust.stores.memory import Store as MemoryStore
 
 from streams.core.config import ConnectorConfig
 from streams.core.pages import PageDirectory
@@ -260,5 +261,8 @@ def test_rocksdb_memory_is_bounded_per_table_partition(tmp_path: Path) -> None:
     store faust builds for the conversations table."""
     assert conversation.rocksdb_options(Settings()) is None  # memory://: nothing to bound
     settings = Settings(store="rocksdb://", datadir=str(tmp_path), rocksdb_write_buffer_mb=3, rocksdb_block_cache_mb=5)
-    built = create_pipeline(settings, CONFIG).app.tables["conversations"].data.rocksdb_options
+    tables = create_pipeline(settings, CONFIG).app.tables
+    built = tables["conversations"].data.rocksdb_options
     assert (built.write_buffer_size, built.max_write_buffer_number, built.block_cache_size) == (3 << 20, 2, 5 << 20)
+    # the CSAT stage's table stays in memory whatever the store setting (it writes without an event)
+    assert isinstance(tables["csat_cells"].data, MemoryStore)
