@@ -689,10 +689,11 @@ class StateFirstRunner:
         acknowledged record. Its first change here rewrites it anyway; the wheel slots of its
         timers are written again with it (slots before keys), so the changelog, which a worker
         taking the partition over recovers from, never holds a key whose timer has no slot."""
-        first = key not in unit.touched
-        prior = unit.entry(key) if first else None
+        if not self.store.persistent:  # the memory store is rebuilt from the changelog: nothing ahead
+            return unit.touch(key, p, event, self._maybe_needed)
+        prior = unit.entry(key) if key not in unit.touched else None
         e = unit.touch(key, p, event, self._maybe_needed)
-        if first and prior is not None and prior.run != self.run_id and self.store.persistent:
+        if prior is not None and prior.run != self.run_id:
             slots = unit.slots(p)
             for due in [*e.timers, *([e.purge_at] if e.purge_at is not None else [])]:
                 for name in wheel.bucket_keys(slots, p, self._arm(unit, p, key, due, event))[1]:
