@@ -190,6 +190,11 @@ class StreamClock:
                 proven = newer
         return proven
 
+    def oldest(self, partition: int) -> Tick | None:
+        """The oldest tick of a partition still waiting for its data (None when none waits)."""
+        waiting = self._pending.get(partition)
+        return waiting[0] if waiting else None
+
     def waiting(self, partition: int) -> int:
         """How many ticks of a partition wait for their data."""
         return len(self._pending.get(partition, ()))

@@ -337,6 +337,7 @@ def register(pipe: Pipeline) -> None:
         # events of other partitions reach this stage through the split topic
         ticks.upstream_topic = topics.name("raw") if pipe.one_hop or "split_webhooks" in app.agents else None
         await ticks.run_once()
+        runner.refresh_stream_lag({tp.partition for tp in app.consumer.assignment() if tp.topic == names["ticks"]})
 
     async def close_ticks(sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any) -> None:
         await ticks.close()

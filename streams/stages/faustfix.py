@@ -1,4 +1,5 @@
-"""Two fixes to faust-streaming 0.15.3 (and mode-streaming 0.7.1) that lost records around a rebalance (issue 12).
+"""Three fixes to faust-streaming 0.15.3 (and mode-streaming 0.7.1): two lost records around a
+rebalance (issue 12), one held the commits (and so the timers) back for an hour after a restart.
 
 Both were found by instrumenting failing runs of `tests/stages/test_conversations_kafka.py::
 test_failover_within_15_seconds` and `tests/stages/test_csat_stage_kafka.py::
@@ -27,6 +28,22 @@ before the app is built (`streams/stages/app.py`).
    test failed whenever the run lay above what the killed worker had counted (9 of 13 runs). The
    queues are now cleared only when flow control really resumes from a suspension; a suspension
    (a revocation) clears them itself.
+
+3. **A commit crawled one offset per second after a restart** (`dedupe_acked`). faust commits up
+   to the first run of consecutive offsets in its list of acked offsets, one run per commit. When
+   the consumer reads an offset more than one past the last one read, it records the offsets
+   between as a gap and later adds them to that list. At start-up faust resumes the fetcher before
+   it seeks the stream partitions to their committed offsets; the seek moves the read offset back,
+   the next record of a fetch already under way looks like a jump, and the records delivered
+   before the seek, acked only after it, are in the list twice: `[2, 2, 3, 3, 4, 4, …]`. Every run
+   is then two long and the commit moved about one offset a second (seen: 4,300 records taking
+   over an hour to commit). Nothing was lost, but the conversation stage's ticks wait for the
+   raw topic's commits (`TickSource`), so every timer (auto-close, CSAT timeouts) of the worker
+   stood still, and a crash meanwhile would have redelivered the whole backlog. Found by
+   `test_timers_wait_for_input_still_queued`, which failed intermittently under load (1 of 10 runs,
+   3 more just passing), with the `HeldWarning` log of `streams/stages/runtime.py` naming the raw
+   partition whose commit stood still. The list is deduplicated before faust reads it: the same
+   offsets, each once, so the commit covers the whole run at once.
 """
 
 from __future__ import annotations
@@ -34,12 +51,15 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any
 
+from faust.transport.consumer import Consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.utils.functional import consecutive_numbers
 from mode.utils.queues import FlowControlEvent
 
 _PATCHED = "_messenger_streams_faustfix"
 UNGUARDED_FETCH = faust_aiokafka.AIOKafkaConsumerThread._fetch_records  # faust's own, kept for the tests
 CLEARING_RESUME = FlowControlEvent.resume  # mode's own, kept for the tests
+CRAWLING_NEW_OFFSET = Consumer._new_offset  # faust's own, kept for the tests
 
 
 class FetchablePartitions(Container[Any]):
@@ -75,11 +95,40 @@ def resume_flow_control(self: FlowControlEvent) -> None:
         self.clear()
 
 
+def dedupe_acked(self: Any, tp: Any) -> int | None:
+    """faust's `Consumer._new_offset` (0.15.3, same steps and checks), with the acked offsets
+    deduplicated after the gaps are added, before the first run is taken.
+
+    `self._acked[tp]` is faust's list of offsets acked since the last commit (kept in place, at
+    most those offsets once each after this); `_acked_index` already holds each offset once."""
+    acked = self._acked[tp]
+    if not acked:
+        return None
+    max_offset = max(acked)
+    gap_for_tp = self._gap[tp]
+    if gap_for_tp:  # offsets the consumer jumped over count as acked once the acks pass them
+        candidates = sorted(gap_for_tp.overlap(0, max_offset), key=lambda x: x.begin)
+        if candidates:
+            added = [o for entry in candidates for o in range(entry.begin, entry.end)]
+            acked.extend(added)
+            gap_for_tp.chop(0, max(added[-1], max_offset + 1))
+    acked[:] = sorted(set(acked))
+    committed = self._committed_offset[tp]
+    if committed and acked[0] - committed > 1:
+        return None  # the head of the list is not acked yet
+    batch = next(consecutive_numbers(acked))
+    acked[: len(batch)] = []
+    self._acked_index[tp].difference_update(batch)
+    return int(batch[-1]) + 1
+
+
 def install() -> None:
-    """Apply both fixes (idempotent)."""
+    """Apply the three fixes (idempotent)."""
     thread_cls = faust_aiokafka.AIOKafkaConsumerThread
     if getattr(thread_cls, _PATCHED, False):
         return
     thread_cls._fetch_records = _fetch_records  # type: ignore[method-assign]
     FlowControlEvent.resume = resume_flow_control  # type: ignore[method-assign]
+    Consumer._new_offset = dedupe_acked  # type: ignore[method-assign]
     setattr(thread_cls, _PATCHED, True)
+

@@ -61,6 +61,7 @@ log = logging.getLogger("messenger_streams.runtime")
 EXIT_WRITE_FAILED = 70  # EX_SOFTWARE: a write to Kafka failed; state may differ from the changelog
 META_PREFIX = "\x00part:"
 LEGACY_CURSOR_PREFIX = "\x00cursor:"
+HELD_WARN_SECONDS = 30.0  # stream time held this long (waiting for data or for commits) is logged
 PURGE_AFTER_MS = 300_000  # a deleted key's guard is kept this long (stream time) before its tombstone
 UNIT_MAX_KEYS = 1_000  # dirty keys and wheel slots per unit
 UNIT_MAX_OUTPUTS = 5_000
@@ -201,6 +202,32 @@ class TickIn:
     """A decoded tick."""
 
     tick: Tick
+
+
+def _lagging(tick: Tick, progress: Callable[[str], int]) -> str:
+    """What a waiting tick waits for: each input topic not consumed up to the tick's end offset."""
+    return ", ".join(f"{topic} at {progress(topic)} of {end}" for topic, end in sorted(tick.ends.items())
+                     if progress(topic) < end)
+
+
+class HeldWarning:
+    """Logs (once a minute at most, per partition) that stream time has been held back for more
+    than `HELD_WARN_SECONDS`, and by what: timers wait meanwhile. Bounded by the partitions."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._since: dict[int, float] = {}
+        self._logged: dict[int, float] = {}
+
+    def clear(self, partition: int) -> None:
+        self._since.pop(partition, None)
+
+    def check(self, partition: int, detail: Callable[[], str]) -> None:
+        now = time.monotonic()
+        since = self._since.setdefault(partition, now)
+        if now - since >= HELD_WARN_SECONDS and now - self._logged.get(partition, -1e9) >= 60.0:
+            self._logged[partition] = now
+            log.warning("%s for %.0f s (timers wait): %s", self.what.format(p=partition), now - since, detail())
 
 
 class FactSeq:
@@ -516,6 +543,8 @@ class StateFirstRunner:
         self.clock = wheel.StreamClock()
         self.consumed: dict[tuple[str, int], int] = {}  # (topic, partition) → next offset not consumed
         self.completed: dict[int, str] = {}  # partition → src of the plan this runner fired and saw acked
+        self.stream_times: dict[int, int] = {}  # partition → stream time this runner moved it to (epoch ms)
+        self._held = HeldWarning("stream time of partition {p} waits for its input")
         self._errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
         self._waits = (metrics.FLUSH_WAIT.labels(stage_name, "changelog"),
                        metrics.FLUSH_WAIT.labels(stage_name, "outputs"))
@@ -533,6 +562,19 @@ class StateFirstRunner:
             if unit.full():
                 unit = await self._flush(unit)
         await self._flush(unit)
+
+    def refresh_stream_lag(self, owned: set[int]) -> None:
+        """Keep `messenger_stream_time_lag_seconds` growing while a partition's stream time stands
+        still (it is otherwise set only when the time moves), and drop the partitions no longer
+        owned (another worker reports them)."""
+        now = time.time()
+        for p in list(self.stream_times):
+            if p in owned:
+                metrics.STREAM_TIME_LAG.labels(str(p)).set(max(0.0, now - self.stream_times[p] / 1000))
+            else:
+                del self.stream_times[p]
+                with contextlib.suppress(KeyError):
+                    metrics.STREAM_TIME_LAG.remove(str(p))
 
     def progress(self, topic: str, partition: int) -> int:
         """The next offset of `topic`/`partition` not yet consumed (what faust last committed,
@@ -575,7 +617,10 @@ class StateFirstRunner:
             self.consumed[(rec.topic, p)] = max(self.consumed.get((rec.topic, p), 0), rec.offset + 1)
             proven = self.clock.poll(p, lambda topic: self.progress(topic, p))
         if proven is not None:
+            self._held.clear(p)
             unit = await self._advance(unit, p, proven, rec.event)
+        elif (oldest := self.clock.oldest(p)) is not None:
+            self._held.check(p, lambda: _lagging(oldest, lambda topic: self.progress(topic, p)))
         return unit
 
     async def _adopt(self, unit: Unit, p: int, rec: Record) -> Unit:
@@ -758,6 +803,7 @@ class StateFirstRunner:
             cursor = min(meta["low"] - 1, last_full) if meta["low"] is not None else last_full
         upto = min(wheel.bucket_of(stream_time), cursor + MAX_BUCKETS_PER_TICK)
         new_cursor = max(cursor, min(last_full, upto))
+        self.stream_times[p] = stream_time
         metrics.STREAM_TIME_LAG.labels(str(p)).set(max(0.0, time.time() - stream_time / 1000))
         slots = unit.slots(p)
         if upto <= cursor or not any(slots.get(wheel.slot_key(p, b)) for b in range(cursor + 1, upto + 1)):
@@ -1239,6 +1285,7 @@ class TickSource:
         self._admin: AIOKafkaAdminClient | None = None
         self._offsets: AIOKafkaConsumer | None = None
         self._last_warning = 0.0
+        self._held = HeldWarning("ticks wait for the group's commits of raw bodies")
 
     async def run_once(self) -> int:
         """Write one tick per owned partition if the upstream allows; returns how many."""
@@ -1306,6 +1353,13 @@ class TickSource:
                 break
             stamp = t
             self._waiting.popleft()
+        if stamp is not None or not self._waiting:
+            self._held.clear(-1)
+        else:
+            want = self._waiting[0][1]
+            self._held.check(-1, lambda: ", ".join(
+                f"{topic} partition {part} committed {committed.get(part, -1)} of {end}"
+                for part, end in sorted(want.items()) if end > 0 and committed.get(part, -1) < end))
         return stamp
 
 

@@ -5,7 +5,8 @@ active partitions is empty (the failover stall of issue 12); the guarded fetch h
 partitions' records, only while faust's flow runs, and leaves the others where they are. And
 without a broker: mode's flow control cleared the streams' queues on every resume, also one that
 ended no suspension (the CSAT facts lost after a restart); now only a resume after a suspension
-clears them."""
+clears them. And faust's commit, which crawled one offset per commit once a gap recorded at start-up
+doubled the acked offsets, now commits the whole run at once."""
 
 from __future__ import annotations
 
@@ -137,3 +138,64 @@ def test_flow_control_clears_queues_only_when_a_suspension_ends() -> None:
     assert asyncio.run(scenario(faustfix.resume_flow_control)) == [2]
     faustfix.install()
     assert asyncio.run(scenario(FlowControlEvent.resume)) == [2]
+
+
+def _consumer_state(committed: int) -> tuple[Any, Any]:
+    """The parts of a faust `Consumer` its commit bookkeeping uses, as faust builds them."""
+    from collections import defaultdict
+
+    from faust.types import TP
+    from intervaltree import IntervalTree
+
+    tp = TP("raw", 0)
+    state = SimpleNamespace(_acked=defaultdict(list), _acked_index=defaultdict(set), _gap=defaultdict(IntervalTree),
+                            _committed_offset=defaultdict(lambda: None))
+    state._committed_offset[tp] = committed
+    return state, tp
+
+
+def _commits_until(new_offset: Any, last: int) -> list[int]:
+    """Run faust's commit bookkeeping as a start-up after a restart sees it, and commit (as faust's
+    `_commit_offsets` does) until offset `last` is covered; the offsets committed, in order."""
+    import asyncio
+
+    from faust.transport.consumer import Consumer
+
+    state, tp = _consumer_state(committed=1)
+    # faust resumes the fetcher before it seeks to the committed offsets: records 1..298 are
+    # delivered, the seek moves the read offset back to 1, and record 299 (of a fetch under way)
+    # looks like a jump from 1: faust records 2..298 as a gap
+    asyncio.run(Consumer._add_gap(state, tp, 2, 298))
+    for offset in range(1, last):  # every record is processed and acked, each once (`Consumer.ack`)
+        state._acked_index[tp].add(offset)
+        state._acked[tp].append(offset)
+    commits: list[int] = []
+    while state._committed_offset[tp] < last:
+        offset = new_offset(state, tp)
+        assert offset is not None and offset > state._committed_offset[tp], commits[-3:]
+        commits.append(offset)
+        state._committed_offset[tp] = offset
+        assert len(commits) < 10_000
+    return commits
+
+
+def test_commit_covers_offsets_acked_twice_at_once() -> None:
+    """faust added the gap's offsets to the acked ones, each of 2..298 was then listed twice, and
+    every commit took one run of two offsets: 4,167 offsets took over 2,000 commits (one a second
+    at the default commit interval). With the list deduplicated one commit covers them all."""
+    crawl = _commits_until(faustfix.CRAWLING_NEW_OFFSET, 4168)
+    assert len(crawl) > 100 and crawl[:3] == [3, 4, 5]
+    assert _commits_until(faustfix.dedupe_acked, 4168) == [4168]
+
+
+def test_commit_still_stops_below_an_offset_not_acked() -> None:
+    """The deduplicated commit keeps faust's rule: it never passes an offset that is neither acked
+    nor a gap (a record still being processed)."""
+    for new_offset in (faustfix.CRAWLING_NEW_OFFSET, faustfix.dedupe_acked):
+        state, tp = _consumer_state(committed=10)
+        state._acked[tp].extend([10, 11, 12, 15, 16, 16])  # 13 and 14 are still being processed
+        assert new_offset(state, tp) == 13
+        state._committed_offset[tp] = 13
+        assert new_offset(state, tp) is None
+        state._acked[tp].extend([13, 14])
+        assert new_offset(state, tp) == 17

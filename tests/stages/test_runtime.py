@@ -13,6 +13,7 @@ the committed offsets. Whatever the crash points, the delivery argument holds:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import zlib
 from collections import defaultdict, deque
@@ -603,3 +604,50 @@ async def test_a_value_left_ahead_of_the_changelog_is_written_again_with_its_whe
     assert ["k"] in [keys for name, keys in recovered.items() if name.startswith(wheel.SLOT_PREFIX)]
     assert sorted(o["n"] for o in outputs(kafka, "out")) == list(range(1, n + 1))  # each once
     pump.cancel()
+
+
+def test_held_stream_time_is_logged_with_what_it_waits_for(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Stream time held back for over `HELD_WARN_SECONDS` is logged (once a minute at most, per
+    partition) with what it waits for; timers wait meanwhile, so an operator needs to know why."""
+    clock = [1000.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    held = runtime.HeldWarning("stream time of partition {p} waits for its input")
+    tick = wheel.Tick(5, {"split": 40, "actions": 3})
+    progress = {"split": 12, "actions": 3}.__getitem__
+    caplog.set_level(logging.WARNING, logger="messenger_streams.runtime")
+
+    def check(at: float) -> list[str]:
+        clock[0] = at
+        caplog.clear()
+        held.check(1, lambda: runtime._lagging(tick, progress))
+        return [r.getMessage() for r in caplog.records]
+
+    assert check(1000.0) == [] and check(1000.0 + runtime.HELD_WARN_SECONDS - 1) == []
+    assert check(1000.0 + runtime.HELD_WARN_SECONDS) == [
+        "stream time of partition 1 waits for its input for 30 s (timers wait): split at 12 of 40"]
+    assert check(1059.0) == []  # once a minute at most
+    assert check(1091.0) != []
+    held.clear(1)  # the tick was proven: a new hold counts from its own start
+    assert check(1200.0) == [] and check(1229.0) == [] and check(1231.0) != []
+
+
+def test_stream_time_lag_grows_while_stream_time_stands_still(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lag gauge is refreshed between advances (a stuck stream time shows as a growing lag),
+    and a partition no longer owned is dropped from it."""
+    from prometheus_client import REGISTRY
+
+    wall = [1_000.0]
+    monkeypatch.setattr(runtime.time, "time", lambda: wall[0])
+    kafka = FakeKafka(random.Random(1))
+    runner = runtime.StateFirstRunner(FakeStage(), FakeStore(kafka), FakeProducer(kafka), dlq_topic="dlq")
+    runner.stream_times.update({0: 990_000, 1: 999_000})
+
+    def lag(p: int) -> float | None:
+        return REGISTRY.get_sample_value("messenger_stream_time_lag_seconds", {"partition": str(p)})
+
+    runner.refresh_stream_lag({0, 1})
+    assert (lag(0), lag(1)) == (10.0, 1.0)
+    wall[0] = 1_060.0
+    runner.refresh_stream_lag({0})
+    assert (lag(0), lag(1)) == (70.0, None) and set(runner.stream_times) == {0}
