@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 KAFKA := $(BIN)/python deploy/kafka/localkafka.py
 CONFIG ?= deploy/connector.example.toml
 RATE ?= 20
+# make test's pytest processes: most tests wait on real timers and workers, not on the CPU (1 = serial)
+TEST_WORKERS ?= 3
 
 .PHONY: install run demo-reset test lint typecheck unit kafka-up kafka-down kafka-reset kafka-status kafka-fetch bench bench-history chaos schemas clean browser
 
@@ -69,7 +71,7 @@ browser:
 
 # Everything CI checks: lint, types, unit and integration tests on a real broker.
 test: install kafka-fetch browser lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # The main job: local Kafka, topics, a worker, demo traffic and a live summary until Ctrl-C.
 run: install kafka-up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -39,6 +40,36 @@ locale = "es_ES"
 agent_id = "connector"
 nickname = "FB External User"
 """
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With pytest-xdist (`make test` runs `-n TEST_WORKERS`): one broker for every test process,
+    started here in the controller before the processes start; they inherit its address in
+    KAFKA_BOOTSTRAP_SERVERS. When none can be started here, each process tries on its own
+    (`kafka_bootstrap`, which fails the run under CI)."""
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        return
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        return
+    root = Path(tempfile.mkdtemp(prefix="ms-test-broker-"))
+    stack = contextlib.ExitStack()
+    stack.callback(shutil.rmtree, root, True)
+    try:
+        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = stack.enter_context(kafka_broker(root))
+    except RuntimeError:
+        stack.close()
+        return
+    stack.callback(os.environ.pop, "KAFKA_BOOTSTRAP_SERVERS", None)
+    config.stash[_SHARED_BROKER] = stack
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stack = config.stash.get(_SHARED_BROKER, None)
+    if stack is not None:
+        stack.close()
+
+
+_SHARED_BROKER = pytest.StashKey[contextlib.ExitStack]()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.kafka, pytest.mark.chaos]
+# one process runs the whole module under pytest-xdist (`--dist loadgroup`): its report is made once
+pytestmark = [pytest.mark.kafka, pytest.mark.chaos, pytest.mark.xdist_group("chaos_smoke")]
 
 SCENARIOS = ("d", "e")
 

@@ -485,7 +485,8 @@ async def test_invalid_records_and_failures_go_to_the_dead_letter_topic(
 async def test_two_dispatchers_hand_conversations_over_without_sending_twice(harness: Harness) -> None:
     """A second dispatcher joins mid-stream, then the first stops: every outbox id reaches Graph
     exactly once, in order per conversation, never two requests of one conversation at once."""
-    harness.graph.default_delay = 0.1  # so that the stream lasts long enough (≥ 4 s) for two rebalances
+    # so that the stream lasts long enough (≥ 10 s) for two rebalances, also on a loaded machine
+    harness.graph.default_delay = 0.25
     harness.opts = dataclasses.replace(harness.opts, partitions=4)
     first = await harness.start()
     convs, per_conv = 16, 40
