@@ -55,11 +55,13 @@ class _Producer:
     def __init__(self) -> None:
         self.writes: Counter[str] = Counter()
         self.bytes = 0
+        self.largest: Counter[str] = Counter()  # topic → its largest value (bytes)
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None,
                    timestamp: Any = None, headers: Any = None) -> asyncio.Future[Any]:
         self.writes[topic] += 1
         self.bytes += len(value or b"")
+        self.largest[topic] = max(self.largest[topic], len(value or b""))
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         fut.set_result(_Ack(topic, partition or 0, self.writes[topic]))
         return fut
@@ -136,6 +138,7 @@ def run(config_path: Path, events: int, partitions: int, batch: int, profile: in
         "writes_per_record": round(sum(producer.writes.values()) / n, 2),
         "bytes_written_per_record": round(producer.bytes / n),
         "writes": dict(producer.writes.most_common()),
+        "largest_value_bytes": dict(producer.largest.most_common()),
         "profiled": profile is not None,
         "profile": top,
     }
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (under cProfile)' if res['profiled'] else ''}, {res['writes_per_record']} writes and "
           f"{res['bytes_written_per_record']} bytes written per record")
     print("writes: " + ", ".join(f"{t} {n}" for t, n in res["writes"].items()))
+    print("largest value: " + ", ".join(f"{t} {n:,} B" for t, n in res["largest_value_bytes"].items()))
     return 0
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 BUCKET_MS = 1_000
-CHUNK_KEYS = 512  # keys per slot value: ~20 KB, far below Kafka's message size
-MAX_CHUNKS = 64  # a bucket holds at most 32,768 keys; more spill into the next second
+CHUNK_KEYS = 256  # keys per slot value: ~10 KB with conversation keys (changelog values stay under 16 KB)
+MAX_CHUNKS = 128  # a bucket holds at most 32,768 keys; more spill into the next second
 MAX_ARMED = 16  # armed due times kept per key (the earliest; the rules re-arm the rest when they fire)
 MAX_PENDING_TICKS = 64  # ticks per partition waiting for their data (older ones are dropped first)
 

@@ -65,11 +65,13 @@ HELD_WARN_SECONDS = 30.0  # stream time held this long (waiting for data or for 
 PURGE_AFTER_MS = 300_000  # a deleted key's guard is kept this long (stream time) before its tombstone
 UNIT_MAX_KEYS = 1_000  # dirty keys and wheel slots per unit
 UNIT_MAX_OUTPUTS = 5_000
-KEY_MAX_PENDING_BYTES = 262_144  # a key's pending outputs per unit; the unit is flushed beyond
+# a key's state plus its pending outputs of the unit; the unit is flushed beyond, so a changelog value
+# stays under 16 KB but for the outputs of its last input (`test_changelog_values_stay_small_in_a_burst`)
+KEY_VALUE_TARGET_BYTES = 12_288
 MAX_STATE_BYTES = 262_144  # a bigger state is refused (dead letter): its write would fail
 MAX_INPUT_OUTPUT_BYTES = 262_144  # the outputs of one input
 MAX_BUCKETS_PER_TICK = 86_400  # a day of wheel buckets per tick; the rest on the next ticks
-UNIT_MAX_JOURNAL = 500  # keys whose counter share changed, per partition and unit
+UNIT_MAX_JOURNAL = 128  # keys whose counter share changed, per partition and unit (~80 B each in the meta)
 
 TICK_KEY = b"\x00tick"
 
@@ -693,8 +695,10 @@ class StateFirstRunner:
         if step.outputs or step.deltas:
             _pend(e, src, [[o.topic, o.key, o.value] for o in step.outputs], [list(d) for d in step.deltas],
                   self.run_id)
-            unit.pending_bytes[key] = unit.pending_bytes.get(key, 0) + sum(len(o.value) for o in step.outputs)
-            if unit.pending_bytes[key] >= KEY_MAX_PENDING_BYTES:
+            # about what the entry adds to the key's stored value (`_pending_bytes`): ids and topics too
+            size = len(src) + 24 + sum(len(o.value) + len(o.topic) + len(o.key or "") + 8 for o in step.outputs)
+            unit.pending_bytes[key] = unit.pending_bytes.get(key, 0) + size
+            if unit.pending_bytes[key] + len(step.state_bytes or b"") >= KEY_VALUE_TARGET_BYTES:
                 unit.cut = True
         unit.outputs.extend(step.outputs)
         if step.deltas:

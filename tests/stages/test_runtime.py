@@ -651,3 +651,30 @@ def test_stream_time_lag_grows_while_stream_time_stands_still(monkeypatch: pytes
     wall[0] = 1_060.0
     runner.refresh_stream_lag({0})
     assert (lag(0), lag(1)) == (70.0, None) and set(runner.stream_times) == {0}
+
+
+async def test_changelog_values_stay_small_in_a_burst() -> None:
+    """A burst of input for one key, and counter changes on many keys of one partition, in one
+    batch: the unit is cut, so a key's value holds at most `KEY_VALUE_TARGET_BYTES` of state and
+    pending outputs (plus one input's outputs), a partition's meta at most `UNIT_MAX_JOURNAL`
+    journaled keys, a wheel slot at most `wheel.CHUNK_KEYS` keys: no value over 16 KB.
+    Every output still arrives, once and in order."""
+    kafka = FakeKafka(random.Random(5))
+    store = FakeStore(kafka)
+    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    pump = asyncio.create_task(kafka.pump(None))
+    burst = [Record("a", 0, i, b"k0", dumps({"i": i}), 1_000 + i) for i in range(400)]  # ~40 KB of pending
+    # 600 conversations open on partition 1 (keys as long as a page's and a person's ids): counter shares
+    keys = [k for k in (f"1691462197845448:{7_000_000_000_000_000 + i}" for i in range(2_000)) if part_of(k) == 1][:600]
+    many = [Record("b", 1, i, k.encode(), dumps({}), 2_000 + i) for i, k in enumerate(keys)]
+    await runner.run_batch(burst + many)
+    pump.cancel()
+    values = {p: [(key, data) for key, data in kafka.logs[("cl", p)]] for p in (0, 1)}
+    k0 = [len(data) for key, data in values[0] if key == "k0"]
+    assert len(k0) >= 3 and max(k0) <= runtime.KEY_VALUE_TARGET_BYTES + 1_024
+    metas = [len(data) for key, data in values[1] if key == meta_key(1)]
+    assert len(metas) >= 600 // runtime.UNIT_MAX_JOURNAL and max(metas) <= 16_384
+    assert max(len(data) for p in (0, 1) for _, data in values[p] if data is not None) <= 16_384
+    out = outputs(kafka, "out")
+    assert [o["n"] for o in out if o["key"] == "k0"] == list(range(1, 401))
+    assert sorted(o["key"] for o in out if o["key"] != "k0") == sorted(keys)
