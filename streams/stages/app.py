@@ -53,7 +53,7 @@ class CachedPartitioner:
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app tuned for this processor: ordering and at-least-once first."""
-    faustfix.install()  # two faust/mode fixes that lost records around a rebalance (streams/stages/faustfix.py)
+    faustfix.install()  # three faust/mode fixes: records lost around a rebalance, commits crawling (faustfix.py)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{hp.strip()}" for hp in settings.bootstrap_servers.split(",") if hp.strip()],
