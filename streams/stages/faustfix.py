@@ -1,7 +1,7 @@
 """Three fixes to faust-streaming 0.15.3 (and mode-streaming 0.7.1): two lost records around a
-rebalance (issue 12), one held the commits (and so the timers) back for an hour after a restart.
+rebalance (issue 12), one held the commits (and so the timers) back for half an hour after a restart.
 
-Both were found by instrumenting failing runs of `tests/stages/test_conversations_kafka.py::
+The first two were found by instrumenting failing runs of `tests/stages/test_conversations_kafka.py::
 test_failover_within_15_seconds` and `tests/stages/test_csat_stage_kafka.py::
 test_sigkill_mid_stream_neither_loses_nor_double_counts`; `install()` applies them once per process,
 before the app is built (`streams/stages/app.py`).
@@ -29,17 +29,18 @@ before the app is built (`streams/stages/app.py`).
    queues are now cleared only when flow control really resumes from a suspension; a suspension
    (a revocation) clears them itself.
 
-3. **A commit crawled one offset per second after a restart** (`dedupe_acked`). faust commits up
+3. **A commit crawled two offsets per second after a restart** (`dedupe_acked`). faust commits up
    to the first run of consecutive offsets in its list of acked offsets, one run per commit. When
    the consumer reads an offset more than one past the last one read, it records the offsets
    between as a gap and later adds them to that list. At start-up faust resumes the fetcher before
    it seeks the stream partitions to their committed offsets; the seek moves the read offset back,
    the next record of a fetch already under way looks like a jump, and the records delivered
    before the seek, acked only after it, are in the list twice: `[2, 2, 3, 3, 4, 4, …]`. Every run
-   is then two long and the commit moved about one offset a second (seen: 4,300 records taking
-   over an hour to commit). Nothing was lost, but the conversation stage's ticks wait for the
-   raw topic's commits (`TickSource`), so every timer (auto-close, CSAT timeouts) of the worker
-   stood still, and a crash meanwhile would have redelivered the whole backlog. Found by
+   is then two long and the commit moved two offsets per commit, one commit a second: the 4,300
+   records of the test would have taken over half an hour. Nothing was lost, but the conversation
+   stage's ticks wait for the raw topic's commits (`TickSource`), so every timer (auto-close, CSAT
+   timeouts) of the worker stood still, and a crash meanwhile would have redelivered the whole
+   backlog. Found by
    `test_timers_wait_for_input_still_queued`, which failed intermittently under load (1 of 10 runs,
    3 more just passing), with the `HeldWarning` log of `streams/stages/runtime.py` naming the raw
    partition whose commit stood still. The list is deduplicated before faust reads it: the same
