@@ -70,7 +70,7 @@ class _Producer:
         pass
 
 
-def build(config_path: Path, partitions: int) -> tuple[Any, Any, _Producer]:
+def build(config: Any, partitions: int) -> tuple[Any, Any, _Producer]:
     """The worker's conversation stage and runner, on a dict store and an instant producer."""
     from streams.core.pages import PageDirectory
     from streams.core.settings import Settings
@@ -80,7 +80,6 @@ def build(config_path: Path, partitions: int) -> tuple[Any, Any, _Producer]:
     from streams.stages.pages import LivePages
     from streams.stages.runtime import StateFirstRunner, TableStore
 
-    config = load_config(config_path)
     settings = Settings(partitions=partitions)
     app = SimpleNamespace(conf=SimpleNamespace(producer_partitioner=CachedPartitioner()),
                           consumer=SimpleNamespace(topic_partitions=lambda topic: partitions))
@@ -95,10 +94,10 @@ def build(config_path: Path, partitions: int) -> tuple[Any, Any, _Producer]:
     return stage, runner, producer
 
 
-def records(stage: Any, config_path: Path, events: int, partitions: int) -> list[Any]:
+def records(stage: Any, config: Any, events: int, partitions: int) -> list[Any]:
     from streams.stages.runtime import Record
 
-    ds = make_dataset(load_config(config_path), events, partitions, ("raw", "actions"))
+    ds = make_dataset(config, events, partitions, ("raw", "actions"))
     offsets: Counter[tuple[str, int]] = Counter()
     out = []
     for i, r in enumerate(ds.records):
@@ -117,8 +116,9 @@ async def _run(runner: Any, recs: list[Any], batch: int) -> float:
 
 
 def run(config_path: Path, events: int, partitions: int, batch: int, profile: int | None) -> dict[str, Any]:
-    stage, runner, producer = build(config_path, partitions)
-    recs = records(stage, config_path, events, partitions)
+    config = load_config(config_path)
+    stage, runner, producer = build(config, partitions)
+    recs = records(stage, config, events, partitions)
     top = ""
     if profile is None:
         elapsed = asyncio.run(_run(runner, recs, batch))

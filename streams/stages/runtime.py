@@ -212,6 +212,12 @@ def _lagging(tick: Tick, progress: Callable[[str], int]) -> str:
                      if progress(topic) < end)
 
 
+def _uncommitted(topic: str, want: Mapping[int, int], committed: Mapping[int, int]) -> str:
+    """What a tick waits for upstream: each partition the group has not committed up to its end."""
+    return ", ".join(f"{topic} partition {part} committed {committed.get(part, -1)} of {end}"
+                     for part, end in sorted(want.items()) if end > 0 and committed.get(part, -1) < end)
+
+
 class HeldWarning:
     """Logs (once a minute at most, per partition) that stream time has been held back for more
     than `HELD_WARN_SECONDS`, and by what: timers wait meanwhile. Bounded by the partitions."""
@@ -1361,9 +1367,7 @@ class TickSource:
             self._held.clear(-1)
         else:
             want = self._waiting[0][1]
-            self._held.check(-1, lambda: ", ".join(
-                f"{topic} partition {part} committed {committed.get(part, -1)} of {end}"
-                for part, end in sorted(want.items()) if end > 0 and committed.get(part, -1) < end))
+            self._held.check(-1, lambda: _uncommitted(topic, want, committed))
         return stamp
 
 

@@ -678,3 +678,33 @@ async def test_changelog_values_stay_small_in_a_burst() -> None:
     out = outputs(kafka, "out")
     assert [o["n"] for o in out if o["key"] == "k0"] == list(range(1, 401))
     assert sorted(o["key"] for o in out if o["key"] != "k0") == sorted(keys)
+
+
+async def test_a_tick_waiting_for_its_data_is_logged_by_the_runner(monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The runner's wiring of the held-time log: a tick whose input is not consumed for over
+    `HELD_WARN_SECONDS` is logged with the topic and offsets it waits for; once proven, the hold
+    ends. And the upstream form names the raw partitions the group has not committed."""
+    clock = [1000.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.WARNING, logger="messenger_streams.runtime")
+    kafka = FakeKafka(random.Random(3))
+    store = FakeStore(kafka)
+    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    pump = asyncio.create_task(kafka.pump(None))
+    tick = Record("t", 0, 0, runtime.TICK_KEY, dumps(wheel.tick_value(20_000, {"a": 3})), 20_000)
+    await runner.run_batch([tick, Record("a", 0, 0, b"k1", dumps({}), 10_000)])
+    clock[0] += runtime.HELD_WARN_SECONDS
+    await runner.run_batch([Record("a", 0, 1, b"k1", dumps({}), 10_001)])
+    assert [r.getMessage() for r in caplog.records] == [
+        "stream time of partition 0 waits for its input for 30 s (timers wait): a at 2 of 3"]
+    await runner.run_batch([Record("a", 0, 2, b"k1", dumps({}), 10_002)])  # the tick's data is in
+    assert store.data[meta_key(0)]["clock"] == 20_000
+    caplog.clear()
+    clock[0] += 120
+    tick2 = Record("t", 0, 1, runtime.TICK_KEY, dumps(wheel.tick_value(21_000, {"a": 4})), 21_000)
+    await runner.run_batch([tick2])  # a new hold starts now: nothing logged
+    assert caplog.records == []
+    pump.cancel()
+    assert runtime._uncommitted("raw", {0: 10, 1: 4227, 2: 0}, {0: 10, 1: 62}) == "raw partition 1 committed 62 of 4227"
+
