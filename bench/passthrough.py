@@ -29,7 +29,8 @@ async def run(args: argparse.Namespace) -> None:
         group_id=args.group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        fetch_max_wait_ms=1500,  # what faust's aiokafka driver hard-codes
+        fetch_min_bytes=args.fetch_min_bytes,  # the worker's (faustfix sets them on faust's consumer)
+        fetch_max_wait_ms=args.fetch_max_wait_ms,
         max_partition_fetch_bytes=1_048_576,  # faust consumer_max_fetch_size
     )
     producer = AIOKafkaProducer(
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--partitions", type=int, required=True)
     p.add_argument("--linger-ms", type=int, default=5)
+    p.add_argument("--fetch-min-bytes", type=int, default=1)
+    p.add_argument("--fetch-max-wait-ms", type=int, default=1500)
     p.add_argument("--commit-interval", type=float, default=1.0)
     p.add_argument("--max-records", type=int, default=None)
     p.add_argument("--fanout", type=int, default=1, help="outputs per input (default 1)")

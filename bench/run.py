@@ -110,6 +110,7 @@ class Opts:
     lat_rates: list[float] = field(default_factory=list)
     fanout: int = 3
     live_rate: float | None = None
+    live_arm: str = "C"
     capacity: bool = False
     cap_fractions: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     cap_warmup: float = 5.0
@@ -120,6 +121,10 @@ class Opts:
     @property
     def linger_ms(self) -> int:
         return int(self.worker_env.get("MESSENGER_STREAMS_PRODUCER_LINGER_MS", _settings_default("producer_linger_ms")))
+
+    def worker_setting(self, name: str) -> int:
+        """A worker setting the passthrough mirrors: from --worker-env, else the settings' default."""
+        return int(self.worker_env.get(f"MESSENGER_STREAMS_{name.upper()}", _settings_default(name)))
 
     @property
     def one_hop(self) -> bool:
@@ -289,6 +294,8 @@ def start_passthrough(opts: Opts, names: Names, group: str, workdir: Path, fanou
     cmd = [sys.executable, "-m", "bench.passthrough", *names.inputs(), "--bootstrap", opts.bootstrap,
            "--group", group, "--out", names.passthrough_out() if fanout == 1 else names.fanout_out(),
            "--partitions", str(opts.partitions), "--linger-ms", str(opts.linger_ms),
+           "--fetch-min-bytes", str(opts.worker_setting("fetch_min_bytes")),
+           "--fetch-max-wait-ms", str(opts.worker_setting("fetch_max_wait_ms")),
            "--commit-interval", str(opts.commit_interval), "--fanout", str(fanout)]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -546,12 +553,16 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
     if arm == "A":
         procs = [start_passthrough(opts, names, f"{names.prefix}passthrough", workdir)]
         outputs = [names.passthrough_out()]
+    elif arm == "B":  # faust's floor under the same live load (`--live-rate R --live-arm B`)
+        cmd = [sys.executable, "-m", "bench.nullagent", *names.inputs(), "--out", names.nullagent_out()]
+        procs = start_workers(opts, names, app_id, workdir, 1, cmd)
+        outputs = [names.nullagent_out()]
     else:
         procs = start_workers(opts, names, app_id, workdir, 1)
         outputs = names.arrivals()
     seen: dict[bytes, tuple[int, int]] = {}
     # C only: when each message reached the internal topics (record create time, ms)
-    hop_names = {"split": names.attr("split")} if arm != "A" else {}
+    hop_names = {"split": names.attr("split")} if arm == "C" else {}
     hops: dict[str, dict[bytes, int]] = {t: {} for t in hop_names.values()}
     stop = asyncio.Event()
     spy: subprocess.Popen[bytes] | None = None
@@ -564,6 +575,8 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         sink_task = asyncio.create_task(sink(opts.bootstrap, outputs, opts.partitions, stop, seen, hops))
         await asyncio.sleep(0.5)  # the sink is assigned and polling
         seconds = opts.lat_warmup + opts.lat_seconds
+        bpid = broker_pid(opts.bootstrap)
+        cpu0 = (proc_cpu_seconds(bpid), time.process_time())  # the broker's and this harness's (the sink)
         cmd = [sys.executable, "-m", "bench.loadgen", "--records", str(records_file), "--rate", f"{rate:.3f}",
                "--seconds", str(seconds), "--bootstrap", opts.bootstrap, "--linger-ms", str(LOADGEN_LINGER_MS)]
         for a in input_attrs():
@@ -579,6 +592,8 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         if gen.returncode != 0:
             raise RuntimeError(f"loadgen exited with {gen.returncode}")
         info = orjson.loads(out.strip().splitlines()[-1])
+        others = {"broker": proc_cpu_seconds(bpid) - cpu0[0], "generator": info.get("cpu_s", 0.0),
+                  "harness": time.process_time() - cpu0[1]}
         # stragglers: wait until every expected id arrived, or nothing new came for 3 s (some ids
         # legitimately never reach a console topic, e.g. a CSAT digit answer), at most 30 s
         expected = [m for m, i in ds.mid_first.items() if i < info["sent"]]
@@ -593,9 +608,9 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         stop.set()
         out_total = await sink_task
         stats = [p.stats() for p in procs]
-        worker_metrics = scrape_flush_metrics(procs[0]) if arm != "A" else {}
+        worker_metrics = scrape_flush_metrics(procs[0]) if arm == "C" else {}
         csat_responses = await topic_records(opts.bootstrap, names.attr("csat_responses"), opts.partitions) \
-            if arm != "A" else None
+            if arm == "C" else None
     finally:
         stop.set()
         if spy is not None:
@@ -662,6 +677,8 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         "latency_to_hop_create_time_ms": {h: percentiles(v) for h, v in lat_hop.items()},
         "peak_rss_mib": round(max(s["peak_rss_kib"] for s in stats) / 1024, 1),
         "cpu_cores": round(sum(s["cpu_s"] for s in stats) / seconds, 3),
+        # the rest of the 2-core box while the generator ran: the broker, the generator, the sink
+        "other_cpu_cores": {k: round(v / seconds, 3) for k, v in others.items()} if bpid else None,
         # the conversation stage's write/ack cycles and the time it waited for acks (whole run)
         "worker_metrics": worker_metrics,
     }
@@ -759,6 +776,8 @@ async def run(opts: Opts) -> dict[str, Any]:
             "partitions": opts.partitions,
             "acks": "all",
             "linger_ms": opts.linger_ms,
+            "fetch_min_bytes": opts.worker_setting("fetch_min_bytes"),
+            "fetch_max_wait_ms": opts.worker_setting("fetch_max_wait_ms"),
             "max_batch_size": 262_144,
             "commit_interval_s": opts.commit_interval,
             "worker_env": opts.worker_env,
@@ -789,11 +808,12 @@ async def run(opts: Opts) -> dict[str, Any]:
             write_records(records_file, ds.records)
             names = Names(f"bench{rid}pl.", opts.partitions, config)
             prefixes.append(names.prefix)
-            r = await latency_run(opts, "C", names, ds, records_file, opts.live_rate, workdir,
+            arm = opts.live_arm
+            r = await latency_run(opts, arm, names, ds, records_file, opts.live_rate, workdir,
                                   names.prefix.rstrip("."), profile=opts.profile)
-            result["latency"] = [{"fraction": None, "rate": opts.live_rate, "C": r}]
+            result["latency"] = [{"fraction": None, "rate": opts.live_rate, arm: r}]
             q = r["latency_ms"]
-            log(f"C under {opts.live_rate:.0f}/s: p50 {q.get('p50')} p99 {q.get('p99')} ms, "
+            log(f"{arm} under {opts.live_rate:.0f}/s: p50 {q.get('p50')} p99 {q.get('p99')} ms, "
                 f"cpu {r['cpu_cores']} cores, {r['missing']} missing{' → ' + opts.profile if opts.profile else ''}")
         elif opts.profile:
             names = Names(f"bench{rid}p.", opts.partitions, config)
@@ -879,7 +899,7 @@ async def run(opts: Opts) -> dict[str, Any]:
             write_records(records_file, ds.records)
             for k, (frac, rate) in enumerate(loads):
                 entry: dict[str, Any] = {"fraction": round(frac, 3), "rate": round(rate, 1)}
-                for arm in ("A", "C"):
+                for arm in ("A", "B", "C"):  # B: faust's floor under the same live load
                     names = Names(f"bench{rid}l{k}{arm.lower()}.", opts.partitions, config)
                     prefixes.append(names.prefix)
                     try:
@@ -937,7 +957,7 @@ def table(res: dict[str, Any]) -> str:
                  f"B/A (faust floor): {thr.get('ratio_B_A')}   C/B: {thr.get('ratio_C_B')}   "
                  f"2-worker scaling C2/C: {thr.get('scaling_C2_C')}")
     for e in res.get("latency", []):
-        for arm in ("A", "C"):
+        for arm in ("A", "B", "C"):
             r = e.get(arm)
             if not r:
                 continue
@@ -945,7 +965,7 @@ def table(res: dict[str, Any]) -> str:
             share = f"{e['fraction']:.0%} of C" if e.get("fraction") is not None else "fixed rate"
             lines.append(f"latency {arm} @ {e['rate']:,.0f}/s ({share}): p50 {q.get('p50')} "
                          f"p90 {q.get('p90')} p99 {q.get('p99')} p99.9 {q.get('p99_9')} max {q.get('max')} ms "
-                         f"(n={r['measured']}, missing {r['missing']})")
+                         f"(n={r['measured']}, missing {r['missing']}, cpu {r['cpu_cores']} cores)")
     cap = res.get("live_capacity")
     if cap:
         lines.append(f"live capacity (p99 ≤ {cap['p99_bound_ms']:.0f} ms): {cap['capacity_eps']} ev/s "
@@ -994,6 +1014,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
     p.add_argument("--live-rate", type=float, default=None, metavar="R",
                    help="instead: one open-loop run of C alone at R records/s, no drains (with --profile: py-spy "
                         "attached, the profile of live load rather than of a drain)")
+    p.add_argument("--live-arm", default="C", choices=("A", "B", "C"),
+                   help="the arm of --live-rate: C (default), B (faust's floor) or A (raw aiokafka)")
     a = p.parse_args(argv)
     smoke = a.smoke
     opts = Opts(
@@ -1017,6 +1039,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
         lat_rates=[float(x) for x in (a.lat_rates or "").split(",") if x.strip()],
         fanout=a.fanout,
         live_rate=a.live_rate,
+        live_arm=a.live_arm,
         capacity=a.capacity if a.capacity is not None else not smoke,
         cap_fractions=[float(x) for x in a.cap_fractions.split(",") if x.strip()],
         cap_seconds=a.cap_seconds,

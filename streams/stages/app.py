@@ -53,7 +53,7 @@ class CachedPartitioner:
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app tuned for this processor: ordering and at-least-once first."""
-    faustfix.install()  # three faust/mode fixes: records lost around a rebalance, commits crawling (faustfix.py)
+    faustfix.install()  # faust/mode fixes (records lost around a rebalance, commits crawling) and fetch settings
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{hp.strip()}" for hp in settings.bootstrap_servers.split(",") if hp.strip()],
@@ -86,6 +86,8 @@ def create_app(settings: Settings) -> faust.App:
     # Table changelog records queue in faust's producer buffer; at its default of 100 the conductor
     # stalls on every table-heavy burst ("producer buffer full"). Commits still flush it first.
     app.producer.buffer.max_messages = settings.producer_buffer_max
+    # the consumer's fetch settings (faust has none for them: faustfix applies these)
+    setattr(app, faustfix.FETCH_SETTINGS, (settings.fetch_min_bytes, settings.fetch_max_wait_ms))
     supervise(app)  # a crashed agent stops the worker (exit 1); a stop never takes over 8 s
     return app
 

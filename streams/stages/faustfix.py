@@ -61,6 +61,8 @@ _PATCHED = "_messenger_streams_faustfix"
 UNGUARDED_FETCH = faust_aiokafka.AIOKafkaConsumerThread._fetch_records  # faust's own, kept for the tests
 CLEARING_RESUME = FlowControlEvent.resume  # mode's own, kept for the tests
 CRAWLING_NEW_OFFSET = Consumer._new_offset  # faust's own, kept for the tests
+FIXED_FETCH_CONSUMER = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer  # faust's own
+FETCH_SETTINGS = "_messenger_streams_fetch"  # app attribute: (fetch_min_bytes, fetch_max_wait_ms)
 
 
 class FetchablePartitions(Container[Any]):
@@ -123,13 +125,29 @@ def dedupe_acked(self: Any, tp: Any) -> int | None:
     return int(batch[-1]) + 1
 
 
+def tuned_worker_consumer(self: Any, transport: Any) -> Any:
+    """faust's worker consumer with the app's fetch settings (`FETCH_SETTINGS`, set by `create_app`).
+
+    faust builds it with `fetch_max_wait_ms=1500` and aiokafka's `fetch_min_bytes=1` and has no
+    setting for either: the broker answers a fetch as soon as one record is ready, so under live
+    load the consumer fetches as fast as round trips allow, a few records at a time, whatever the
+    rate. The defaults stay faust's; a deployment can trade a few ms for CPU (docs/benchmarks.md,
+    "fetch settings")."""
+    consumer = FIXED_FETCH_CONSUMER(self, transport)
+    tuned = getattr(self.app, FETCH_SETTINGS, None)
+    if tuned is not None:
+        consumer._fetch_min_bytes, consumer._fetch_max_wait_ms = tuned  # read by its Fetcher at start
+    return consumer
+
+
 def install() -> None:
-    """Apply the three fixes (idempotent)."""
+    """Apply the three fixes and the fetch settings hook (idempotent)."""
     thread_cls = faust_aiokafka.AIOKafkaConsumerThread
     if getattr(thread_cls, _PATCHED, False):
         return
     thread_cls._fetch_records = _fetch_records  # type: ignore[method-assign]
     FlowControlEvent.resume = resume_flow_control  # type: ignore[method-assign]
     Consumer._new_offset = dedupe_acked  # type: ignore[method-assign]
+    thread_cls._create_worker_consumer = tuned_worker_consumer  # type: ignore[method-assign]
     setattr(thread_cls, _PATCHED, True)
 

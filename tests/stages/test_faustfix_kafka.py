@@ -6,7 +6,8 @@ partitions' records, only while faust's flow runs, and leaves the others where t
 without a broker: mode's flow control cleared the streams' queues on every resume, also one that
 ended no suspension (the CSAT facts lost after a restart); now only a resume after a suspension
 clears them. And faust's commit, which crawled one offset per commit once a gap recorded at start-up
-doubled the acked offsets, now commits the whole run at once."""
+doubled the acked offsets, now commits the whole run at once. And the worker's consumer fetches with
+the app's fetch settings, which faust has no setting for."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
+from streams.core.settings import Settings
 from streams.stages import faustfix
+from streams.stages.app import create_app
 from tests.kafkatools import KafkaIO
 
 
@@ -199,3 +202,26 @@ def test_commit_still_stops_below_an_offset_not_acked() -> None:
         assert new_offset(state, tp) is None
         state._acked[tp].extend([13, 14])
         assert new_offset(state, tp) == 17
+
+
+async def started_fetch_settings(app: Any) -> tuple[int, int]:
+    """What the started Fetcher of the app's worker consumer (built as faust builds it) uses."""
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    await consumer.start()
+    try:
+        return consumer._fetcher._fetch_min_bytes, consumer._fetcher._fetch_max_wait_ms
+    finally:
+        await consumer.stop()
+
+
+async def test_the_worker_consumer_fetches_with_the_apps_settings(kafka_bootstrap: str) -> None:
+    """faust builds its consumer with `fetch_max_wait_ms=1500` and aiokafka's `fetch_min_bytes=1`
+    and has no setting for either; the worker's consumer fetches with what the settings say."""
+    app_id = f"fetch-{uuid.uuid4().hex[:8]}"
+    default = create_app(Settings(bootstrap_servers=kafka_bootstrap, app_id=app_id))
+    assert await started_fetch_settings(default) == (1, 1500)
+    chosen = create_app(Settings(bootstrap_servers=kafka_bootstrap, app_id=app_id,
+                                 fetch_min_bytes=16_384, fetch_max_wait_ms=5))
+    assert await started_fetch_settings(chosen) == (16_384, 5)
+    delattr(chosen, faustfix.FETCH_SETTINGS)  # an app create_app did not make keeps faust's own
+    assert await started_fetch_settings(chosen) == (1, 1500)
