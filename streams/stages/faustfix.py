@@ -45,6 +45,10 @@ before the app is built (`streams/stages/app.py`).
    3 more just passing), with the `HeldWarning` log of `streams/stages/runtime.py` naming the raw
    partition whose commit stood still. The list is deduplicated before faust reads it: the same
    offsets, each once, so the commit covers the whole run at once.
+
+Not a fix but a missing setting: faust builds its consumer with `fetch_max_wait_ms=1500` and
+aiokafka's `fetch_min_bytes=1` and has no setting for either (`tuned_worker_consumer` applies the
+worker's `MESSENGER_STREAMS_FETCH_MIN_BYTES` / `_FETCH_MAX_WAIT_MS`, faust's values by default).
 """
 
 from __future__ import annotations
