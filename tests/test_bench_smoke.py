@@ -53,6 +53,7 @@ def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
         for arm in ("A", "B", "C"):  # B: faust's floor under the same live load
             assert entry[arm]["measured"] > 0
             assert entry[arm]["cpu_cores"] > 0
+            assert entry[arm]["other_cpu_cores"]["generator"] > 0 and entry[arm]["other_cpu_cores"]["harness"] > 0
             assert set(entry[arm]["latency_ms"]) >= {"p50", "p90", "p99", "p99_9"}
     # nothing written to the repository's results folder
     assert not (ROOT / "bench" / "results" / f"latest-{res['run_id']}.json").exists()

@@ -352,7 +352,7 @@ M = TypeVar("M", bound=BaseModel)
 _ITEM_MODEL_KEYS = frozenset(
     key for name, info in MessagingItem.model_fields.items() for key in (name, info.alias) if key is not None
 )
-_ITEM_COMMON_KEYS = frozenset(("sender", "recipient", "timestamp"))
+_ITEM_KIND_KEYS = _ITEM_MODEL_KEYS - {"sender", "recipient", "timestamp"}
 _POSTBACK_KEYS = frozenset(("mid", "title", "payload"))  # a postback with a referral or extras: the models
 
 
@@ -457,7 +457,7 @@ def _fast_event(
     `_Unsure` for anything else."""
     kind_key = None
     for key in doc:
-        if key in _ITEM_MODEL_KEYS and key not in _ITEM_COMMON_KEYS:
+        if key in _ITEM_KIND_KEYS:
             if kind_key is not None:
                 raise _Unsure
             kind_key = key
