@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     # --- state-first batches, dead letters, failover (issue 12, docs/architecture.md) ---
     batch_max: int = Field(default=500, ge=1, le=100_000, description="records per batch of the state-first runner")
     batch_within_ms: int = Field(
-        default=10, ge=1, le=10_000, description="wait at most this long for a batch to fill before processing it"
+        default=5, ge=1, le=10_000, description="wait at most this long for a batch to fill before processing it"
     )
     dead_letter_max_bytes: int = Field(
         default=900_000, ge=10_000, description="bigger dead letters keep a prefix of the original plus its SHA-256"

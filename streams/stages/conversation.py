@@ -11,6 +11,7 @@ decisions into records, counts, and writes the ticks; docs/architecture.md has t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -55,6 +56,7 @@ log = logging.getLogger("messenger_streams.conversations")
 # (skill) for open conversations, `queue+`/`queue-` (skill) for open and unassigned ones.
 COUNTER_NOTES = {"open+": ("open", 1), "open-": ("open", -1), "queue+": ("queued", 1), "queue-": ("queued", -1)}
 GAUGE_REFRESH_SECONDS = 1.0
+FINISH_TIMEOUT_SECONDS = 10.0  # a stopping agent waits this long at most for its last outputs' acks
 
 
 def counter_deltas(notes: list[tuple[str, str]]) -> list[tuple[str, str, int]]:
@@ -305,21 +307,41 @@ def register(pipe: Pipeline) -> None:
     latency = metrics.PROCESSING_LATENCY.labels("conversation")
     within = settings.batch_within_ms / 1000.0
 
+    finishing: set[asyncio.Task[None]] = set()  # at most two: a unit's writes wait for the last one
+
+    async def finish(stream: Any, done: asyncio.Future[None], events: list[Any], records: list[Record]) -> None:
+        """Ack a batch once Kafka acknowledged its outputs (faust commits acked offsets only)."""
+        try:
+            await done
+        except asyncio.CancelledError:
+            return  # shutting down: not acked, so redelivered (its outputs are pending on its keys)
+        except Exception as exc:  # noqa: BLE001 - WriteFailed: an output was not acknowledged
+            crash_worker(exc)
+        for e in events:
+            await stream.ack(e)
+        now_ms = time.time() * 1000
+        for rec in records:  # Kafka timestamp → outputs acknowledged
+            latency.observe(max(0.0, (now_ms - rec.timestamp_ms) / 1000.0))
+
     @app.agent(channel, name="converse")
     async def converse(stream: Any) -> None:
-        async for events in stream.noack_take(settings.batch_max, within):
-            records = [Record.of_event(e) for e in events]
-            try:
-                await runner.run_batch(records)
-            except WriteFailed as exc:
-                crash_worker(exc)
-            except Exception as exc:  # noqa: BLE001 - a bug in the runner itself: same rule, never go on
-                crash_worker(exc)
-            for e in events:
-                await stream.ack(e)
-            now_ms = time.time() * 1000
-            for rec in records:  # Kafka timestamp → outputs acknowledged
-                latency.observe(max(0.0, (now_ms - rec.timestamp_ms) / 1000.0))
+        try:
+            async for events in stream.noack_take(settings.batch_max, within):
+                records = [Record.of_event(e) for e in events]
+                try:
+                    # the unit pipeline: the next batch is taken and decided while this one's
+                    # outputs wait for their acks (docs/architecture.md, "The unit pipeline")
+                    done = await runner.start_batch(records)
+                except WriteFailed as exc:
+                    crash_worker(exc)
+                except Exception as exc:  # noqa: BLE001 - a bug in the runner itself: same rule, never go on
+                    crash_worker(exc)
+                task = asyncio.ensure_future(finish(stream, done, list(events), records))
+                finishing.add(task)
+                task.add_done_callback(finishing.discard)
+        finally:
+            if finishing:  # a stop: the last batch is acked before faust's last commit, not redelivered
+                await asyncio.wait(set(finishing), timeout=FINISH_TIMEOUT_SECONDS)
 
     ticks = TickSource(
         app,

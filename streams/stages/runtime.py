@@ -13,7 +13,9 @@ themselves. A record whose processing raises goes to the dead-letter topic and t
 A unit is flushed in two steps: (1) every dirty key is written once (the table's local store plus
 one changelog record on the input's partition) and the changelog acks are awaited: the state is
 durable; (2) the outputs are sent and their acks awaited. Only after the last unit of a batch does
-the agent ack the batch's records, and faust commits only acked offsets. A redelivered record (its
+the agent ack the batch's records, and faust commits only acked offsets (with `start_batch`, the
+unit pipeline, the last unit's output acks are awaited in the background while the next batch is
+decided; the next flush awaits them before it writes anything). A redelivered record (its
 offset at or below the key's applied offset for its topic-partition) is not decided again: the
 outputs pending for it are sent again, with the same ids. Any failed write raises `WriteFailed`
 and the agent ends the process (`crash_worker`): nothing continues on state that may differ from
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -352,12 +355,27 @@ class Entry:
                 "p": self.pending, "r": self.run, "c": self.counts}
 
     def encode(self) -> bytes:
+        return self._head() + b",".join(_pending_bytes(p) for p in self.pending) + b"]}"
+
+    def encode_settled(self, run_id: str) -> tuple[bytes, bytes | None]:
+        """The stored bytes, and (when this incarnation has pending entries on the key) the bytes
+        without them, which the local copy keeps once they were acknowledged (`_settle`): one
+        encoding of the state and the guard for both."""
+        head = self._head()
+        parts = [_pending_bytes(p) for p in self.pending]
+        data = head + b",".join(parts) + b"]}"
+        if not any(_own(p, run_id) for p in self.pending):
+            return data, None
+        kept = (b for b, p in zip(parts, self.pending, strict=True) if not _own(p, run_id))
+        return data, head + b",".join(kept) + b"]}"
+
+    def _head(self) -> bytes:
+        """The stored bytes up to the pending entries' list (opened)."""
         state = self.state_bytes if self.state_bytes is not None else _dumps(self.state)
-        pending = b",".join(_pending_bytes(p) for p in self.pending)
         return b"".join((
             b'{"v":2,"s":', state, b',"g":', _dumps(self.applied), b',"t":', _dumps(self.timers),
             b',"x":', _dumps(self.purge_at), b',"r":', _dumps(self.run), b',"c":', _dumps(self.counts),
-            b',"p":[', pending, b"]}",
+            b',"p":[',
         ))
 
     def pending_for(self, src: str) -> list[Any] | None:
@@ -371,12 +389,18 @@ def _value_bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else _dumps(value)
 
 
+@functools.lru_cache(maxsize=256)
+def _name_bytes(name: str | None) -> bytes:
+    """JSON of a topic name or runner incarnation: few distinct values, written with every output."""
+    return _dumps(name)
+
+
 def _pending_bytes(p: list[Any]) -> bytes:
     src, outs, deltas = p[:3]
     outs_b = b",".join(
-        b"[" + _dumps(topic) + b"," + _dumps(key) + b"," + _value_bytes(value) + b"]" for topic, key, value in outs
+        b"[" + _name_bytes(topic) + b"," + _dumps(key) + b"," + _value_bytes(value) + b"]" for topic, key, value in outs
     )
-    run = _dumps(p[3] if len(p) > 3 else None)
+    run = _name_bytes(p[3] if len(p) > 3 else None)
     return b"[" + _dumps(src) + b",[" + outs_b + b"]," + _dumps(deltas) + b"," + run + b"]"
 
 
@@ -426,6 +450,7 @@ class Unit:
         self.journal: dict[int, dict[str, dict[str, dict[str, int]]]] = {}  # partition → key → new share
         self.collected: set[int] = set()  # partitions whose fired slots this unit deletes
         self.fired: dict[int, str] = {}  # partition → src of the firing this unit completes (once acked)
+        self.settled: dict[str, bytes] = {}  # key → its written value without this incarnation's pending
         self.cut = False
 
     # reads ------------------------------------------------------------------------------------
@@ -556,11 +581,22 @@ class StateFirstRunner:
         self._errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
         self._waits = (metrics.FLUSH_WAIT.labels(stage_name, "changelog"),
                        metrics.FLUSH_WAIT.labels(stage_name, "outputs"))
+        self._tail: asyncio.Future[None] | None = None  # the last unit's output acks (`start_batch`)
 
     # public -----------------------------------------------------------------------------------
     async def run_batch(self, records: Sequence[Record]) -> None:
         """Process records in order; returns once every output is acknowledged by Kafka.
         Raises WriteFailed when a write failed (the caller must end the process)."""
+        await (await self.start_batch(records))
+
+    async def start_batch(self, records: Sequence[Record]) -> asyncio.Future[None]:
+        """Process records in order; returns once their state is durable and their outputs are
+        sent, with a future that resolves once Kafka acknowledged every output: only then may the
+        records be acked. The next batch may be decided meanwhile (the unit pipeline): none of its
+        writes is made before that future resolved, so every changelog record is written as in
+        `run_batch`, after everything before it was acknowledged. Raises WriteFailed when a write
+        failed, and the future raises it when an output was not acknowledged (the caller must end
+        the process either way)."""
         unit = self._unit()
         for rec in records:
             unit = await self._one(unit, rec)
@@ -569,7 +605,12 @@ class StateFirstRunner:
                 self.consumed[tp] = rec.offset + 1
             if unit.full():
                 unit = await self._flush(unit)
-        await self._flush(unit)
+        await self._flush(unit, defer=True)
+        tail = self._tail
+        if tail is None:
+            tail = asyncio.get_running_loop().create_future()
+            tail.set_result(None)
+        return tail
 
     def refresh_stream_lag(self, owned: set[int]) -> None:
         """Keep `messenger_stream_time_lag_seconds` growing while a partition's stream time stands
@@ -949,20 +990,21 @@ class StateFirstRunner:
         is only settled once they were acknowledged. About two thirds of a new conversation's value
         (docs/benchmarks.md, "lean local values"): fewer bytes held and parsed on every read.
         Entries of another incarnation stay until their input is committed (`_maybe_needed`)."""
-        run_id = self.run_id
-        for key, p in unit.dirty.items():
-            e = unit.entries[key]
-            if e is None or not any(_own(x, run_id) for x in e.pending):
-                continue
-            kept = [x for x in e.pending if not _own(x, run_id)]
-            self.store.settle(key, replace(e, pending=kept).encode(), p, unit.events.get(p))
+        for key, data in unit.settled.items():
+            p = unit.dirty[key]
+            self.store.settle(key, data, p, unit.events.get(p))
 
-    async def _flush(self, unit: Unit) -> Unit:
+    async def _flush(self, unit: Unit, *, defer: bool = False) -> Unit:
         """Write every dirty value and await the changelog acks, then send the outputs and await
         theirs. Per partition the order is: wheel slots armed, meta, keys, wheel slots deleted
         (Kafka keeps one partition's records in order): a durable key implies its wheel entries
         and the meta with its counter deltas; a durable slot delete implies the meta that
-        recorded its bucket as acknowledged."""
+        recorded its bucket as acknowledged. First of all, the previous unit's outputs are awaited
+        if it was `defer`red (`start_batch`); a deferred unit's output acks are awaited by the next
+        flush, or by whoever awaits `self._tail`."""
+        tail, self._tail = self._tail, None
+        if tail is not None:
+            await tail  # the previous unit's outputs: acknowledged before anything more is written
         if unit.empty():
             self.completed.update(unit.fired)
             return self._unit()
@@ -986,7 +1028,10 @@ class StateFirstRunner:
             for key, p in unit.dirty.items():
                 e = unit.entries[key]
                 assert e is not None  # noqa: S101 - dirty entries are never None
-                acks.append(await store.put(key, e.stored(), e.encode(), p, unit.events.get(p)))
+                data, settled = e.encode_settled(self.run_id)
+                if settled is not None:
+                    unit.settled[key] = settled
+                acks.append(await store.put(key, e.stored(), data, p, unit.events.get(p)))
             for key, p in unit.deleted.items():
                 acks.append(await store.delete(key, p, unit.events.get(p)))
             for name, value in unit.slot_values.items():
@@ -1007,9 +1052,19 @@ class StateFirstRunner:
         except Exception as exc:
             raise WriteFailed(f"cannot send output: {exc!r}") from exc
         self.producer.send_now()
+        self._waits[0].observe(t1 - t0)
+        done = self._complete(unit, sends)
+        if defer:
+            self._tail = asyncio.ensure_future(done)
+        else:
+            await done
+        return self._unit()
+
+    async def _complete(self, unit: Unit, sends: Sequence[Awaitable[Any]]) -> None:
+        """A flushed unit's outputs acknowledged: count them, settle the local copies, and take
+        note of the firings whose every output is now acknowledged."""
         t2 = time.monotonic()
         await _all(sends, "output")
-        self._waits[0].observe(t1 - t0)
         if sends:
             self._waits[1].observe(time.monotonic() - t2)
         for out in unit.outputs:
@@ -1017,7 +1072,6 @@ class StateFirstRunner:
         self._settle(unit)
         self.completed.update(unit.fired)
         metrics.UNITS_FLUSHED.labels(self.stage_name).inc()
-        return self._unit()
 
 
 def _own(pending: list[Any], run_id: str) -> bool:

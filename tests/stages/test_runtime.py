@@ -249,11 +249,24 @@ async def consume(
     runner: StateFirstRunner,
     tps: dict[tuple[str, int], list[Record]],
     committed: dict[tuple[str, int], int],
+    tails: list[asyncio.Future[None]] | None = None,
 ) -> None:
     """Batches merged from all topic-partitions (each in order) from the committed offsets; after
-    each batch its offsets are acked, and committed with probability 1/2 (commits lag)."""
+    each batch its offsets are acked, and committed with probability 1/2 (commits lag).
+
+    `tails`: the unit pipeline, as the conversation agent runs it (`start_batch`): a batch's
+    offsets are acked once its outputs are, while the next batch is already being decided; the
+    futures are kept there, for the crash to end them with the process."""
     pos = {tp: committed.get(tp, 0) for tp in tps}
     acked = dict(pos)
+
+    def ack(batch: list[Record], fut: asyncio.Future[None]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        for rec in batch:
+            tp = (rec.topic, rec.partition)
+            acked[tp] = max(acked[tp], rec.offset + 1)
+
     while any(pos[tp] < len(recs) for tp, recs in tps.items()):
         batch: list[Record] = []
         for _ in range(rng.randint(1, 25)):
@@ -263,16 +276,24 @@ async def consume(
             tp = rng.choice(live)
             batch.append(tps[tp][pos[tp]])
             pos[tp] += 1
-        await runner.run_batch(batch)
-        for rec in batch:
-            acked[(rec.topic, rec.partition)] = rec.offset + 1
+        if tails is None:
+            await runner.run_batch(batch)
+            for rec in batch:
+                acked[(rec.topic, rec.partition)] = rec.offset + 1
+        else:
+            tail = await runner.start_batch(batch)
+            tail.add_done_callback(lambda fut, batch=batch: ack(batch, fut))  # type: ignore[misc]
+            tails.append(tail)
         if rng.random() < 0.5:
             committed.update(acked)
+    if tails:
+        await tails[-1]
     committed.update(acked)
 
 
 async def run_with_crashes(
-    seed: int, n: int = 160, crashes: int = 3, multi: bool = False, persistent: bool = False
+    seed: int, n: int = 160, crashes: int = 3, multi: bool = False, persistent: bool = False,
+    pipelined: bool = False,
 ) -> tuple[FakeKafka, FakeStore, dict[Any, Any]]:
     rng = random.Random(seed)
     tps = timeline(rng, n, multi)
@@ -286,7 +307,8 @@ async def run_with_crashes(
             committed=lambda t, p: committed.get((t, p)),
         )
         pump = asyncio.create_task(kafka.pump(crash_after))
-        work = asyncio.create_task(consume(rng, runner, tps, committed))
+        tails: list[asyncio.Future[None]] | None = [] if pipelined else None
+        work = asyncio.create_task(consume(rng, runner, tps, committed, tails))
         done, _ = await asyncio.wait({pump, work}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             pump.cancel()
@@ -295,8 +317,10 @@ async def run_with_crashes(
             if attempt < crashes:
                 continue  # finished before the crash point: nothing more to test
             break
-        work.cancel()  # SIGKILL: the worker is gone mid-batch
-        await asyncio.gather(work, return_exceptions=True)
+        work.cancel()  # SIGKILL: the worker is gone mid-batch, with its units' output acks
+        for tail in tails or ():
+            tail.cancel()
+        await asyncio.gather(work, *(tails or ()), return_exceptions=True)
         kafka.crash()
         store.recover()
     return kafka, store, {"tps": tps}
@@ -314,16 +338,20 @@ def _items(r: Record) -> list[tuple[str, dict[str, Any]]]:
     return [(f"in:{r.src}#{j}", item) for j, item in enumerate(data["items"]) if part_of(item["key"]) == r.partition]
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-unit", "pipelined"])
 @pytest.mark.parametrize("persistent", [False, True], ids=["memory", "rocksdb"])
 @pytest.mark.parametrize("multi", [False, True], ids=["one-input", "bodies"])
 @pytest.mark.parametrize("seed", range(40))
-async def test_crashes_anywhere_keep_state_and_outputs_together(seed: int, multi: bool, persistent: bool) -> None:
+async def test_crashes_anywhere_keep_state_and_outputs_together(
+    seed: int, multi: bool, persistent: bool, pipelined: bool
+) -> None:
     """`bodies`: records that hold several inputs (a raw body split in place, one hop) share one
     offset in each key's guard; each item is still decided once and its outputs re-sent together.
     `rocksdb`: the local copy survives the crashes (`FakeStore.persistent`); what it holds must also
     be in the changelog by the end, or a worker taking the partition over would see outputs
-    without their state."""
-    kafka, store, ctx = await run_with_crashes(seed, multi=multi, persistent=persistent)
+    without their state. `pipelined`: batches through `start_batch`, the next decided while the
+    last one's outputs wait for their acks (the conversation agent's way)."""
+    kafka, store, ctx = await run_with_crashes(seed, multi=multi, persistent=persistent, pipelined=pipelined)
     if persistent:
         recovered = store.from_changelog()
 
