@@ -113,7 +113,7 @@ class Opts:
     live_arm: str = "C"
     capacity: bool = False
     cap_fractions: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
-    cap_warmup: float = 5.0
+    cap_warmup: float = 10.0  # as the latency runs: a fresh worker's first seconds of load are not steady
     cap_seconds: float = 20.0
     cap_p99_ms: float = 100.0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
@@ -714,7 +714,7 @@ async def live_capacity(opts: Opts, config: Any, ds: Dataset, c_eps: float, work
         p99 = r["latency_ms"].get("p99")
         ok = p99 is not None and p99 <= opts.cap_p99_ms
         steps.append({"fraction": frac, "rate": round(rate, 1), "p50": r["latency_ms"].get("p50"), "p99": p99,
-                      "ok": ok, "cpu_cores": r["cpu_cores"]})
+                      "ok": ok, "cpu_cores": r["cpu_cores"], "max_ms_by_second": r["max_ms_by_second"]})
         log(f"capacity step {rate:.0f}/s ({frac:.0%} of drain): p99 {p99} ms → {'ok' if ok else 'over'}")
         if not ok:
             break
@@ -1007,7 +1007,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
     p.add_argument("--cap-fractions", default="0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
                    help="capacity steps as fractions of C's median drain rate")
     p.add_argument("--cap-seconds", type=float, default=20.0, help="measured seconds per capacity step (default 20)")
-    p.add_argument("--cap-warmup", type=float, default=5.0, help="seconds excluded per capacity step (default 5)")
+    p.add_argument("--cap-warmup", type=float, default=10.0,
+                   help="seconds excluded per capacity step (default 10, as the latency runs)")
     p.add_argument("--cap-p99-ms", type=float, default=100.0, help="the capacity's p99 bound (default 100 ms)")
     p.add_argument("--profile", metavar="FILE", default=None,
                    help="instead: one C drain with py-spy attached to the worker, profile written to FILE")
