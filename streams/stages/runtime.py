@@ -1004,7 +1004,9 @@ class StateFirstRunner:
         flush, or by whoever awaits `self._tail`."""
         tail, self._tail = self._tail, None
         if tail is not None:
-            await tail  # the previous unit's outputs: acknowledged before anything more is written
+            # the previous unit's outputs: acknowledged before anything more is written (shielded: a
+            # stop that cancels this flush lets them complete, so their batch is still acked)
+            await asyncio.shield(tail)
         if unit.empty():
             self.completed.update(unit.fired)
             return self._unit()
