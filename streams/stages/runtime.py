@@ -354,9 +354,6 @@ class Entry:
         return {"v": 2, "s": self.state, "g": self.applied, "t": self.timers, "x": self.purge_at,
                 "p": self.pending, "r": self.run, "c": self.counts}
 
-    def encode(self) -> bytes:
-        return self._head() + b",".join(_pending_bytes(p) for p in self.pending) + b"]}"
-
     def encode_settled(self, run_id: str) -> tuple[bytes, bytes | None]:
         """The stored bytes, and (when this incarnation has pending entries on the key) the bytes
         without them, which the local copy keeps once they were acknowledged (`_settle`): one
@@ -1055,17 +1052,16 @@ class StateFirstRunner:
             raise WriteFailed(f"cannot send output: {exc!r}") from exc
         self.producer.send_now()
         self._waits[0].observe(t1 - t0)
-        done = self._complete(unit, sends)
+        done = self._complete(unit, sends, time.monotonic())
         if defer:
             self._tail = asyncio.ensure_future(done)
         else:
             await done
         return self._unit()
 
-    async def _complete(self, unit: Unit, sends: Sequence[Awaitable[Any]]) -> None:
-        """A flushed unit's outputs acknowledged: count them, settle the local copies, and take
-        note of the firings whose every output is now acknowledged."""
-        t2 = time.monotonic()
+    async def _complete(self, unit: Unit, sends: Sequence[Awaitable[Any]], t2: float) -> None:
+        """A flushed unit's outputs acknowledged (sent at `t2`, monotonic): count them, settle the
+        local copies, and take note of the firings whose every output is now acknowledged."""
         await _all(sends, "output")
         if sends:
             self._waits[1].observe(time.monotonic() - t2)
