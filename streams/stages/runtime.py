@@ -664,7 +664,7 @@ class StateFirstRunner:
             proven = self.clock.poll(p, lambda topic: self.progress(topic, p))
         if proven is not None:
             self._held.clear(p)
-            unit = await self._advance(unit, p, proven, rec.event)
+            unit = await self._advance(unit, p, proven, rec)
         elif (oldest := self.clock.oldest(p)) is not None:
             self._held.check(p, lambda: _lagging(oldest, lambda topic: self.progress(topic, p)))
         return unit
@@ -672,7 +672,8 @@ class StateFirstRunner:
     async def _adopt(self, unit: Unit, p: int, rec: Record) -> Unit:
         """First record of a partition for this incarnation (after a start, a crash, a
         rebalance): the last firing of its wheel may not have been acknowledged, or not finished:
-        walk it again before anything else touches the partition's keys."""
+        walk it again before anything else touches the partition's keys, unless the record whose
+        batch carried it is committed (then it was, and only a later meta write was missing)."""
         meta = unit.meta_dirty(p, rec.event)
         for key, journaled in (meta.get("j") or {}).items():
             entry = unit.entry(key)
@@ -683,8 +684,22 @@ class StateFirstRunner:
         meta["gc_to"] = meta["gc"]  # deletes asked for by the last unit may not have landed
         f = meta["firing"]
         if f is not None and f["sent"] < f["upto"]:
+            if self._committed_src(f.get("by")):
+                # a firing completed before a clean stop (or a rebalance) whose meta was not written
+                # again since: its outputs were all acknowledged; walking it again would send them twice
+                f["sent"], f["n_sent"] = f["upto"], f["n"]
+                self._collect(unit, p, meta)  # its slots, as the walk would have deleted them
+                return unit
             return await self._fire(unit, p, _plan_record(f["src"], rec.event), recovering=True)
         return unit
+
+    def _committed_src(self, src: Any) -> bool:
+        """True when the record `src` (`topic/partition/offset`) is committed: its batch was acked."""
+        if not isinstance(src, str):
+            return False  # a plan written before plans named their carrier: walked again
+        topic, partition, offset = src.partition("#")[0].rsplit("/", 2)
+        committed = self.committed(topic, int(partition))
+        return committed is not None and int(offset) < committed
 
     def _input(self, unit: Unit, rec: Record, key: str, inps: Sequence[Input], facts: FactSeq) -> None:
         """The inputs one record holds for one key (one, or several items of a raw body split in
@@ -836,10 +851,13 @@ class StateFirstRunner:
         return True
 
     # ticks and the wheel ----------------------------------------------------------------------
-    async def _advance(self, unit: Unit, p: int, tick: Tick, event: Any) -> Unit:
+    async def _advance(self, unit: Unit, p: int, tick: Tick, carrier: Record) -> Unit:
         """A tick whose data has been consumed: the partition's stream time moves to its `now`,
         and the wheel's buckets up to it are planned and fired: the passed ones, and the current
-        one in part (its keys due by now fire; it stays above the cursor and is walked again)."""
+        one in part (its keys due by now fire; it stays above the cursor and is walked again).
+        `carrier` is the record being processed: the tick itself, or the data record a held tick
+        waited for; the firing's units belong to its batch."""
+        event = carrier.event
         meta = unit.meta(p)
         tick_offset = int(tick.src.rsplit("/", 1)[1])
         if tick_offset <= meta["tick"]:
@@ -866,8 +884,10 @@ class StateFirstRunner:
             unit = await self._flush(unit)
         meta = unit.meta_dirty(p, event)
         meta["clock"], meta["cursor"], meta["tick"] = stream_time, new_cursor, tick_offset
+        # "by": the record whose batch carries the firing; once it is committed, that batch and so
+        # every unit of the firing were acknowledged (`_adopt` need not walk it again)
         meta["firing"] = {"src": tick.src, "lo": cursor + 1, "upto": upto, "done": cursor, "sent": cursor,
-                          "n": 0, "n_sent": 0}
+                          "n": 0, "n_sent": 0, "by": carrier.src}
         # The plan is durable before any key fires: it is written in the same unit as the fired keys,
         # before them on the same changelog partition (`_flush` writes metas before keys), and Kafka
         # keeps a partition's records in order, so a durable fired key implies a durable plan. The

@@ -456,6 +456,35 @@ async def test_stream_time_waits_for_queued_input() -> None:
     pump.cancel()
 
 
+@pytest.mark.parametrize(("tick_committed", "copies"), [(True, 1), (False, 2)], ids=["committed", "not-committed"])
+async def test_a_firing_completed_before_a_clean_stop_is_not_sent_again(tick_committed: bool, copies: int) -> None:
+    """A clean stop (or a rebalance) right after a timer firing, before the partition's meta was
+    written again: the next incarnation finds the plan not marked sent. The record whose batch
+    carried the firing is committed, so its outputs were all acknowledged: they are not sent again
+    (a walk would send them twice, same ids). Uncommitted, the firing is walked again as after a crash."""
+    kafka = FakeKafka(random.Random(3))
+    store = FakeStore(kafka)
+    pump = asyncio.create_task(kafka.pump(None))
+    offsets = {"a": 1, "t": 1 if tick_committed else 0}
+
+    def runner() -> StateFirstRunner:
+        return StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq",
+                                committed=lambda t, p: offsets.get(t))
+
+    first = runner()
+    await first.run_batch([Record("a", 0, 0, b"k", dumps({}), 10_000)])  # arms 11,500
+    tick = Record("t", 0, 0, runtime.TICK_KEY, dumps(wheel.tick_value(20_000, {"a": 1})), 20_000)
+    await first.run_batch([tick])  # fires k's timer; no later unit writes partition 0's meta
+    plan = store.data[meta_key(0)]["firing"]
+    assert plan["sent"] < plan["upto"] and plan["by"] == tick.src
+    store.recover()  # a restart: the memory store rebuilt from the changelog
+    await runner().run_batch([Record("a", 0, 1, b"other", dumps({}), 21_000)])
+    assert [o["id"] for o in outputs(kafka, "out") if o.get("timer")] == ["timer:k:11500"] * copies
+    meta = store.data[meta_key(0)]
+    assert meta["firing"]["sent"] == meta["firing"]["upto"]
+    pump.cancel()
+
+
 async def test_redelivered_input_resends_pending_outputs_only() -> None:
     kafka = FakeKafka(random.Random(2))
     store = FakeStore(kafka)
