@@ -694,7 +694,8 @@ class StateFirstRunner:
         return unit
 
     def _committed_src(self, src: Any) -> bool:
-        """True when the record `src` (`topic/partition/offset`) is committed: its batch was acked."""
+        """True when the record `src` (`topic/partition/offset`, maybe `#item` or `#bucket` after it)
+        is committed: its batch was acked."""
         if not isinstance(src, str):
             return False  # a plan written before plans named their carrier: walked again
         topic, partition, offset = src.partition("#")[0].rsplit("/", 2)
@@ -821,8 +822,7 @@ class StateFirstRunner:
     def _maybe_needed(self, pending: list[Any]) -> bool:
         if _own(pending, self.run_id):
             return False
-        topic, partition, offset = str(pending[0]).partition("#")[0].rsplit("/", 2)
-        return int(offset) >= (self.committed(topic, int(partition)) or 0)
+        return not self._committed_src(str(pending[0]))
 
     def _arm(self, unit: Unit, p: int, key: str, due: int, event: Any) -> int:
         meta = unit.meta(p)
