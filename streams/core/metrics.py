@@ -128,7 +128,7 @@ UNITS_FLUSHED = Counter(
 FLUSH_WAIT = Histogram(
     "messenger_state_flush_wait_seconds",
     "Time a state-first unit waits for Kafka's acks, by stage and phase (changelog: the state; outputs: "
-    "what the state produced); the agent processes nothing else meanwhile",
+    "what the state produced); the agent takes and decides the next batch meanwhile (the unit pipeline)",
     ["stage", "phase"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )

@@ -307,7 +307,9 @@ def register(pipe: Pipeline) -> None:
     latency = metrics.PROCESSING_LATENCY.labels("conversation")
     within = settings.batch_within_ms / 1000.0
 
-    finishing: set[asyncio.Task[None]] = set()  # at most two: a unit's writes wait for the last one
+    # the batches whose last unit is in flight (the unit pipeline: at most PIPELINE_DEPTH units, and the
+    # batches that wrote nothing, acked with the unit before them)
+    finishing: set[asyncio.Task[None]] = set()
 
     async def finish(stream: Any, done: asyncio.Future[None], events: list[Any], records: list[Record]) -> None:
         """Ack a batch once Kafka acknowledged its outputs (faust commits acked offsets only)."""
@@ -330,7 +332,8 @@ def register(pipe: Pipeline) -> None:
                 records = [Record.of_event(e) for e in events]
                 try:
                     # the unit pipeline: the next batch is taken and decided while this one's
-                    # outputs wait for their acks (docs/architecture.md, "The unit pipeline")
+                    # changelog records and outputs wait for their acks (docs/architecture.md,
+                    # "The unit pipeline")
                     done = await runner.start_batch(records)
                 except WriteFailed as exc:
                     crash_worker(exc)

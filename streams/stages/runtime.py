@@ -13,9 +13,11 @@ themselves. A record whose processing raises goes to the dead-letter topic and t
 A unit is flushed in two steps: (1) every dirty key is written once (the table's local store plus
 one changelog record on the input's partition) and the changelog acks are awaited: the state is
 durable; (2) the outputs are sent and their acks awaited. Only after the last unit of a batch does
-the agent ack the batch's records, and faust commits only acked offsets (with `start_batch`, the
-unit pipeline, the last unit's output acks are awaited in the background while the next batch is
-decided; the next flush awaits them before it writes anything). A redelivered record (its
+the agent ack the batch's records, and faust commits only acked offsets. With `start_batch` (the
+unit pipeline, `StateFirstRunner._flush`) the last unit's values go into an overlay the next units
+read, and both steps run in the background while the next batch is taken and decided, chained: a
+unit's changelog records after the previous unit's were acknowledged, its outputs after the previous
+unit's were. A redelivered record (its
 offset at or below the key's applied offset for its topic-partition) is not decided again: the
 outputs pending for it are sent again, with the same ids. Any failed write raises `WriteFailed`
 and the agent ends the process (`crash_worker`): nothing continues on state that may differ from
@@ -39,7 +41,7 @@ import os
 import time
 import uuid
 import weakref
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, Protocol
@@ -75,6 +77,7 @@ MAX_STATE_BYTES = 262_144  # a bigger state is refused (dead letter): its write 
 MAX_INPUT_OUTPUT_BYTES = 262_144  # the outputs of one input
 MAX_BUCKETS_PER_TICK = 86_400  # a day of wheel buckets per tick; the rest on the next ticks
 UNIT_MAX_JOURNAL = 128  # keys whose counter share changed, per partition and unit (~80 B each in the meta)
+PIPELINE_DEPTH = 2  # units written locally whose changelog records or outputs are not all acknowledged yet
 
 TICK_KEY = b"\x00tick"
 
@@ -272,19 +275,19 @@ class Stage(Protocol):
 
 
 class Store(Protocol):
-    """A table as the runner uses it: local reads, and writes that return the changelog ack."""
+    """A table as the runner uses it: local reads and writes, and changelog records that return
+    their ack. The runner writes a unit's values locally at once and their changelog records once
+    the previous unit's were acknowledged (the unit pipeline)."""
 
     def get(self, key: str) -> Any: ...
 
-    async def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
-        """Write the local store and enqueue the changelog record (in call order); the returned
-        awaitable resolves on Kafka's ack."""
+    def write(self, key: str, data: bytes | None, partition: int, event: Any) -> None:
+        """Replace the local copy of a key's value (None: delete it); no changelog record."""
+
+    async def send(self, key: str, data: bytes | None, partition: int) -> Awaitable[Any]:
+        """Enqueue the changelog record of a key's value (None: a tombstone), in call order; the
+        returned awaitable resolves on Kafka's ack."""
         ...
-
-    async def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]: ...
-
-    def settle(self, key: str, data: bytes, partition: int, event: Any) -> None:
-        """Replace the local copy of a key's value only (no changelog record)."""
 
     @property
     def persistent(self) -> bool:
@@ -425,10 +428,30 @@ def _copy(value: Any) -> Any:
 # the unit of work: what is written (and awaited) before outputs go out
 
 
+class Reader(Protocol):
+    def get(self, key: str) -> Any: ...
+
+
+class Overlay:
+    """The table as the runner reads it: the values of units in flight that are not in the local
+    store yet (`StateFirstRunner._flush`), over the store. Bounded by the keys of PIPELINE_DEPTH units."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.values: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> Any:
+        values = self.values
+        if key in values:
+            data = values[key]
+            return None if data is None else orjson.loads(data)
+        return self.store.get(key)
+
+
 class Unit:
     """The keys, slots, metas and outputs of one write/ack/send cycle."""
 
-    def __init__(self, store: Store, run_id: str) -> None:
+    def __init__(self, store: Reader, run_id: str) -> None:
         self.store = store
         self.run_id = run_id
         self.entries: dict[str, Entry | None] = {}
@@ -578,7 +601,15 @@ class StateFirstRunner:
         self._errors = metrics.BoundLabels(metrics.PROCESSING_ERRORS)
         self._waits = (metrics.FLUSH_WAIT.labels(stage_name, "changelog"),
                        metrics.FLUSH_WAIT.labels(stage_name, "outputs"))
-        self._tail: asyncio.Future[None] | None = None  # the last unit's output acks (`start_batch`)
+        # the unit pipeline (`_flush`): the last unit's changelog acks and its output acks, the units
+        # in flight (at most PIPELINE_DEPTH), this incarnation's pending entries they wrote (kept by
+        # `_touch` until acknowledged), and the unit whose local value a key holds (`_settle`)
+        self._logged: asyncio.Future[None] | None = None
+        self._tail: asyncio.Future[None] | None = None
+        self._flight: list[asyncio.Future[None]] = []
+        self._unacked: Counter[str] = Counter()
+        self._writer: dict[str, Unit] = {}
+        self._overlay = Overlay(store)
 
     # public -----------------------------------------------------------------------------------
     async def run_batch(self, records: Sequence[Record]) -> None:
@@ -587,13 +618,12 @@ class StateFirstRunner:
         await (await self.start_batch(records))
 
     async def start_batch(self, records: Sequence[Record]) -> asyncio.Future[None]:
-        """Process records in order; returns once their state is durable and their outputs are
-        sent, with a future that resolves once Kafka acknowledged every output: only then may the
-        records be acked. The next batch may be decided meanwhile (the unit pipeline): none of its
-        writes is made before that future resolved, so every changelog record is written as in
-        `run_batch`, after everything before it was acknowledged. Raises WriteFailed when a write
-        failed, and the future raises it when an output was not acknowledged (the caller must end
-        the process either way)."""
+        """Process records in order; returns once their last unit is written locally, with a
+        future that resolves once Kafka acknowledged its changelog records and then its outputs:
+        only then may the records be acked. The next batch may be taken and decided meanwhile (the
+        unit pipeline, `_flush`): its changelog records are sent after these were acknowledged, its
+        outputs after these were. Raises WriteFailed when a write failed, and the future raises it
+        when a record was not acknowledged (the caller must end the process either way)."""
         unit = self._unit()
         for rec in records:
             unit = await self._one(unit, rec)
@@ -628,7 +658,7 @@ class StateFirstRunner:
         return max(self.consumed.get((topic, partition), 0), self.committed(topic, partition) or 0)
 
     def _unit(self) -> Unit:
-        return Unit(self.store, self.run_id)
+        return Unit(self._overlay, self.run_id)
 
     # one record -------------------------------------------------------------------------------
     async def _one(self, unit: Unit, rec: Record) -> Unit:
@@ -788,9 +818,10 @@ class StateFirstRunner:
 
     def _touch(self, unit: Unit, key: str, p: int, event: Any) -> Entry:
         """The key's working entry for a change. A pending entry written by this runner in an
-        earlier unit was acknowledged (dropped); one written by another incarnation, which may
-        have died before the acks, is kept until its input is committed: the input's redelivery
-        sends it again, whatever other input touches the key first.
+        earlier unit is dropped once that unit's outputs were acknowledged (kept while it is in
+        flight, the unit pipeline); one written by another incarnation, which may have died
+        before the acks, is kept until its input is committed: the input's redelivery sends it
+        again, whatever other input touches the key first.
 
         With a store that outlives the process (`Store.persistent`, RocksDB), a value written by
         another incarnation may be ahead of the changelog: a local write whose record was lost with
@@ -821,7 +852,7 @@ class StateFirstRunner:
 
     def _maybe_needed(self, pending: list[Any]) -> bool:
         if _own(pending, self.run_id):
-            return False
+            return pending[0] in self._unacked  # written by a unit whose outputs are still in flight
         return not self._committed_src(str(pending[0]))
 
     def _arm(self, unit: Unit, p: int, key: str, due: int, event: Any) -> int:
@@ -1006,34 +1037,80 @@ class StateFirstRunner:
         crash the memory store is rebuilt from the changelog, which keeps them, and a RocksDB copy
         is only settled once they were acknowledged. About two thirds of a new conversation's value
         (docs/benchmarks.md, "lean local values"): fewer bytes held and parsed on every read.
-        Entries of another incarnation stay until their input is committed (`_maybe_needed`)."""
+        Entries of another incarnation stay until their input is committed (`_maybe_needed`).
+        A key a later unit wrote meanwhile (the pipeline) keeps that unit's value."""
+        writer = self._writer
         for key, data in unit.settled.items():
-            p = unit.dirty[key]
-            self.store.settle(key, data, p, unit.events.get(p))
+            if writer.get(key) is unit:
+                del writer[key]
+                p = unit.dirty[key]
+                self.store.write(key, data, p, unit.events.get(p))
 
     async def _flush(self, unit: Unit, *, defer: bool = False) -> Unit:
-        """Write every dirty value and await the changelog acks, then send the outputs and await
-        theirs. Per partition the order is: wheel slots armed, meta, keys, wheel slots deleted
-        (Kafka keeps one partition's records in order): a durable key implies its wheel entries
-        and the meta with its counter deltas; a durable slot delete implies the meta that
-        recorded its bucket as acknowledged. First of all, the previous unit's outputs are awaited
-        if it was `defer`red (`start_batch`); a deferred unit's output acks are awaited by the next
-        flush, or by whoever awaits `self._tail`."""
-        tail, self._tail = self._tail, None
-        if tail is not None:
-            # the previous unit's outputs: acknowledged before anything more is written (shielded: a
-            # stop that cancels this flush lets them complete, so their batch is still acked)
-            await asyncio.shield(tail)
+        """Write every dirty value locally, then (in `_ship`) its changelog record, await the
+        changelog acks, send the outputs and await theirs. Per partition the order is: wheel slots
+        armed, meta, keys, wheel slots deleted (Kafka keeps one partition's records in order): a
+        durable key implies its wheel entries and the meta with its counter deltas; a durable slot
+        delete implies the meta that recorded its bucket as acknowledged.
+
+        The unit pipeline (`defer`, the last unit of a batch, `start_batch`): the agent goes back to
+        `take` once the values are written locally; `_ship` runs in the background, chained: a
+        unit's changelog records are sent once the previous unit's were acknowledged, its outputs
+        once the previous unit's were. So every changelog record is still written after every
+        changelog record before it was acknowledged, and outputs keep their order; only a unit's
+        own outputs may still be in flight while the next one's values are written, which is why
+        `_touch` keeps this incarnation's pending entries of units in flight (`_unacked`) and
+        `_settle` leaves a key that a later unit wrote. At most PIPELINE_DEPTH units are in flight.
+        Without `defer` (a unit that filled up, a firing's steps), everything before is awaited
+        first, and the unit's own acks before returning."""
+        if not defer:
+            await self._drained()
+        else:
+            flight = self._flight
+            while True:
+                flight[:] = [t for t in flight if not t.done()]  # (awaiting a done one does not yield)
+                if len(flight) < PIPELINE_DEPTH:
+                    break
+                await asyncio.shield(flight[0])
         if unit.empty():
-            self.completed.update(unit.fired)
+            if unit.fired:  # a firing with nothing to write: complete once everything before is
+                await self._drained()
+                self.completed.update(unit.fired)
             return self._unit()
-        store = self.store
-        acks: list[Awaitable[Any]] = []
+        writes = self._stage_writes(unit)
+        logged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        logged.add_done_callback(_retrieved)
+        task = asyncio.ensure_future(self._ship(unit, writes, self._logged, self._tail, logged))
+        self._logged, self._tail = logged, task
+        self._flight.append(task)
+        if not defer:
+            await task
+        return self._unit()
+
+    async def _drained(self) -> None:
+        """Every unit in flight acknowledged (shielded: a stop that cancels the caller lets them
+        complete, so their batches are still acked)."""
+        if self._tail is not None:
+            await asyncio.shield(self._tail)
+
+    def _stage_writes(self, unit: Unit) -> list[tuple[str, bytes | None, int]]:
+        """A unit's values in the changelog's order, (key, bytes or None for a tombstone,
+        partition), put in the overlay that the next units read (`_ship` writes them to the local
+        store once the unit before was acknowledged: the local store is never more than one unit
+        ahead of the changelog, as without the pipeline; see `_touch` for a store that outlives
+        the process)."""
+        values = self._overlay.values
+        writes: list[tuple[str, bytes | None, int]] = []
+
+        def stage(key: str, data: bytes | None, p: int) -> None:
+            values[key] = data
+            writes.append((key, data, p))
+
         try:
             for name, value in unit.slot_values.items():
                 if value is not None:
                     p = unit.slot_parts[name]
-                    acks.append(await store.put(name, value, _dumps(value), p, unit.events.get(p)))
+                    stage(name, _dumps(value), p)
             for p in sorted(unit.dirty_metas):
                 m = unit.metas[p]
                 m["r"] = self.run_id
@@ -1043,41 +1120,92 @@ class StateFirstRunner:
                     f = m["firing"]
                     if f is not None and self.completed.get(p) == f["src"]:
                         f["sent"], f["n_sent"] = f["upto"], f["n"]  # nothing to walk again after a restart
-                acks.append(await store.put(meta_key(p), m, _dumps(m), p, unit.events.get(p)))
+                stage(meta_key(p), _dumps(m), p)
+            writer, unacked = self._writer, self._unacked
             for key, p in unit.dirty.items():
                 e = unit.entries[key]
                 assert e is not None  # noqa: S101 - dirty entries are never None
                 data, settled = e.encode_settled(self.run_id)
                 if settled is not None:
                     unit.settled[key] = settled
-                acks.append(await store.put(key, e.stored(), data, p, unit.events.get(p)))
+                    writer[key] = unit
+                    unacked.update(q[0] for q in e.pending if _own(q, self.run_id))
+                else:
+                    writer.pop(key, None)
+                stage(key, data, p)
             for key, p in unit.deleted.items():
-                acks.append(await store.delete(key, p, unit.events.get(p)))
+                writer.pop(key, None)
+                stage(key, None, p)
             for name, value in unit.slot_values.items():
                 if value is None:
                     p = unit.slot_parts[name]
-                    acks.append(await store.delete(name, p, unit.events.get(p)))
+                    stage(name, None, p)
         except Exception as exc:
-            raise WriteFailed(f"cannot write table values: {exc!r}") from exc
-        self.producer.send_now()  # the store writes through the same producer
-        t0 = time.monotonic()
-        await _all(acks, "changelog")
-        t1 = time.monotonic()
-        sends: list[Awaitable[Any]] = []
+            raise WriteFailed(f"cannot encode table values: {exc!r}") from exc
+        return writes
+
+    async def _ship(
+        self, unit: Unit, writes: Sequence[tuple[str, bytes | None, int]],
+        logged_before: asyncio.Future[None] | None, acked_before: asyncio.Future[None] | None,
+        logged: asyncio.Future[None],
+    ) -> None:
+        """A unit's changelog records, once the previous unit's were acknowledged, and its outputs,
+        once the previous unit's were: sent, and their acks awaited (`_flush`)."""
         try:
-            for out in unit.outputs:
-                out_key = out.key.encode() if isinstance(out.key, str) else out.key
-                sends.append(await self.producer.send(out.topic, out_key, out.value))
-        except Exception as exc:
-            raise WriteFailed(f"cannot send output: {exc!r}") from exc
-        self.producer.send_now()
-        self._waits[0].observe(t1 - t0)
-        done = self._complete(unit, sends, time.monotonic())
-        if defer:
-            self._tail = asyncio.ensure_future(done)
-        else:
-            await done
-        return self._unit()
+            if logged_before is not None:
+                await asyncio.shield(logged_before)
+            store, values, events = self.store, self._overlay.values, unit.events
+            acks: list[Awaitable[Any]] = []
+            try:
+                for key, data, p in writes:
+                    store.write(key, data, p, events.get(p))
+                    if key in values and values[key] is data:  # not written again by a later unit
+                        del values[key]
+                for key, data, p in writes:
+                    acks.append(await store.send(key, data, p))
+            except Exception as exc:
+                raise WriteFailed(f"cannot write table values: {exc!r}") from exc
+            self.producer.send_now()  # the store writes through the same producer
+            t0 = time.monotonic()
+            await _all(acks, "changelog")
+            self._waits[0].observe(time.monotonic() - t0)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                logged.cancel()
+            else:
+                logged.set_exception(exc)
+            self._forget(unit)
+            raise
+        logged.set_result(None)
+        try:
+            if acked_before is not None:
+                await asyncio.shield(acked_before)
+            sends: list[Awaitable[Any]] = []
+            try:
+                for out in unit.outputs:
+                    out_key = out.key.encode() if isinstance(out.key, str) else out.key
+                    sends.append(await self.producer.send(out.topic, out_key, out.value))
+            except Exception as exc:
+                raise WriteFailed(f"cannot send output: {exc!r}") from exc
+            self.producer.send_now()
+            await self._complete(unit, sends, time.monotonic())
+        finally:
+            self._forget(unit)
+
+    def _forget(self, unit: Unit) -> None:
+        """A unit out of flight (acknowledged, or failed: then the process ends)."""
+        if not unit.settled:
+            return
+        run_id, unacked = self.run_id, self._unacked
+        for key in unit.settled:
+            e = unit.entries.get(key)
+            if e is not None:
+                unacked.subtract(q[0] for q in e.pending if _own(q, run_id))
+            if self._writer.get(key) is unit:
+                del self._writer[key]
+        for src in [src for src, n in unacked.items() if n <= 0]:
+            del unacked[src]
+        unit.settled = {}
 
     async def _complete(self, unit: Unit, sends: Sequence[Awaitable[Any]], t2: float) -> None:
         """A flushed unit's outputs acknowledged (sent at `t2`, monotonic): count them, settle the
@@ -1090,6 +1218,12 @@ class StateFirstRunner:
         self._settle(unit)
         self.completed.update(unit.fired)
         metrics.UNITS_FLUSHED.labels(self.stage_name).inc()
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    """Mark a future's exception as seen (a unit's changelog acks: the unit's task raises it)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _own(pending: list[Any], run_id: str) -> bool:
@@ -1255,23 +1389,16 @@ class TableStore:
         value = self.table.data.get(key)
         return orjson.loads(value) if isinstance(value, bytes | bytearray) else value
 
-    async def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
+    def write(self, key: str, data: bytes | None, partition: int, event: Any) -> None:
         # the local store keeps the serialized value (parsed again on read): a few KB of bytes per
         # conversation instead of a Python object graph several times that size (bench/memory.py)
         with current_event(event):
-            self.table.data[key] = data
-        return await self._send(key, data, partition)
+            if data is None:
+                self.table.data.pop(key, None)
+            else:
+                self.table.data[key] = data
 
-    async def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
-        with current_event(event):
-            self.table.data.pop(key, None)
-        return await self._send(key, None, partition)
-
-    def settle(self, key: str, data: bytes, partition: int, event: Any) -> None:
-        with current_event(event):
-            self.table.data[key] = data
-
-    async def _send(self, key: str, data: bytes | None, partition: int) -> Awaitable[Any]:
+    async def send(self, key: str, data: bytes | None, partition: int) -> Awaitable[Any]:
         # the key as faust writes and recovery reads it: the table's key serializer (JSON)
         raw_key = codecs.dumps(self.table.key_serializer, key)
         fut: asyncio.Future[Any] = await self.producer.send(self.topic, raw_key, data, partition, None, None)

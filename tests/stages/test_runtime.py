@@ -117,16 +117,11 @@ class FakeStore:
     def get(self, key: str) -> Any:
         return self.data.get(key)
 
-    async def put(self, key: str, value: Any, data: bytes, partition: int, event: Any) -> Awaitable[Any]:
-        self.data[key] = value
+    def write(self, key: str, data: bytes | None, partition: int, event: Any) -> None:
+        self._apply(self.data, key, data)
+
+    async def send(self, key: str, data: bytes | None, partition: int) -> Awaitable[Any]:
         return self.kafka.write("cl", partition, (key, data))
-
-    async def delete(self, key: str, partition: int, event: Any) -> Awaitable[Any]:
-        self.data.pop(key, None)
-        return self.kafka.write("cl", partition, (key, None))
-
-    def settle(self, key: str, data: bytes, partition: int, event: Any) -> None:
-        self.data[key] = orjson.loads(data)
 
     def recover(self) -> None:
         """What a restarted worker rebuilds from the changelog (values decoded from their bytes)."""
@@ -538,6 +533,84 @@ async def test_one_write_per_key_per_unit() -> None:
     entry = runtime.Entry.load(orjson.loads(dict(kafka.logs[("cl", 0)])["k0"]))
     assert entry is not None and [p[0] for p in entry.pending] == [f"a/0/{i}" for i in range(0, 10, 2)]
     pump.cancel()
+
+
+def ack_queued(kafka: FakeKafka, topic: str) -> int:
+    """Acknowledge every write queued on `topic` (in order per partition); how many there were."""
+    n = 0
+    for (t, p), q in kafka.queues.items():
+        while t == topic and q:
+            fut, payload = q.popleft()
+            kafka.logs[(t, p)].append(payload)
+            kafka.acks[(t, p)] = len(kafka.logs[(t, p)])
+            fut.set_result(None)
+            n += 1
+    return n
+
+
+def queued(kafka: FakeKafka, topic: str) -> list[Any]:
+    return [payload for (t, _), q in kafka.queues.items() if t == topic for _, payload in q]
+
+
+async def until(cond: Any, what: str) -> None:
+    """Let the runner's tasks run until `cond()` holds (they only wait for the acks given here)."""
+    for _ in range(100):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never: {what}")
+
+
+async def test_pipelined_units_keep_the_changelog_order_and_their_pending_entries() -> None:
+    """The unit pipeline: batch 2 is taken while batch 1's changelog acks are out, decided on batch
+    1's values (the overlay) and not written anywhere until they come: then to the local store and
+    the changelog; its outputs after batch 1's were acknowledged. Batch 2's value keeps batch 1's
+    pending entry while batch 1's outputs are in flight. A third batch waits for the first one
+    (PIPELINE_DEPTH)."""
+    kafka = FakeKafka(random.Random(0))
+    store = FakeStore(kafka, persistent=True)
+    runner = StateFirstRunner(FakeStage(), store, FakeProducer(kafka), dlq_topic="dlq")
+    key = "k0"
+    p = part_of(key)
+    recs = [Record("a", p, i, key.encode(), dumps({}), 1_000 + i) for i in range(3)]
+
+    first = await runner.start_batch([recs[0]])
+    # the local value when batch 1 is done (before anything waiting for it resumes)
+    at_first_done: list[int] = []
+    first.add_done_callback(lambda _: at_first_done.append(store.data[key]["s"]["n"]))
+    await until(lambda: queued(kafka, "cl"), "batch 1's changelog records sent")
+    logged_first = len(queued(kafka, "cl"))
+    second = await runner.start_batch([recs[1]])
+    await asyncio.sleep(0)
+    assert len(queued(kafka, "cl")) == logged_first, "batch 2 wrote to the changelog before batch 1's acks"
+    assert store.data[key]["s"]["n"] == 1, "batch 2 wrote the local store before batch 1's acks"
+    assert runtime.Entry.load(runner._overlay.get(key)).state["n"] == 2  # type: ignore[union-attr]
+    third = asyncio.ensure_future(runner.start_batch([recs[2]]))
+    await asyncio.sleep(0)
+    assert not third.done(), "three units in flight"
+
+    assert ack_queued(kafka, "cl") == logged_first
+    await until(lambda: queued(kafka, "cl"), "batch 2's changelog records sent")
+    assert store.data[key]["s"]["n"] == 2
+    pending = [q[0] for q in store.data[key]["p"]]
+    assert pending == [f"a/{p}/0", f"a/{p}/1"], "batch 1's outputs are in flight: its pending entry must stay"
+    ack_queued(kafka, "cl")
+    await until(lambda: runner._logged is not None and runner._logged.done(), "batch 2's changelog acked")
+    assert [orjson.loads(v)["n"] for v in queued(kafka, "out")] == [1], "batch 2's outputs before batch 1's acks"
+
+    async def acked(fut: asyncio.Future[Any]) -> Any:
+        while not fut.done():
+            ack_queued(kafka, "cl")
+            ack_queued(kafka, "out")
+            await asyncio.sleep(0)
+        return fut.result()
+
+    await acked(await acked(third))
+    assert first.done() and second.done()
+    assert at_first_done == [2], "settling batch 1 replaced batch 2's value"
+    assert [o["n"] for o in outputs(kafka, "out")] == [1, 2, 3]
+    assert store.data[key]["p"] == [] and runner._overlay.values == {} and runner._unacked == {}
+    assert store.from_changelog()[key]["s"]["n"] == 3
 
 
 async def test_a_failed_write_raises_before_any_output() -> None:

@@ -31,8 +31,11 @@ async def test_changelog_records_decode_as_recovery_decodes_them() -> None:
     store = TableStore(table, producer)
     value = {"v": 2, "s": {"conv": None, "name": "Zoë"}, "g": {"a/1": 7}}
     data = orjson.dumps(value)
-    await store.put("page:psid-é", value, data, 3, None)
-    await store.delete("\x00part:3", 3, None)
+    table.data["\x00part:3"] = b"{}"
+    store.write("page:psid-é", data, 3, None)
+    await store.send("page:psid-é", data, 3)
+    store.write("\x00part:3", None, 3, None)
+    await store.send("\x00part:3", None, 3)
     (topic, key, raw, partition), (_, meta_key, tombstone, _) = producer.sent
     assert topic == "table-store-test-conversations-changelog" and partition == 3
     # recovery: key and value decoded with the table's own serializers
@@ -42,4 +45,4 @@ async def test_changelog_records_decode_as_recovery_decodes_them() -> None:
     # the local store holds the bytes; reads give the value back
     assert table.data["page:psid-é"] == data
     assert store.get("page:psid-é") == value
-    assert store.get("\x00part:3") is None
+    assert store.get("\x00part:3") is None and "\x00part:3" not in table.data
