@@ -276,8 +276,8 @@ class Stage(Protocol):
 
 class Store(Protocol):
     """A table as the runner uses it: local reads and writes, and changelog records that return
-    their ack. The runner writes a unit's values locally at once and their changelog records once
-    the previous unit's were acknowledged (the unit pipeline)."""
+    their ack. The runner writes a unit's values, locally and to the changelog, once the previous
+    unit's changelog records were acknowledged (the unit pipeline, `StateFirstRunner._flush`)."""
 
     def get(self, key: str) -> Any: ...
 
@@ -1047,14 +1047,15 @@ class StateFirstRunner:
                 self.store.write(key, data, p, unit.events.get(p))
 
     async def _flush(self, unit: Unit, *, defer: bool = False) -> Unit:
-        """Write every dirty value locally, then (in `_ship`) its changelog record, await the
-        changelog acks, send the outputs and await theirs. Per partition the order is: wheel slots
-        armed, meta, keys, wheel slots deleted (Kafka keeps one partition's records in order): a
-        durable key implies its wheel entries and the meta with its counter deltas; a durable slot
-        delete implies the meta that recorded its bucket as acknowledged.
+        """Put every dirty value in the overlay, then (in `_ship`) write it to the local store and
+        the changelog, await the changelog acks, send the outputs and await theirs. Per partition
+        the order is: wheel slots armed, meta, keys, wheel slots deleted (Kafka keeps one
+        partition's records in order): a durable key implies its wheel entries and the meta with
+        its counter deltas; a durable slot delete implies the meta that recorded its bucket as
+        acknowledged.
 
         The unit pipeline (`defer`, the last unit of a batch, `start_batch`): the agent goes back to
-        `take` once the values are written locally; `_ship` runs in the background, chained: a
+        `take` once the values are in the overlay; `_ship` runs in the background, chained: a
         unit's changelog records are sent once the previous unit's were acknowledged, its outputs
         once the previous unit's were. So every changelog record is still written after every
         changelog record before it was acknowledged, and outputs keep their order; only a unit's
@@ -1073,7 +1074,7 @@ class StateFirstRunner:
                     break
                 await asyncio.shield(flight[0])
         if unit.empty():
-            if unit.fired:  # a firing with nothing to write: complete once everything before is
+            if unit.fired:  # a firing with nothing to write: complete once everything before it is acked
                 await self._drained()
                 self.completed.update(unit.fired)
             return self._unit()
