@@ -77,7 +77,7 @@ MAX_STATE_BYTES = 262_144  # a bigger state is refused (dead letter): its write 
 MAX_INPUT_OUTPUT_BYTES = 262_144  # the outputs of one input
 MAX_BUCKETS_PER_TICK = 86_400  # a day of wheel buckets per tick; the rest on the next ticks
 UNIT_MAX_JOURNAL = 128  # keys whose counter share changed, per partition and unit (~80 B each in the meta)
-PIPELINE_DEPTH = 2  # units written locally whose changelog records or outputs are not all acknowledged yet
+PIPELINE_DEPTH = 2  # units staged (`StateFirstRunner._flush`) whose changelog records or outputs are not all acked
 
 TICK_KEY = b"\x00tick"
 
@@ -471,6 +471,7 @@ class Unit:
         self.collected: set[int] = set()  # partitions whose fired slots this unit deletes
         self.fired: dict[int, str] = {}  # partition → src of the firing this unit completes (once acked)
         self.settled: dict[str, bytes] = {}  # key → its written value without this incarnation's pending
+        self.own: list[str] = []  # src of this incarnation's pending entries in its written values
         self.cut = False
 
     # reads ------------------------------------------------------------------------------------
@@ -1041,8 +1042,7 @@ class StateFirstRunner:
         A key a later unit wrote meanwhile (the pipeline) keeps that unit's value."""
         writer = self._writer
         for key, data in unit.settled.items():
-            if writer.get(key) is unit:
-                del writer[key]
+            if writer.get(key) is unit:  # (`_forget` drops the entry)
                 p = unit.dirty[key]
                 self.store.write(key, data, p, unit.events.get(p))
 
@@ -1064,15 +1064,14 @@ class StateFirstRunner:
         `_settle` leaves a key that a later unit wrote. At most PIPELINE_DEPTH units are in flight.
         Without `defer` (a unit that filled up, a firing's steps), everything before is awaited
         first, and the unit's own acks before returning."""
+        flight = self._flight
+        flight[:] = [t for t in flight if not t.done()]
         if not defer:
             await self._drained()
         else:
-            flight = self._flight
-            while True:
-                flight[:] = [t for t in flight if not t.done()]  # (awaiting a done one does not yield)
-                if len(flight) < PIPELINE_DEPTH:
-                    break
+            while len(flight) >= PIPELINE_DEPTH:
                 await asyncio.shield(flight[0])
+                flight[:] = [t for t in flight if not t.done()]  # (awaiting a done one does not yield)
         if unit.empty():
             if unit.fired:  # a firing with nothing to write: complete once everything before it is acked
                 await self._drained()
@@ -1130,7 +1129,9 @@ class StateFirstRunner:
                 if settled is not None:
                     unit.settled[key] = settled
                     writer[key] = unit
-                    unacked.update(q[0] for q in e.pending if _own(q, self.run_id))
+                    own = [q[0] for q in e.pending if _own(q, self.run_id)]
+                    unit.own.extend(own)
+                    unacked.update(own)
                 else:
                     writer.pop(key, None)
                 stage(key, data, p)
@@ -1195,18 +1196,17 @@ class StateFirstRunner:
 
     def _forget(self, unit: Unit) -> None:
         """A unit out of flight (acknowledged, or failed: then the process ends)."""
-        if not unit.settled:
-            return
-        run_id, unacked = self.run_id, self._unacked
+        writer, unacked = self._writer, self._unacked
         for key in unit.settled:
-            e = unit.entries.get(key)
-            if e is not None:
-                unacked.subtract(q[0] for q in e.pending if _own(q, run_id))
-            if self._writer.get(key) is unit:
-                del self._writer[key]
-        for src in [src for src, n in unacked.items() if n <= 0]:
-            del unacked[src]
-        unit.settled = {}
+            if writer.get(key) is unit:
+                del writer[key]
+        for src in unit.own:
+            n = unacked[src] - 1
+            if n > 0:
+                unacked[src] = n
+            else:
+                del unacked[src]
+        unit.settled, unit.own = {}, []
 
     async def _complete(self, unit: Unit, sends: Sequence[Awaitable[Any]], t2: float) -> None:
         """A flushed unit's outputs acknowledged (sent at `t2`, monotonic): count them, settle the

@@ -17,7 +17,7 @@ import logging
 import random
 import zlib
 from collections import defaultdict, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -552,7 +552,7 @@ def queued(kafka: FakeKafka, topic: str) -> list[Any]:
     return [payload for (t, _), q in kafka.queues.items() if t == topic for _, payload in q]
 
 
-async def until(cond: Any, what: str) -> None:
+async def until(cond: Callable[[], Any], what: str) -> None:
     """Let the runner's tasks run until `cond()` holds (they only wait for the acks given here)."""
     for _ in range(100):
         if cond():
