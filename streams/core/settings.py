@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     batch_within_ms: int = Field(
         default=5, ge=1, le=10_000, description="wait at most this long for a batch to fill before processing it"
     )
+    batch_backlog_ms: int = Field(
+        default=20, ge=0, le=10_000,
+        description="while fetched records wait behind a batch, the next batches join it for at most this long "
+        "(the conversation stage; 0: off)",
+    )
     dead_letter_max_bytes: int = Field(
         default=900_000, ge=10_000, description="bigger dead letters keep a prefix of the original plus its SHA-256"
     )

@@ -22,6 +22,7 @@ from streams.rules.conversation.api import Input
 from streams.rules.conversation.decider import Decider
 from streams.rules.normalize import Rejected
 from streams.rules.wheel import parse_tick
+from streams.stages.backlog import joined, queued
 from streams.stages.ingest import split_record
 from streams.stages.runtime import (
     MAX_INPUT_OUTPUT_BYTES,
@@ -328,7 +329,9 @@ def register(pipe: Pipeline) -> None:
     @app.agent(channel, name="converse")
     async def converse(stream: Any) -> None:
         try:
-            async for events in stream.noack_take(settings.batch_max, within):
+            # under a backlog, faust's batches are joined (backlog.py): fewer, fuller units
+            async for events in joined(stream.noack_take(settings.batch_max, within), queued(stream),
+                                       settings.batch_max, settings.batch_backlog_ms / 1000.0):
                 records = [Record.of_event(e) for e in events]
                 try:
                     # the unit pipeline: the next batch is taken and decided while this one's
