@@ -93,7 +93,9 @@ async def test_personas_once_per_page_found_failed_and_refused(harness: Harness)
     await h.results(10)
     assert (persona_of(h, "From Luis"), persona_of(h, "From Luis again")) == (None, None)
     assert "Luis" not in h.graph.people.persona_creations(PAGE)
-    await asyncio.sleep(1.1)  # retry_after_seconds = 1
+    book = h.running[-1].dispatcher.personas
+    assert book is not None and book.failed_until  # the failure is remembered for retry_after_seconds
+    await until(lambda: max(book.failed_until.values()) <= time.monotonic(), timeout=5)  # the window has passed
     await h.send(agent("p5", "ob-11", "Luis, later", "Luis"))
     await h.results(11)
     assert persona_of(h, "Luis, later") is not None and "Luis" in h.graph.people.persona_creations(PAGE)
