@@ -9,12 +9,14 @@ several events of it, a produce request, two ack waits) twice as often (docs/ben
 
 `joined(batches, waiting, max_, longest)` takes faust's batches one by one and, while the records
 already fetched and waiting for the stream (`waiting()`: the stream channel's queue) would fill the
-batch to `max_` by themselves, adds the next batch to it, for at most `longest` seconds from the
-first. That is a backlog, not one fetch's worth of live traffic: joining whenever anything waited
+batch to `max_` by themselves, adds the next batch to it. It asks for a next batch only within
+`longest` seconds of the first, so a joined batch spans at most `longest` plus one window. That is a
+backlog, not one fetch's worth of live traffic: joining whenever anything waited
 cost 4 ms at the median under live load (1,400/s), where a fetch often lands during a window. Below
 capacity batches are cut as before, and the window bounds the wait of a record that arrives alone.
 Under a backlog a batch grows to about `max_` or `longest`. A joined batch holds fewer than
-2 × `max_` records.
+2 × `max_` records. Its records wait in it, unacked, as they would in faust's buffer: a stop or a
+crash during a join redelivers them.
 """
 
 from __future__ import annotations
