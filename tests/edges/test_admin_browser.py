@@ -135,8 +135,13 @@ async def test_connect_a_page_in_the_browser_and_watch_it_live(
     def at_url(url: str) -> None:
         WebDriverWait(browser, 30).until(ec.url_to_be(url))
 
-    def badge(page_id: str) -> str:
-        return str(by_id(f"page-{page_id}").find_element(By.CSS_SELECTOR, ".badge").get_attribute("data-status"))
+    def badge(page_id: str) -> str | None:
+        # one script reads row and badge together: the live page may re-render between two WebDriver
+        # calls, and Chrome then says "stale element" or "node does not belong to the document"
+        status = browser.execute_script(
+            "const b = document.querySelector('#' + CSS.escape(arguments[0]) + ' .badge');"
+            " return b ? b.getAttribute('data-status') : null;", f"page-{page_id}")
+        return None if status is None else str(status)
 
     page_token = graph.add_page(NEW_PAGE, "Acme Returns")
     w = make_worker(CONFIG)
