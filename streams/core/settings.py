@@ -136,8 +136,8 @@ class Settings(BaseSettings):
     )
     batch_backlog_ms: int = Field(
         default=20, ge=0, le=10_000,
-        description="while fetched records wait behind a batch, the next batches join it for at most this long "
-        "(the conversation stage; 0: off)",
+        description="while the fetched records waiting would fill a batch by themselves (a backlog), the next "
+        "batches join it for at most this long (the conversation stage; 0: off)",
     )
     dead_letter_max_bytes: int = Field(
         default=900_000, ge=10_000, description="bigger dead letters keep a prefix of the original plus its SHA-256"
