@@ -1,5 +1,6 @@
-"""Three fixes to faust-streaming 0.15.3 (and mode-streaming 0.7.1): two lost records around a
-rebalance (issue 12), one held the commits (and so the timers) back for half an hour after a restart.
+"""Four fixes to faust-streaming 0.15.3 (and mode-streaming 0.7.1): two lost records around a
+rebalance (issue 12), one held the commits (and so the timers) back for half an hour after a restart,
+one made every fetched record wait for the main loop's turns.
 
 The first two were found by instrumenting failing runs of `tests/stages/test_conversations_kafka.py::
 test_failover_within_15_seconds` and `tests/stages/test_csat_stage_kafka.py::
@@ -46,6 +47,19 @@ before the app is built (`streams/stages/app.py`).
    partition whose commit stood still. The list is deduplicated before faust reads it: the same
    offsets, each once, so the commit covers the whole run at once.
 
+4. **Every record cost the main loop two turns and four tasks** (`drain_messages`). faust's
+   drainer hands each fetched record to the conductor through `Service.wait_first(callback(message),
+   suspend_flow.wait())`, which wraps the delivery, the flow's suspension and the consumer's stopped
+   and crashed events in four tasks and waits on them: at least two turns of the loop per record,
+   and in each turn every other ready task runs first (the agents' units, their sends). Under live
+   load the records a fetch brought in then reached the agents one per turn: at 2,144 records/s a
+   record waited 9 ms at the median and 178 ms at p99 between aiokafka's buffer and faust's
+   conductor, and aiokafka fetched nothing new meanwhile (docs/benchmarks.md, "Stop 30"). The
+   delivery almost never waits (it puts the event in a queue with room), so it is now run at once,
+   up to its first suspension; only a delivery that does wait (a full queue, a suspended flow) is
+   handed to `wait_first` as before, so a rebalance still interrupts it. faust's own fairness stays:
+   the drainer yields to the loop every 100 records (`yield_every`).
+
 Not a fix but a missing setting: faust builds its consumer with `fetch_max_wait_ms=1500` and
 aiokafka's `fetch_min_bytes=1` and has no setting for either (`tuned_worker_consumer` applies the
 worker's `MESSENGER_STREAMS_FETCH_MIN_BYTES` / `_FETCH_MAX_WAIT_MS`, faust's values by default).
@@ -53,10 +67,11 @@ worker's `MESSENGER_STREAMS_FETCH_MIN_BYTES` / `_FETCH_MAX_WAIT_MS`, faust's val
 
 from __future__ import annotations
 
-from collections.abc import Container
+import asyncio
+from collections.abc import Container, Coroutine
 from typing import Any
 
-from faust.transport.consumer import Consumer
+from faust.transport.consumer import CONSUMER_FETCHING, Consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.utils.functional import consecutive_numbers
 from mode.utils.queues import FlowControlEvent
@@ -66,6 +81,7 @@ UNGUARDED_FETCH = faust_aiokafka.AIOKafkaConsumerThread._fetch_records  # faust'
 CLEARING_RESUME = FlowControlEvent.resume  # mode's own, kept for the tests
 CRAWLING_NEW_OFFSET = Consumer._new_offset  # faust's own, kept for the tests
 FIXED_FETCH_CONSUMER = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer  # faust's own
+TURN_TAKING_DRAIN = Consumer._drain_messages  # faust's own, kept for the tests
 FETCH_SETTINGS = "_messenger_streams_fetch"  # app attribute: (fetch_min_bytes, fetch_max_wait_ms)
 
 
@@ -129,6 +145,97 @@ def dedupe_acked(self: Any, tp: Any) -> int | None:
     return int(batch[-1]) + 1
 
 
+async def _resumed(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    """Drive `coro` on from the suspension where it yielded `yielded`, as an asyncio Task would:
+    wait for the future it awaits (or one turn for a bare yield), then resume it. Cancelled (by
+    `wait_first`, when the flow is suspended first), the coroutine is closed where it waits."""
+    try:
+        while True:
+            if yielded is None:
+                await asyncio.sleep(0)
+            elif asyncio.isfuture(yielded):
+                yielded._asyncio_future_blocking = False
+                await asyncio.wait([yielded])  # the coroutine reads its result when resumed
+            else:
+                raise RuntimeError(f"a delivery yielded {yielded!r}, not a future")
+            yielded = coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    except BaseException:
+        coro.close()
+        raise
+
+
+async def deliver(consumer: Any, message: Any) -> None:
+    """faust's delivery of one record (`consumer.callback`, the conductor), run at once up to its
+    first suspension; one that waits is handed to `wait_first` with the flow's suspension, as
+    faust's drainer does for every record."""
+    coro = consumer.callback(message)
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return
+    await consumer.wait_first(_resumed(coro, yielded), consumer.suspend_flow.wait())
+
+
+async def drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - the worker's loop
+    """faust's `Consumer._drain_messages` (0.15.3: same steps, checks, logs and errors), with each
+    record handed on by `deliver` instead of `wait_first`."""
+    getmany = self.getmany
+    consumer_should_stop = self._stopped.is_set
+    fetcher_should_stop = fetcher._stopped.is_set
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    flag_consumer_fetching = CONSUMER_FETCHING
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(flag_consumer_fetching)
+            ait = getmany(timeout=1.0)
+            await self.sleep(0)  # faust: getmany may be called in a loop that never yields
+            if not self.should_stop:
+                async for tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            await self.commit()
+                        await deliver(self, message)
+                        set_read_offset(tp, offset)
+                    else:
+                        self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
+                unset_flag(flag_consumer_fetching)
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(flag_consumer_fetching)
+
+
 def tuned_worker_consumer(self: Any, transport: Any) -> Any:
     """faust's worker consumer with the app's fetch settings (`FETCH_SETTINGS`, set by `create_app`).
 
@@ -145,7 +252,7 @@ def tuned_worker_consumer(self: Any, transport: Any) -> Any:
 
 
 def install() -> None:
-    """Apply the three fixes and the fetch settings hook (idempotent)."""
+    """Apply the four fixes and the fetch settings hook (idempotent)."""
     thread_cls = faust_aiokafka.AIOKafkaConsumerThread
     if getattr(thread_cls, _PATCHED, False):
         return
@@ -153,5 +260,6 @@ def install() -> None:
     FlowControlEvent.resume = resume_flow_control  # type: ignore[method-assign]
     Consumer._new_offset = dedupe_acked  # type: ignore[method-assign]
     thread_cls._create_worker_consumer = tuned_worker_consumer  # type: ignore[method-assign]
+    Consumer._drain_messages = drain_messages  # type: ignore[method-assign]
     setattr(thread_cls, _PATCHED, True)
 
