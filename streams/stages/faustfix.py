@@ -51,14 +51,15 @@ before the app is built (`streams/stages/app.py`).
    drainer hands each fetched record to the conductor through `Service.wait_first(callback(message),
    suspend_flow.wait())`, which wraps the delivery, the flow's suspension and the consumer's stopped
    and crashed events in four tasks and waits on them: at least two turns of the loop per record,
-   and in each turn every other ready task runs first (the agents' units, their sends). Under live
-   load the records a fetch brought in then reached the agents one per turn: at 2,144 records/s a
-   record waited 9 ms at the median and 178 ms at p99 between aiokafka's buffer and faust's
-   conductor, and aiokafka fetched nothing new meanwhile (docs/benchmarks.md, "Stop 30"). The
+   and in each turn every other ready task runs first (the agents' units, their sends). Found while
+   timing where a record waits under live load (between aiokafka's buffer and faust's conductor:
+   9 ms at the median, 178 ms at p99 at 2,144 records/s; docs/benchmarks.md, "Stop 30"). The
    delivery almost never waits (it puts the event in a queue with room), so it is now run at once,
    up to its first suspension; only a delivery that does wait (a full queue, a suspended flow) is
    handed to `wait_first` as before, so a rebalance still interrupts it. faust's own fairness stays:
-   the drainer yields to the loop every 100 records (`yield_every`).
+   the drainer yields to the loop every 100 records (`yield_every`). Measured: drains +25% (C) and
+   +26% (faust's floor, arm B) at the same CPU; under live load −4% CPU and the same latency, so
+   that wait is not this: it is the hop from faust's consumer thread to a busy main loop.
 
 Not a fix but a missing setting: faust builds its consumer with `fetch_max_wait_ms=1500` and
 aiokafka's `fetch_min_bytes=1` and has no setting for either (`tuned_worker_consumer` applies the
