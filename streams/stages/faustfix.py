@@ -82,7 +82,6 @@ UNGUARDED_FETCH = faust_aiokafka.AIOKafkaConsumerThread._fetch_records  # faust'
 CLEARING_RESUME = FlowControlEvent.resume  # mode's own, kept for the tests
 CRAWLING_NEW_OFFSET = Consumer._new_offset  # faust's own, kept for the tests
 FIXED_FETCH_CONSUMER = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer  # faust's own
-TURN_TAKING_DRAIN = Consumer._drain_messages  # faust's own, kept for the tests
 FETCH_SETTINGS = "_messenger_streams_fetch"  # app attribute: (fetch_min_bytes, fetch_max_wait_ms)
 
 

@@ -105,9 +105,9 @@ async def test_a_failing_delivery_raises_at_once_or_after_waiting() -> None:
         await asyncio.wait_for(handed, 5)
 
 
-def test_install_puts_the_drainer_in_faust() -> None:
-    from faust.transport.consumer import Consumer
+def test_the_workers_consumer_drains_with_deliver() -> None:
+    from streams.core.settings import Settings
+    from streams.stages.app import create_app
 
-    faustfix.install()
-    assert Consumer._drain_messages is faustfix.drain_messages
-    assert faustfix.TURN_TAKING_DRAIN is not faustfix.drain_messages
+    app = create_app(Settings(bootstrap_servers="127.0.0.1:1", app_id="drain-test"))  # no broker needed
+    assert app.consumer._drain_messages.__func__ is faustfix.drain_messages
