@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     fetch_max_wait_ms: int = Field(
         default=1500, ge=0, le=30_000, description="the longest a fetch waits for fetch_min_bytes (faust's value)"
     )
+    consumer_thread: bool = Field(
+        default=False,
+        description="run the worker's Kafka consumer in a thread of its own, as faust does; false: on the worker's "
+        "event loop (no thread hop per fetch: live p50 a third to a half lower, drains a few percent slower; "
+        "docs/benchmarks.md)",
+    )
     stream_buffer_maxsize: int = Field(default=16_384, gt=0)
     producer_buffer_max: int = Field(default=10_000, gt=0, description="table changelog records queued before a stall")
     log_level: str = "warn"

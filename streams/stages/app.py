@@ -18,7 +18,7 @@ from streams.core.config import ConnectorConfig
 from streams.core.pages import PageDirectory
 from streams.core.settings import Settings
 from streams.core.topics import TOPIC_SPECS
-from streams.stages import conversation, csat, faustfix, history, ingest, orders, pages, runtime, web
+from streams.stages import conversation, csat, faustfix, history, ingest, loopconsumer, orders, pages, runtime, web
 from streams.stages.pipeline import Pipeline
 from streams.stages.supervision import supervise
 
@@ -88,6 +88,8 @@ def create_app(settings: Settings) -> faust.App:
     app.producer.buffer.max_messages = settings.producer_buffer_max
     # the consumer's fetch settings (faust has none for them: faustfix applies these)
     setattr(app, faustfix.FETCH_SETTINGS, (settings.fetch_min_bytes, settings.fetch_max_wait_ms))
+    if not settings.consumer_thread:
+        loopconsumer.install(app)  # the consumer on the worker's loop, not in faust's thread
     supervise(app)  # a crashed agent stops the worker (exit 1); a stop never takes over 8 s
     return app
 

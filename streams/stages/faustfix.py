@@ -59,7 +59,8 @@ before the app is built (`streams/stages/app.py`).
    handed to `wait_first` as before, so a rebalance still interrupts it. faust's own fairness stays:
    the drainer yields to the loop every 100 records (`yield_every`). Measured: drains +25% (C) and
    +26% (faust's floor, arm B) at the same CPU; under live load −4% CPU and the same latency, so
-   that wait is not this: it is the hop from faust's consumer thread to a busy main loop.
+   that wait is not this: it is the hop from faust's consumer thread to a busy main loop (taken out
+   in stop 31: the consumer now runs on the worker's loop, streams/stages/loopconsumer.py).
 
 Not a fix but a missing setting: faust builds its consumer with `fetch_max_wait_ms=1500` and
 aiokafka's `fetch_min_bytes=1` and has no setting for either (`tuned_worker_consumer` applies the

@@ -1470,7 +1470,8 @@ class TickSource:
     a body that is still queued.
 
     Offsets are read with a client of its own (a group-less consumer for end offsets, an admin
-    client for the group's commits): faust's consumer thread answers only between its long polls."""
+    client for the group's commits): with faust's consumer thread (`MESSENGER_STREAMS_CONSUMER_THREAD`)
+    its calls are answered only between its long polls."""
 
     def __init__(
         self,
@@ -1603,8 +1604,9 @@ def reseek_uncommitted(app: Any, *, group_id: str, bootstrap_servers: str) -> No
             return
         back = {TP(tp.topic, tp.partition): 0 for tp, om in offsets.items() if om.offset <= 0}
         if back:
-            # in the consumer's own thread (`Consumer.seek` would call aiokafka from this one,
-            # racing its fetcher: a KeyError in `Fetcher.fetched_records` stopped a worker)
+            # through the consumer service (`Consumer.seek` would call aiokafka from this thread
+            # while faust's consumer thread fetched: a KeyError in `Fetcher.fetched_records` stopped
+            # a worker; on the loop consumer the service runs the seek in place, on this loop)
             await app.consumer.seek_wait(back)
 
     async def close(sender: Any, /, *args: Any, signal: Any = None, **kwargs: Any) -> None:
