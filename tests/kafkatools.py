@@ -230,6 +230,19 @@ class KafkaIO:
             await self._producer.start()
         return self._producer
 
+    async def create_topic(self, prefix: str, partitions: int) -> str:
+        """A new topic named `<prefix>-<random>` with `partitions` partitions; returns its name."""
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        topic = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        finally:
+            await admin.close()
+        return topic
+
     async def close(self) -> None:
         if self._producer is not None:
             await self._producer.stop()

@@ -16,7 +16,6 @@ from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
 from streams.core.settings import Settings
@@ -26,13 +25,7 @@ from tests.kafkatools import KafkaIO
 
 
 async def two_partitions_with_records(kafka: KafkaIO, bootstrap: str) -> str:
-    topic = f"fetchguard-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])
-    finally:
-        await admin.close()
+    topic = await kafka.create_topic("fetchguard", 2)
     p = await kafka.producer()
     for i in range(5):
         for part in (0, 1):

@@ -13,7 +13,6 @@ import threading
 import uuid
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 
@@ -23,14 +22,8 @@ from streams.stages.app import create_app
 from tests.kafkatools import KafkaIO
 
 
-async def topic_with_records(kafka: KafkaIO, bootstrap: str, count: int) -> str:
-    topic = f"loopconsumer-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
-    finally:
-        await admin.close()
+async def topic_with_records(kafka: KafkaIO, count: int) -> str:
+    topic = await kafka.create_topic("loopconsumer", 1)
     p = await kafka.producer()
     for i in range(count):
         await p.send_and_wait(topic, f"r{i}".encode(), partition=0)
@@ -49,9 +42,9 @@ async def fetch_all(service: Any, tp: TopicPartition, count: int) -> list[bytes]
 async def test_the_consumer_runs_on_the_workers_loop_and_stops_without_touching_its_tasks(
     kafka: KafkaIO, kafka_bootstrap: str,
 ) -> None:
-    topic = await topic_with_records(kafka, kafka_bootstrap, 20)
+    topic = await topic_with_records(kafka, 20)
     app = create_app(Settings(bootstrap_servers=kafka_bootstrap, app_id=f"loop-{uuid.uuid4().hex[:8]}"))
-    service = app.consumer._thread
+    service: Any = app.consumer._thread  # type: ignore[attr-defined]  # faust types it as ConsumerT
     assert isinstance(service, loopconsumer.LoopConsumerThread)
     threads_before = set(threading.enumerate())
     bystander = asyncio.create_task(asyncio.sleep(3600))  # one of the worker's own tasks
@@ -74,10 +67,10 @@ async def test_the_consumer_runs_on_the_workers_loop_and_stops_without_touching_
 
 
 async def test_consumer_thread_true_keeps_fausts_thread(kafka: KafkaIO, kafka_bootstrap: str) -> None:
-    topic = await topic_with_records(kafka, kafka_bootstrap, 5)
+    topic = await topic_with_records(kafka, 5)
     app = create_app(Settings(bootstrap_servers=kafka_bootstrap, app_id=f"loop-{uuid.uuid4().hex[:8]}",
                               consumer_thread=True))
-    service = app.consumer._thread
+    service: Any = app.consumer._thread  # type: ignore[attr-defined]  # faust types it as ConsumerT
     assert type(service) is AIOKafkaConsumerThread
     threads_before = set(threading.enumerate())
     await service.start()
