@@ -39,9 +39,12 @@ class LoopWorker(WorkerThread):
     def start(self) -> None:
         service = self.service
 
-        async def serve() -> None:
+        async def serve() -> None:  # what faust's thread runs (`ServiceThread._start_thread`)
             try:
-                await service._serve()  # what the thread would run: start, wait until stopped, shut down
+                await service._serve()  # start, wait until stopped, shut down
+            except Exception:
+                service.set_shutdown()  # as faust's thread does: whoever waits for the shutdown is let go
+                raise
             finally:
                 self._set_stopped()
 
