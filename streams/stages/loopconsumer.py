@@ -13,7 +13,8 @@ itself where faust would queue it for the thread. aiokafka is an asyncio library
 needs the thread; what changes is that its heartbeat now shares the worker's loop, so a loop held
 longer than the session timeout (`MESSENGER_STREAMS_SESSION_TIMEOUT_SECONDS`, 8 s) loses the
 worker's partitions to the others (with faust's thread they stayed with a worker that processed
-nothing). `MESSENGER_STREAMS_CONSUMER_THREAD=true` brings faust's thread back.
+nothing; this follows from the design and no test shows it). `MESSENGER_STREAMS_CONSUMER_THREAD=true`
+brings faust's thread back.
 
 Pinned to faust-streaming 0.15.3 and mode-streaming: the overridden methods are `WorkerThread.start`
 / `stop` / `is_alive`, `QueueServiceThread.call_thread` and `ServiceThread._gather_remaining_tasks`.

@@ -24,7 +24,7 @@ from streams.stages.app import create_app
 from tests.kafkatools import KafkaIO
 
 
-async def two_partitions_with_records(kafka: KafkaIO, bootstrap: str) -> str:
+async def two_partitions_with_records(kafka: KafkaIO) -> str:
     topic = await kafka.create_topic("fetchguard", 2)
     p = await kafka.producer()
     for i in range(5):
@@ -55,7 +55,7 @@ async def fetch(fn: Any, side: Any, consumer: AIOKafkaConsumer, live: set[Any]) 
 
 
 async def test_every_partition_paused_hands_out_nothing(kafka: KafkaIO, kafka_bootstrap: str) -> None:
-    topic = await two_partitions_with_records(kafka, kafka_bootstrap)
+    topic = await two_partitions_with_records(kafka)
     consumer, tps = await assigned_consumer(kafka_bootstrap, topic)
     try:
         # faust's own fetch: an empty active set (every partition paused) hands out every record
@@ -79,7 +79,7 @@ async def test_every_partition_paused_hands_out_nothing(kafka: KafkaIO, kafka_bo
 
 async def test_a_stopped_flow_hands_out_nothing(kafka: KafkaIO, kafka_bootstrap: str) -> None:
     """faust stops the flow at a rebalance; a fetch already waiting must not drain then."""
-    topic = await two_partitions_with_records(kafka, kafka_bootstrap)
+    topic = await two_partitions_with_records(kafka)
     consumer, tps = await assigned_consumer(kafka_bootstrap, topic)
     try:
         faustfix.install()
