@@ -557,12 +557,13 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         cmd = [sys.executable, "-m", "bench.nullagent", *names.inputs(), "--out", names.nullagent_out()]
         procs = start_workers(opts, names, app_id, workdir, 1, cmd)
         outputs = [names.nullagent_out()]
-    else:
-        procs = start_workers(opts, names, app_id, workdir, 1)
+    else:  # C, or C2: two workers of one group under the same live load (`--live-arm C2`)
+        procs = start_workers(opts, names, app_id, workdir, 2 if arm == "C2" else 1)
         outputs = names.arrivals()
+    worker = arm in ("C", "C2")
     seen: dict[bytes, tuple[int, int]] = {}
     # C only: when each message reached the internal topics (record create time, ms)
-    hop_names = {"split": names.attr("split")} if arm == "C" else {}
+    hop_names = {"split": names.attr("split")} if worker else {}
     hops: dict[str, dict[bytes, int]] = {t: {} for t in hop_names.values()}
     stop = asyncio.Event()
     spy: subprocess.Popen[bytes] | None = None
@@ -609,9 +610,9 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         stop.set()
         out_total = await sink_task
         stats = [p.stats() for p in procs]
-        worker_metrics = scrape_flush_metrics(procs[0]) if arm == "C" else {}
+        worker_metrics = scrape_flush_metrics(procs[0]) if worker else {}  # C2: the first worker's
         csat_responses = await topic_records(opts.bootstrap, names.attr("csat_responses"), opts.partitions) \
-            if arm == "C" else None
+            if worker else None
     finally:
         stop.set()
         if spy is not None:
@@ -958,7 +959,7 @@ def table(res: dict[str, Any]) -> str:
                  f"B/A (faust floor): {thr.get('ratio_B_A')}   C/B: {thr.get('ratio_C_B')}   "
                  f"2-worker scaling C2/C: {thr.get('scaling_C2_C')}")
     for e in res.get("latency", []):
-        for arm in ("A", "B", "C"):
+        for arm in ("A", "B", "C", "C2"):
             r = e.get(arm)
             if not r:
                 continue
@@ -1016,8 +1017,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Opts, argparse.Namespace]:
     p.add_argument("--live-rate", type=float, default=None, metavar="R",
                    help="instead: one open-loop run of C alone at R records/s, no drains (with --profile: py-spy "
                         "attached, the profile of live load rather than of a drain)")
-    p.add_argument("--live-arm", default="C", choices=("A", "B", "C"),
-                   help="the arm of --live-rate: C (default), B (faust's floor) or A (raw aiokafka)")
+    p.add_argument("--live-arm", default="C", choices=("A", "B", "C", "C2"),
+                   help="the arm of --live-rate: C (default), C2 (two workers of one group), B (faust's floor) "
+                        "or A (raw aiokafka)")
     a = p.parse_args(argv)
     smoke = a.smoke
     opts = Opts(
