@@ -29,7 +29,8 @@ aiokafka fetches exactly what faust reads. With faust's thread (`CONSUMER_THREAD
 done: aiokafka's pause is not safe to call from another thread.
 
 Pinned to faust-streaming 0.15.3 and mode-streaming: the overridden methods are `WorkerThread.start`
-/ `stop` / `is_alive`, `QueueServiceThread.call_thread` and `ServiceThread._gather_remaining_tasks`.
+/ `stop` / `is_alive`, `QueueServiceThread.call_thread` and `ServiceThread._gather_remaining_tasks`;
+`Consumer.pause_partitions` / `resume_partitions` are extended (faust's own bookkeeping runs first).
 """
 
 from __future__ import annotations
@@ -93,23 +94,25 @@ class LoopConsumer(faust_aiokafka.Consumer):
     def pause_partitions(self, tps: Iterable[TP]) -> None:
         tpset = set(tps)
         super().pause_partitions(tpset)
-        if (mine := self._in_aiokafka(tpset)) is not None:
-            mine[0].pause(*mine[1])
+        consumer, assigned = self._in_aiokafka(tpset)
+        if assigned:
+            consumer.pause(*assigned)
 
     def resume_partitions(self, tps: Iterable[TP]) -> None:
         tpset = set(tps)
         super().resume_partitions(tpset)
-        if (mine := self._in_aiokafka(tpset)) is not None:
-            mine[0].resume(*mine[1])
+        consumer, assigned = self._in_aiokafka(tpset)
+        if assigned:
+            consumer.resume(*assigned)
 
-    def _in_aiokafka(self, tps: set[TP]) -> tuple[Any, list[TopicPartition]] | None:
-        """aiokafka's consumer and those of `tps` it has assigned (on this loop, so it can be called)."""
+    def _in_aiokafka(self, tps: set[TP]) -> tuple[Any, list[TopicPartition]]:
+        """aiokafka's consumer (None before it starts) and those of `tps` it has assigned. It runs
+        on this loop, so pausing and resuming it here is safe."""
         consumer = getattr(self._thread, "_consumer", None)
-        if consumer is None or not tps:
-            return None
+        if consumer is None:
+            return None, []
         assigned = consumer.assignment()
         return consumer, [tp for tp in (TopicPartition(t.topic, t.partition) for t in tps) if tp in assigned]
-
 
 def install(app: faust.App) -> None:
     """Make `app` build its consumer on its own loop (call before the consumer is first used)."""
