@@ -92,27 +92,23 @@ class LoopConsumer(faust_aiokafka.Consumer):
         return LoopConsumerThread(self, loop=self.loop, thread_loop=self.loop, beacon=self.beacon, Worker=LoopWorker)
 
     def pause_partitions(self, tps: Iterable[TP]) -> None:
-        tpset = set(tps)
-        super().pause_partitions(tpset)
-        consumer, assigned = self._in_aiokafka(tpset)
-        if assigned:
-            consumer.pause(*assigned)
+        super().pause_partitions(tpset := set(tps))
+        self._in_aiokafka(tpset, pause=True)
 
     def resume_partitions(self, tps: Iterable[TP]) -> None:
-        tpset = set(tps)
-        super().resume_partitions(tpset)
-        consumer, assigned = self._in_aiokafka(tpset)
-        if assigned:
-            consumer.resume(*assigned)
+        super().resume_partitions(tpset := set(tps))
+        self._in_aiokafka(tpset, pause=False)
 
-    def _in_aiokafka(self, tps: set[TP]) -> tuple[Any, list[TopicPartition]]:
-        """aiokafka's consumer (None before it starts) and those of `tps` it has assigned. It runs
-        on this loop, so pausing and resuming it here is safe."""
+    def _in_aiokafka(self, tps: set[TP], *, pause: bool) -> None:
+        """The same in aiokafka's consumer, for those of `tps` it has assigned (none before it
+        starts). It runs on this loop, so pausing and resuming it here is safe."""
         consumer = getattr(self._thread, "_consumer", None)
         if consumer is None:
-            return None, []
+            return
         assigned = consumer.assignment()
-        return consumer, [tp for tp in (TopicPartition(t.topic, t.partition) for t in tps) if tp in assigned]
+        mine = [tp for tp in (TopicPartition(t.topic, t.partition) for t in tps) if tp in assigned]
+        if mine:
+            (consumer.pause if pause else consumer.resume)(*mine)
 
 def install(app: faust.App) -> None:
     """Make `app` build its consumer on its own loop (call before the consumer is first used)."""
