@@ -562,7 +562,7 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         outputs = names.arrivals()
     worker = arm in ("C", "C2")
     seen: dict[bytes, tuple[int, int]] = {}
-    # C only: when each message reached the internal topics (record create time, ms)
+    # the worker arms only: when each message reached the internal topics (record create time, ms)
     hop_names = {"split": names.attr("split")} if worker else {}
     hops: dict[str, dict[bytes, int]] = {t: {} for t in hop_names.values()}
     stop = asyncio.Event()
