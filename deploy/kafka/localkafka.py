@@ -8,8 +8,9 @@
 `up`, `down` and `reset` are idempotent; `up` after `down` brings back the same topics and offsets.
 The broker listens on 127.0.0.1:$KAFKA_PORT (default 9092), its controller on
 $KAFKA_CONTROLLER_PORT (default the next port); its state lives in $KAFKA_HOME (default .kafka/ at
-the project root). Topics are never created implicitly (`auto.create.topics.enable=false`): the
-processor creates what it uses, with the right partition count. Tests import `LocalKafka` to start
+the project root). $KAFKA_OPTS adds JVM options after the defaults, as in Kafka's own scripts (e.g.
+`-Xlog:gc:file=gc.log` logs the broker's GC pauses). Topics are never created implicitly
+(`auto.create.topics.enable=false`): the processor creates what it uses, with the right partition count. Tests import `LocalKafka` to start
 a broker of their own when none is running.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -138,6 +140,19 @@ def wait_for_metadata(bootstrap: str, timeout: float = 90.0, alive: Callable[[],
     raise KafkaError(f"Kafka at {bootstrap} did not serve metadata within {timeout:.0f}s")
 
 
+class BadOptions(KafkaError):
+    """$KAFKA_OPTS cannot be split into options (an unclosed quote)."""
+
+
+def extra_jvm_options() -> list[str]:
+    """$KAFKA_OPTS split as a shell would; BadOptions names what is wrong."""
+    raw = os.environ.get("KAFKA_OPTS", "")
+    try:
+        return shlex.split(raw)
+    except ValueError as exc:
+        raise BadOptions(f"KAFKA_OPTS cannot be split into JVM options ({exc}): {raw!r}") from None
+
+
 class LocalKafka:
     """One single-node KRaft broker in a subprocess, with its data under `home`."""
 
@@ -185,6 +200,7 @@ class LocalKafka:
             "-Djava.awt.headless=true",
             f"-Dkafka.logs.dir={self.home / 'logs'}",
             f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
+            *extra_jvm_options(),  # after ours: a repeated -D or -X wins
             "-cp",
             str(LIBS / "*"),
             *args,
@@ -261,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     broker = default_broker()
     try:
+        extra_jvm_options()  # bad options: say so before anything starts
         if args.command == "fetch":
             print(fetch_jars())
         elif args.command == "up":
@@ -278,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             pid = broker.pid()
             print(f"kafka running on {broker.bootstrap} (pid {pid})" if pid else "kafka not running")
             return 0 if pid else 1
+    except BadOptions as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KafkaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -91,10 +91,22 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
         time.sleep(0.2)
 
 
+def test_unsplittable_kafka_opts_is_one_line_and_status_2(tmp_path: Path) -> None:
+    env = {**os.environ, "KAFKA_HOME": str(tmp_path / "kafka"), "KAFKA_PORT": str(free_port()),
+           "KAFKA_OPTS": '-Xlog:gc:file="/tmp/gc.log'}
+    res = localkafka_cli("up", env)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: KAFKA_OPTS cannot be split into JVM options (No closing quotation): '-Xlog:gc:file=\"/tmp/gc.log'"]
+    assert not (tmp_path / "kafka").exists()  # nothing started
+
+
 def test_down_keeps_data_reset_deletes_it_and_everything_stops_with_the_broker_gone(tmp_path: Path) -> None:
     port, ctrl = free_port(), free_port()
     home = tmp_path / "kafka"
-    env = {**os.environ, "KAFKA_HOME": str(home), "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(ctrl)}
+    gc_log = tmp_path / "gc.log"
+    env = {**os.environ, "KAFKA_HOME": str(home), "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(ctrl),
+           "KAFKA_OPTS": f"-Xlog:gc:file={gc_log} -Xmx640m"}
     bootstrap = f"127.0.0.1:{port}"
     broker = localkafka.LocalKafka(home, port=port, controller_port=ctrl)
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -102,6 +114,10 @@ def test_down_keeps_data_reset_deletes_it_and_everything_stops_with_the_broker_g
         res = localkafka_cli("up", env)
         assert res.returncode == 0, res.stderr
         assert "auto.create.topics.enable=false" in (home / "server.properties").read_text()
+        # $KAFKA_OPTS reaches the JVM, after the defaults (so its -Xmx is the one that counts)
+        assert "Using G1" in gc_log.read_text()
+        cmdline = Path(f"/proc/{broker.pid()}/cmdline").read_bytes().split(b"\0")
+        assert cmdline.index(b"-Xmx640m") > cmdline.index(b"-Xmx768m")
         asyncio.run(write_and_commit(bootstrap, "keep.me"))
 
         # worker, webhook and dispatch on this broker
