@@ -171,6 +171,24 @@ async def delete_topics(bootstrap: str, prefix: str) -> None:
         logging.getLogger("bench").warning("could not delete topics %s*: %r", prefix, exc)
     finally:
         await admin.close()
+    await files_gone(bootstrap, prefix)
+
+
+async def files_gone(bootstrap: str, prefix: str, timeout: float = 60.0) -> None:
+    """On the project's local broker: wait until the deleted topics' files are gone from its data
+    directory, so that the broker does not unlink hundreds of MB during the next measurement (it
+    did, 60 s later, in the middle of a capacity step: docs/benchmarks.md, stop 33). A remote
+    broker is not ours to watch."""
+    data = local_data_dir(bootstrap)
+    if data is None:
+        return
+    deadline = time.monotonic() + timeout
+    while any(p.name.startswith(prefix) for p in data.iterdir()):
+        if time.monotonic() > deadline:
+            logging.getLogger("bench").warning("files of the deleted topics %s* still on disk after %.0f s",
+                                               prefix, timeout)
+            return
+        await asyncio.sleep(0.2)  # the broker's own deletion schedule: nothing to await on
 
 
 async def preload(bootstrap: str, records: Sequence[Rec], topic_of: dict[str, str]) -> float:
@@ -280,8 +298,9 @@ def proc_cpu_seconds(pid: int | None) -> float:
         return 0.0
 
 
-def broker_pid(bootstrap: str) -> int | None:
-    """The pid of the project's local broker when that is the one we talk to (for its CPU share)."""
+def _local_broker(bootstrap: str) -> Any:
+    """The project's local broker (`deploy/kafka/localkafka.py`) when it is running and the one we
+    talk to; else None."""
     import sys
 
     sys.path.insert(0, str(ROOT / "deploy" / "kafka"))
@@ -289,12 +308,25 @@ def broker_pid(bootstrap: str) -> int | None:
         import localkafka
 
         b = localkafka.default_broker()
-        if b.bootstrap == bootstrap.split(",")[0].strip():
-            pid = b.pid()
-            return int(pid) if pid is not None else None
+        if b.bootstrap == bootstrap.split(",")[0].strip() and b.pid() is not None:
+            return b
     except Exception:  # noqa: BLE001 - the broker may be remote or started otherwise
         return None
     return None
+
+
+def broker_pid(bootstrap: str) -> int | None:
+    """The pid of the project's local broker when that is the one we talk to (for its CPU share)."""
+    b = _local_broker(bootstrap)
+    pid = b.pid() if b is not None else None
+    return int(pid) if pid is not None else None
+
+
+def local_data_dir(bootstrap: str) -> Path | None:
+    """The local broker's data directory (its `log.dirs`) when that is the one we talk to."""
+    b = _local_broker(bootstrap)
+    data = b.home / "data" if b is not None else None
+    return data if data is not None and data.is_dir() else None
 
 
 def percentiles(values: list[float], ps: Sequence[float] = (50, 90, 99, 99.9)) -> dict[str, float]:

@@ -610,7 +610,8 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         stop.set()
         out_total = await sink_task
         stats = [p.stats() for p in procs]
-        worker_metrics = scrape_flush_metrics(procs[0]) if worker else {}  # C2: the first worker's
+        per_worker = [scrape_flush_metrics(p) for p in procs] if worker else []
+        worker_metrics = per_worker[0] if per_worker else {}  # C2: the first worker's
         csat_responses = await topic_records(opts.bootstrap, names.attr("csat_responses"), opts.partitions) \
             if worker else None
     finally:
@@ -662,6 +663,7 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         "arm": arm,
         "rate": round(rate, 1),
         "sent": info["sent"],
+        "t0_unix": round(info["t0_ns"] / 1e9, 3),  # second 0 of max_ms_by_second, to line it up with other logs
         "generator_max_behind_ms": info["max_behind_ms"],
         "generator_errors": info["errors"],
         "outputs_read": out_total,
@@ -679,6 +681,11 @@ async def latency_run(opts: Opts, arm: str, names: Names, ds: Dataset, records_f
         "latency_to_hop_create_time_ms": {h: percentiles(v) for h, v in lat_hop.items()},
         "peak_rss_mib": round(max(s["peak_rss_kib"] for s in stats) / 1024, 1),
         "cpu_cores": round(sum(s["cpu_s"] for s in stats) / seconds, 3),
+        # each process of the arm (C2: both workers): its cores, peak RSS and, for a worker, the
+        # conversation stage's write/ack cycles (both > 0: both workers had partitions)
+        "processes": [{"cpu_cores": round(s["cpu_s"] / seconds, 3), "peak_rss_mib": round(s["peak_rss_kib"] / 1024, 1),
+                       **({"units_flushed": per_worker[i].get("units_flushed")} if per_worker else {})}
+                      for i, s in enumerate(stats)],
         # the rest of the 2-core box while the generator ran: the broker, the generator, the sink
         "other_cpu_cores": {k: round(v / seconds, 3) for k, v in others.items()},
         # the conversation stage's write/ack cycles and the time it waited for acks (whole run)
