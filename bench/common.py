@@ -298,35 +298,41 @@ def proc_cpu_seconds(pid: int | None) -> float:
         return 0.0
 
 
-def _local_broker(bootstrap: str) -> Any:
-    """The project's local broker (`deploy/kafka/localkafka.py`) when it is running and the one we
-    talk to; else None."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "deploy" / "kafka"))
-    try:
-        import localkafka
-
-        b = localkafka.default_broker()
-        if b.bootstrap == bootstrap.split(",")[0].strip() and b.pid() is not None:
-            return b
-    except Exception:  # noqa: BLE001 - the broker may be remote or started otherwise
+def _local_broker(bootstrap: str) -> tuple[int, Path] | None:
+    """(pid, data directory) of a broker on this machine started from a `server.properties`
+    (`deploy/kafka/localkafka.py`: the project's own, or one a test started) whose listener is the
+    address we talk to; None for a remote broker or one started otherwise."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    if host not in ("127.0.0.1", "localhost"):
         return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"kafka.Kafka" not in args:
+                continue
+            props = Path(args[-2].decode() if args[-1] == b"" else args[-1].decode()).read_text()
+        except (OSError, UnicodeDecodeError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        conf = dict(line.split("=", 1) for line in props.splitlines() if "=" in line and not line.startswith("#"))
+        listeners = conf.get("listeners", "").split(",")
+        if any(lst.endswith(f"//{host}:{port}") or lst.endswith(f"//127.0.0.1:{port}") for lst in listeners):
+            data = Path(conf.get("log.dirs", "").split(",")[0])
+            return int(proc.name), data
     return None
 
 
 def broker_pid(bootstrap: str) -> int | None:
-    """The pid of the project's local broker when that is the one we talk to (for its CPU share)."""
+    """The pid of a local broker when that is the one we talk to (for its CPU share)."""
     b = _local_broker(bootstrap)
-    pid = b.pid() if b is not None else None
-    return int(pid) if pid is not None else None
+    return b[0] if b is not None else None
 
 
 def local_data_dir(bootstrap: str) -> Path | None:
-    """The local broker's data directory (its `log.dirs`) when that is the one we talk to."""
+    """A local broker's data directory (its `log.dirs`) when that is the one we talk to."""
     b = _local_broker(bootstrap)
-    data = b.home / "data" if b is not None else None
-    return data if data is not None and data.is_dir() else None
+    return b[1] if b is not None and b[1].is_dir() else None
 
 
 def percentiles(values: list[float], ps: Sequence[float] = (50, 90, 99, 99.9)) -> dict[str, float]:
