@@ -10,8 +10,8 @@ The broker listens on 127.0.0.1:$KAFKA_PORT (default 9092), its controller on
 $KAFKA_CONTROLLER_PORT (default the next port); its state lives in $KAFKA_HOME (default .kafka/ at
 the project root). $KAFKA_OPTS adds JVM options after the defaults, as in Kafka's own scripts (e.g.
 `-Xlog:gc:file=gc.log` logs the broker's GC pauses). Topics are never created implicitly
-(`auto.create.topics.enable=false`): the processor creates what it uses, with the right partition count. Tests import `LocalKafka` to start
-a broker of their own when none is running.
+(`auto.create.topics.enable=false`): the processor creates what it uses, with the right partition
+count. Tests import `LocalKafka` to start a broker of their own when none is running.
 """
 
 from __future__ import annotations
