@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -15,22 +16,23 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.kafka
 
 
-def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
+def run_bench(kafka_bootstrap: str, out: Path, *args: str) -> dict[str, Any]:
+    """`python -m bench.run ARGS --results-dir OUT` on the test broker (without the caller's
+    MESSENGER_STREAMS_* settings); its latest.json."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESSENGER_STREAMS_")}
     env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--results-dir", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = subprocess.run([sys.executable, "-m", "bench.run", *args, "--results-dir", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res: dict[str, Any] = orjson.loads((out / "latest.json").read_bytes())
+    return res
+
+
+def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    res = run_bench(kafka_bootstrap, out, "--smoke")
     files = sorted(p.name for p in out.iterdir())
     assert "latest.json" in files and len(files) == 2, files
-    res = orjson.loads((out / "latest.json").read_bytes())
 
     assert res["mode"] == "smoke" and res["errors"] == []
     assert res["settings"]["arrival_topics"] and res["settings"]["input_topics"][0] == "raw"
@@ -62,16 +64,8 @@ def test_bench_smoke(kafka_bootstrap: str, tmp_path: Path) -> None:
 def test_bench_live_two_workers(kafka_bootstrap: str, tmp_path: Path) -> None:
     """`--live-rate R --live-arm C2`: two workers of one group share an open-loop load; both
     decide units, and every id that never reached a console is a CSAT answer."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESSENGER_STREAMS_")}
-    env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--live-rate", "80", "--live-arm", "C2", "--lat-warmup", "1",
-         "--lat-seconds", "6", "--results-dir", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = orjson.loads((out / "latest.json").read_bytes())
+    res = run_bench(kafka_bootstrap, tmp_path / "results", "--live-rate", "80", "--live-arm", "C2",
+                    "--lat-warmup", "1", "--lat-seconds", "6")
     assert res["mode"] == "live" and res["errors"] == []
     (entry,) = res["latency"]
     r = entry["C2"]
